@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs what mixedmodels needs on a fresh Debian machine (run as root): CHOLMOD's
+# headers and library from Debian, then this package (editable) with its test extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -f /usr/include/suitesparse/cholmod.h ] && [ -z "${SUITESPARSE_INCLUDE_DIR:-}" ]; then
+  echo "setup: installing libsuitesparse-dev with apt-get"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libsuitesparse-dev >/dev/null
+fi
+python3 -m pip install -q --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "Running pip as the 'root' user" || true
+python3 -c "import mixedmodels._linalg._cholmod" || { echo "setup: the build of mixedmodels failed" >&2; exit 1; }

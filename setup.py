@@ -1,0 +1,46 @@
+"""Only the extension modules and where CHOLMOD lives; metadata is in pyproject.toml.
+
+CHOLMOD comes from SuiteSparse (Debian: ``apt-get install libsuitesparse-dev``). Override
+the locations with SUITESPARSE_INCLUDE_DIR and SUITESPARSE_LIBRARY_DIR.
+"""
+import os
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+include_dirs = [
+    os.environ.get("SUITESPARSE_INCLUDE_DIR", "/usr/include/suitesparse"),
+    "csrc",
+    numpy.get_include(),
+]
+library_dirs = [d for d in [os.environ.get("SUITESPARSE_LIBRARY_DIR")] if d]
+compile_args = ["-O3"]
+
+
+def ext(name, sources, libraries=()):
+    return Extension(
+        name,
+        sources,
+        include_dirs=include_dirs,
+        library_dirs=library_dirs,
+        libraries=list(libraries),
+        extra_compile_args=compile_args,
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    )
+
+
+extensions = [
+    ext("mixedmodels._linalg._cholmod",
+        ["src/mixedmodels/_linalg/_cholmod.pyx", "csrc/mm_cholmod.c"], ["cholmod"]),
+    ext("mixedmodels._linalg._blocked", ["src/mixedmodels/_linalg/_blocked.pyx"]),
+    ext("mixedmodels._kernels._glm", ["src/mixedmodels/_kernels/_glm.pyx"]),
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        language_level=3,
+        compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True},
+    ),
+)
