@@ -1,0 +1,273 @@
+# cython: language_level=3
+"""Kernels of the blocked system  M = Λ'Z'WZΛ + I  and the products that feed it.
+
+Design. Every random-effects term t has k_t columns and nlev_t levels, and each row of
+the data belongs to exactly one level of every term, so Z'WZ is made of small dense
+blocks: one k_r-by-k_c block per pair of (term, level) that share a row. The blocks are
+stored flat (column-major each) in ``avals``; ``rowoff[p, i]`` says where row i adds to
+the block of term pair p. Λ is block diagonal with one lower-triangular k_t-by-k_t
+template T_t per term, so each block of M is T_r' A T_c, written through the index map
+``pos`` straight into the values array that the CHOLMOD factor borrows (-1 marks the
+strict upper half of a diagonal block, which the lower-triangle CSC does not hold).
+
+For a model with a single term, M is block diagonal: ``blockdiag_*`` factor and solve it
+level by level with no sparse machinery at all.
+
+Each kernel writes into caller-allocated arrays and runs without the GIL; its NumPy twin
+is in _twins.py and tests/test_blocked.py holds the two together.
+"""
+from libc.math cimport log, sqrt, NAN
+from libc.stdlib cimport malloc, free
+
+ctypedef long long i64
+
+
+def accumulate_blocks(const double[:, ::1] zcat, const i64[:, ::1] rowoff,
+                      const int[::1] pair_tr, const int[::1] pair_tc,
+                      const int[::1] zoff, const int[::1] kk,
+                      const double[::1] w, double[::1] avals):
+    """avals <- the blocks of Z'WZ (w empty means unit weights).
+
+    NumPy: for each pair p and row i,
+        avals[rowoff[p, i] + block] += w[i] * outer(z_r[i], z_c[i]) (column-major)
+    """
+    cdef Py_ssize_t n = zcat.shape[0], npair = rowoff.shape[0]
+    cdef Py_ssize_t p, i, a, d
+    cdef int kr, kc, zr, zc
+    cdef i64 off
+    cdef double wi, zd
+    cdef bint weighted = w.shape[0] > 0
+    with nogil:
+        avals[:] = 0.0
+        for p in range(npair):
+            kr = kk[pair_tr[p]]
+            kc = kk[pair_tc[p]]
+            zr = zoff[pair_tr[p]]
+            zc = zoff[pair_tc[p]]
+            for i in range(n):
+                off = rowoff[p, i]
+                wi = w[i] if weighted else 1.0
+                for d in range(kc):
+                    zd = wi * zcat[i, zc + d]
+                    for a in range(kr):
+                        avals[off + a + d * kr] += zcat[i, zr + a] * zd
+
+
+def accumulate_zt(const double[:, ::1] zcat, const int[:, ::1] codes,
+                  const i64[::1] uoff, const int[::1] zoff, const int[::1] kk,
+                  const double[::1] w, const double[:, ::1] xy, double[::1, :] out):
+    """out <- Z'W xy, out is q-by-m (Fortran), xy is n-by-m (C order).
+
+    NumPy: out = Z.T @ (w[:, None] * xy)
+    """
+    cdef Py_ssize_t n = zcat.shape[0], m = xy.shape[1], nterm = codes.shape[0]
+    cdef Py_ssize_t t, i, a, j
+    cdef i64 r0
+    cdef double s
+    cdef bint weighted = w.shape[0] > 0
+    with nogil:
+        out[:, :] = 0.0
+        for t in range(nterm):
+            for i in range(n):
+                r0 = uoff[t] + <i64> codes[t, i] * kk[t]
+                for a in range(kk[t]):
+                    s = zcat[i, zoff[t] + a]
+                    if weighted:
+                        s = s * w[i]
+                    for j in range(m):
+                        out[r0 + a, j] += s * xy[i, j]
+
+
+cdef inline void congruence(const double *A, const double *Tr, const double *Tc,
+                            int kr, int kc, double *tmp, double *M) noexcept nogil:
+    # M = Tr' A Tc for column-major A (kr x kc) and lower-triangular Tr, Tc
+    cdef int a, d, e
+    cdef double s
+    for d in range(kc):            # tmp = A Tc
+        for a in range(kr):
+            s = 0.0
+            for e in range(d, kc):
+                s += A[a + e * kr] * Tc[e + d * kc]
+            tmp[a + d * kr] = s
+    for d in range(kc):            # M = Tr' tmp
+        for a in range(kr):
+            s = 0.0
+            for e in range(a, kr):
+                s += Tr[e + a * kr] * tmp[e + d * kr]
+            M[a + d * kr] = s
+
+
+def scatter_lambda(const double[::1] avals, const i64[::1] blk_off,
+                   const int[::1] blk_tr, const int[::1] blk_tc, const char[::1] blk_diag,
+                   const double[::1] lam, const i64[::1] lam_off, const int[::1] kk,
+                   const i64[::1] pos, double[::1] mx):
+    """mx <- the lower-triangle CSC values of Λ'AΛ + I.
+
+    NumPy: M_b = T_r.T @ A_b @ T_c (+ I on diagonal blocks); mx[pos[off_b:]] = M_b.ravel('F')
+    """
+    cdef Py_ssize_t nblk = blk_off.shape[0], b
+    cdef int kr, kc, a, d, maxk = 0, t
+    cdef i64 off, idx
+    for t in range(kk.shape[0]):
+        maxk = max(maxk, kk[t])
+    cdef double *tmp = <double *> malloc(2 * maxk * maxk * sizeof(double))
+    cdef double *M = tmp + maxk * maxk
+    if tmp == NULL:
+        raise MemoryError()
+    with nogil:
+        for b in range(nblk):
+            kr = kk[blk_tr[b]]
+            kc = kk[blk_tc[b]]
+            off = blk_off[b]
+            if kr == 1 and kc == 1:
+                M[0] = lam[lam_off[blk_tr[b]]] * avals[off] * lam[lam_off[blk_tc[b]]]
+            else:
+                congruence(&avals[off], &lam[lam_off[blk_tr[b]]], &lam[lam_off[blk_tc[b]]],
+                           kr, kc, tmp, M)
+            if blk_diag[b]:
+                for a in range(kr):
+                    M[a + a * kr] += 1.0
+            for d in range(kc):
+                for a in range(kr):
+                    idx = pos[off + a + d * kr]
+                    if idx >= 0:
+                        mx[idx] = M[a + d * kr]
+    free(tmp)
+
+
+def lambdat_times(const double[::1, :] src, const i64[::1] uoff, const int[::1] kk,
+                  const int[::1] nlev, const double[::1] lam, const i64[::1] lam_off,
+                  double[::1, :] dst):
+    """dst <- Λ' src for a q-by-m block (Fortran).
+
+    NumPy: dst = Lambda.T @ src
+    """
+    cdef Py_ssize_t m = src.shape[1], nterm = kk.shape[0], t, l, j
+    cdef int k, a, e
+    cdef i64 r0
+    cdef double s
+    cdef const double *T
+    with nogil:
+        for t in range(nterm):
+            k = kk[t]
+            T = &lam[lam_off[t]]
+            for l in range(nlev[t]):
+                r0 = uoff[t] + l * k
+                for j in range(m):
+                    for a in range(k):
+                        s = 0.0
+                        for e in range(a, k):
+                            s += T[e + a * k] * src[r0 + e, j]
+                        dst[r0 + a, j] = s
+
+
+def lambda_times(const double[::1, :] src, const i64[::1] uoff, const int[::1] kk,
+                 const int[::1] nlev, const double[::1] lam, const i64[::1] lam_off,
+                 double[::1, :] dst):
+    """dst <- Λ src for a q-by-m block (Fortran).
+
+    NumPy: dst = Lambda @ src
+    """
+    cdef Py_ssize_t m = src.shape[1], nterm = kk.shape[0], t, l, j
+    cdef int k, a, e
+    cdef i64 r0
+    cdef double s
+    cdef const double *T
+    with nogil:
+        for t in range(nterm):
+            k = kk[t]
+            T = &lam[lam_off[t]]
+            for l in range(nlev[t]):
+                r0 = uoff[t] + l * k
+                for j in range(m):
+                    for a in range(k - 1, -1, -1):
+                        s = 0.0
+                        for e in range(a + 1):
+                            s += T[a + e * k] * src[r0 + e, j]
+                        dst[r0 + a, j] = s
+
+
+def blockdiag_factor(const double[::1] avals, const double[::1] lam, int k,
+                     double[::1] L):
+    """L <- chol(T'A_l T + I) for every level l (k-by-k blocks, column-major, lower).
+
+    Returns log det(L) = sum of log diag, or nan when a block is not positive definite.
+    NumPy: L_l = numpy.linalg.cholesky(T.T @ A_l @ T + I)
+    """
+    cdef Py_ssize_t nlev = avals.shape[0] // (k * k), l
+    cdef int a, d, e
+    cdef double s, logdet = 0.0
+    cdef double *B
+    cdef double *tmp = <double *> malloc(k * k * sizeof(double))
+    if tmp == NULL:
+        raise MemoryError()
+    with nogil:
+        for l in range(nlev):
+            B = &L[l * k * k]
+            if k == 1:
+                s = lam[0] * lam[0] * avals[l] + 1.0
+                B[0] = sqrt(s)
+                logdet += 0.5 * log(s)
+                continue
+            congruence(&avals[l * k * k], &lam[0], &lam[0], k, k, tmp, B)
+            for a in range(k):
+                B[a + a * k] += 1.0
+            # in-place Cholesky of the lower triangle, column by column
+            for d in range(k):
+                s = B[d + d * k]
+                for e in range(d):
+                    s -= B[d + e * k] * B[d + e * k]
+                if s <= 0.0:
+                    logdet = NAN
+                    break
+                s = sqrt(s)
+                B[d + d * k] = s
+                logdet += log(s)
+                for a in range(d + 1, k):
+                    for e in range(d):
+                        B[a + d * k] -= B[a + e * k] * B[d + e * k]
+                    B[a + d * k] /= s
+                for a in range(d):
+                    B[a + d * k] = 0.0
+    free(tmp)
+    return logdet
+
+
+def blockdiag_forward(const double[::1] L, int k, double[::1, :] b):
+    """In place b <- L⁻¹ b for the block-diagonal factor (q-by-m, Fortran).
+
+    NumPy: b = scipy.linalg.solve_triangular(blockdiag(L_l), b, lower=True)
+    """
+    cdef Py_ssize_t nlev = L.shape[0] // (k * k), m = b.shape[1], l, j
+    cdef int a, e
+    cdef double s
+    cdef const double *B
+    with nogil:
+        for l in range(nlev):
+            B = &L[l * k * k]
+            for j in range(m):
+                for a in range(k):
+                    s = b[l * k + a, j]
+                    for e in range(a):
+                        s -= B[a + e * k] * b[l * k + e, j]
+                    b[l * k + a, j] = s / B[a + a * k]
+
+
+def blockdiag_backward(const double[::1] L, int k, double[::1, :] b):
+    """In place b <- L'⁻¹ b for the block-diagonal factor (q-by-m, Fortran).
+
+    NumPy: b = scipy.linalg.solve_triangular(blockdiag(L_l), b, lower=True, trans='T')
+    """
+    cdef Py_ssize_t nlev = L.shape[0] // (k * k), m = b.shape[1], l, j
+    cdef int a, e
+    cdef double s
+    cdef const double *B
+    with nogil:
+        for l in range(nlev):
+            B = &L[l * k * k]
+            for j in range(m):
+                for a in range(k - 1, -1, -1):
+                    s = b[l * k + a, j]
+                    for e in range(a + 1, k):
+                        s -= B[e + a * k] * b[l * k + e, j]
+                    b[l * k + a, j] = s / B[a + a * k]

@@ -1,0 +1,180 @@
+"""The blocked penalized least-squares system, for a given θ and weights.
+
+    [ Λ'Z'WZΛ + I   Λ'Z'WX   Λ'Z'Wy ]          [ L     0    0  ] [ L'  RZX  rzy ]
+    [ X'WZΛ         X'WX     X'Wy   ]   =      [ RZX'  RX'  0  ] [ 0   RX   rxy ]
+    [ y'WZΛ         y'WX     y'Wy   ]          [ rzy'  rxy' r  ] [ 0   0    r   ]
+
+(up to the fill-reducing permutation P of the first block row). The cross-products of
+[Z X y] are accumulated once per set of weights (once for an LMM, once per PIRLS
+iteration for a GLMM); each θ then costs one congruence update of the Z'Z blocks, one
+factorization of the random-effects block, one forward solve with the p + 1 columns of
+Λ'Z'W[X y], and a dense Cholesky of the (p+1)-square Schur complement. r² is the
+penalized weighted residual sum of squares, log det(L) and log det(RX) the rest of the
+profiled deviance.
+
+Two paths, chosen from the structure of the model and reported by ``path``:
+- "block-diagonal": one random-effects term, so the first block is block diagonal with
+  one k-by-k block per level, factored level by level in _blocked.pyx;
+- "cholmod": several (crossed or nested) terms; the lower triangle of the first block is
+  a sparse matrix with a fixed pattern, analysed once by CHOLMOD and refactorized in
+  place for every θ (supernodal where fill-in makes dense blocks worthwhile).
+"""
+import numpy as np
+
+from . import _blocked
+from ._cholmod import SparseCholesky
+from ._pattern import build_pattern
+
+
+class ThetaLayout:
+    """How θ fills the lower-triangular templates T_t of Λ, term by term.
+
+    A correlated term with k columns has k(k+1)/2 parameters, T's lower triangle by
+    columns (lme4's order); an uncorrelated (``||``) term has its k diagonal entries.
+    Diagonal entries are bounded below by zero.
+    """
+
+    def __init__(self, kk, zerocorr):
+        self.kk = [int(k) for k in kk]
+        self.lam_off = np.concatenate([[0], np.cumsum([k * k for k in self.kk])[:-1]]).astype(np.int64)
+        index, lower, names, term_of = [], [], [], []
+        for t, (k, zc) in enumerate(zip(self.kk, zerocorr)):
+            for a in range(k):
+                rows = [a] if zc else range(a, k)
+                for e in rows:
+                    index.append(self.lam_off[t] + e + a * k)
+                    lower.append(0.0 if e == a else -np.inf)
+                    names.append((t, e, a))
+                    term_of.append(t)
+        self.index = np.array(index, dtype=np.int64)
+        self.lower = np.array(lower)
+        self.entries = names
+        self.term_of = np.array(term_of)
+        self.nlam = int(sum(k * k for k in self.kk))
+
+    @property
+    def ntheta(self):
+        return len(self.index)
+
+    def initial(self):
+        """1 on the diagonal, 0 elsewhere: Λ = I, as lme4 and MixedModels.jl start."""
+        return np.where(np.isfinite(self.lower), 1.0, 0.0)
+
+    def lam(self, theta, out=None):
+        """The templates' entries, flat (column-major per term)."""
+        if out is None:
+            out = np.zeros(self.nlam)
+        out[self.index] = theta
+        return out
+
+    def templates(self, theta):
+        """The lower-triangular T_t as a list of k-by-k arrays."""
+        lam = self.lam(theta)
+        return [lam[o:o + k * k].reshape(k, k, order="F").copy()
+                for o, k in zip(self.lam_off, self.kk)]
+
+
+class BlockedSystem:
+    """Workspace for one model: cross-products of [Z X y] and their factorization at θ.
+
+    Parameters
+    ----------
+    codes, z, nlevels : per random-effects term (in term order)
+    zerocorr : per term, whether its Λ block is diagonal
+    """
+
+    def __init__(self, codes, z, nlevels, zerocorr):
+        self.pattern = pat = build_pattern(codes, z, nlevels)
+        self.layout = ThetaLayout(pat.kk, zerocorr)
+        self.q = pat.q
+        self.avals = np.zeros(pat.nvals)
+        self._lam = np.zeros(self.layout.nlam)
+        if pat.blockdiagonal:
+            self.path = "block-diagonal"
+            self._k = int(pat.kk[0])
+            self._lblocks = np.zeros(pat.nvals)
+            self.factor = None
+        else:
+            self.path = "cholmod"
+            self._mx = np.zeros(len(pat.indices))
+            # analyse with M = I + pattern of A: values do not matter for the analysis
+            self.factor = SparseCholesky(pat.indptr, pat.indices, self._mx)
+        self.ztxy = self.xtxy = None
+        self.rzxy = None
+        self._empty = np.zeros(0)
+
+    # -- cross-products -------------------------------------------------------------
+    def set_products(self, xy, weights=None):
+        """Accumulate Z'WZ, Z'W[X y] and [X y]'W[X y] for the columns ``xy`` (n-by-m)."""
+        pat = self.pattern
+        xy = np.ascontiguousarray(xy, dtype=np.float64)
+        w = self._empty if weights is None else np.ascontiguousarray(weights, dtype=np.float64)
+        _blocked.accumulate_blocks(pat.zcat, pat.rowoff, pat.pair_tr, pat.pair_tc,
+                                   pat.zoff, pat.kk, w, self.avals)
+        m = xy.shape[1]
+        if self.ztxy is None or self.ztxy.shape[1] != m:
+            self.ztxy = np.zeros((self.q, m), order="F")
+            self.rzxy = np.zeros((self.q, m), order="F")
+        _blocked.accumulate_zt(pat.zcat, pat.codes, pat.uoff, pat.zoff, pat.kk, w, xy, self.ztxy)
+        wxy = xy if weights is None else xy * w[:, None]
+        self.xtxy = wxy.T @ xy
+
+    # -- factorization at θ -----------------------------------------------------------
+    def factorize(self, theta):
+        """Factor the system at θ.
+
+        Returns
+        -------
+        logdet_l : float
+            log det(L) (half the log-determinant of Λ'Z'WZΛ + I).
+        r : (m, m) ndarray
+            Upper-triangular Cholesky factor of the Schur complement
+            [X y]'W[X y] - RZXy'RZXy; r[-1, -1]**2 is the penalized RSS.
+
+        Afterwards ``self.rzxy`` holds L⁻¹PΛ'Z'W[X y].
+        """
+        pat = self.pattern
+        lam = self.layout.lam(theta, self._lam)
+        _blocked.lambdat_times(self.ztxy, pat.uoff, pat.kk, pat.nlev, lam,
+                               self.layout.lam_off, self.rzxy)
+        if self.factor is None:
+            logdet = _blocked.blockdiag_factor(self.avals, lam, self._k, self._lblocks)
+            if not np.isfinite(logdet):
+                raise np.linalg.LinAlgError("random-effects block not positive definite")
+            _blocked.blockdiag_forward(self._lblocks, self._k, self.rzxy)
+        else:
+            _blocked.scatter_lambda(self.avals, pat.blk_off, pat.blk_tr, pat.blk_tc,
+                                    pat.blk_diag, lam, self.layout.lam_off, pat.kk,
+                                    pat.pos, self._mx)
+            self.factor.factorize()
+            logdet = self.factor.logdet()
+            self.factor.forward(self.rzxy)
+        schur = self.xtxy - self.rzxy.T @ self.rzxy
+        r = np.linalg.cholesky(schur).T
+        return logdet, r
+
+    def backward(self, b):
+        """In place: b <- P' L'⁻¹ b (q-by-m, Fortran), with the last factorization."""
+        if self.factor is None:
+            _blocked.blockdiag_backward(self._lblocks, self._k, b)
+        else:
+            self.factor.backward(b)
+        return b
+
+    def lambda_times(self, theta, u):
+        """b = Λ u for a vector or q-by-m block."""
+        u2 = np.asfortranarray(u.reshape(self.q, -1), dtype=np.float64)
+        out = np.empty_like(u2, order="F")
+        pat = self.pattern
+        _blocked.lambda_times(u2, pat.uoff, pat.kk, pat.nlev, self.layout.lam(theta),
+                              self.layout.lam_off, out)
+        return out.reshape(u.shape)
+
+    def describe(self):
+        """A line saying which path this model takes, for users and logs."""
+        pat = self.pattern
+        if self.factor is None:
+            return f"block-diagonal: one term, {pat.nlev[0]} levels of {pat.kk[0]}-by-{pat.kk[0]} blocks"
+        kind = "supernodal" if self.factor.is_supernodal else "simplicial"
+        return (f"cholmod ({kind}): {pat.nterm} terms, q = {self.q}, "
+                f"nnz(M lower) = {len(pat.indices)}, nnz(L) = {self.factor.nnz_factor}")

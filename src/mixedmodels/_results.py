@@ -1,0 +1,191 @@
+"""What LMM and GLMM fits share: the accessors of a fitted mixed model.
+
+A fit is built once, at the optimum, and its numbers do not change afterwards; the
+specification it came from is ``fit.model`` (with ``objective(theta)`` for re-evaluation).
+"""
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from scipy.stats import norm
+
+from ._summary import coeftable as _coeftable
+from ._summary import compact_table as _compact_table
+from ._summary import format_model
+from ._varcorr import VarCorr
+
+
+class MixedModelFit:
+    """Base of fitted mixed models. Subclasses set the attributes in ``__init__``."""
+
+    is_glmm = False
+    family = None
+    nAGQ = 1
+    REML = False
+
+    # -- coefficients -------------------------------------------------------------------
+    @property
+    def coef_names(self):
+        return list(self.model.design.coef_names)
+
+    @property
+    def dropped_coefs(self):
+        return list(self.model.design.dropped)
+
+    @property
+    def fixef(self):
+        """Fixed effects as a pandas Series indexed by coefficient name."""
+        return pd.Series(self.coef, index=self.coef_names, name="fixef")
+
+    @property
+    def stderror(self):
+        return np.sqrt(np.diag(self.vcov))
+
+    def coeftable(self):
+        """Coef., Std. Error, z and Pr(>|z|) as a DataFrame indexed by coefficient name."""
+        return _coeftable(self)
+
+    def compact_table(self):
+        """Est., SE, z, p and the σ of each grouping factor (MixedModels.jl's summary table)."""
+        return _compact_table(self)
+
+    # -- random effects -----------------------------------------------------------------
+    @property
+    def model_terms(self):
+        return self.model.reterms
+
+    @property
+    def reterm_names(self):
+        return [t.group_name for t in self.model.reterms]
+
+    @property
+    def reterm_cnames(self):
+        return [list(t.cnames) for t in self.model.reterms]
+
+    @property
+    def ngroups(self):
+        return [t.nlevels for t in self.model.reterms]
+
+    @property
+    def lambda_(self):
+        """The lower-triangular template of Λ for each term (θ on the relative scale)."""
+        return self.model.layout.templates(self.theta)
+
+    def _scale(self):
+        return 1.0 if self.sigma is None else self.sigma
+
+    @property
+    def varcorr(self):
+        s2 = self._scale() ** 2
+        groups = [(t.group_name, list(t.cnames), s2 * (lam @ lam.T), bool(t.zerocorr))
+                  for t, lam in zip(self.model.reterms, self.lambda_)]
+        return VarCorr(groups, self.sigma)
+
+    @property
+    def reterm_sds(self):
+        s = self._scale()
+        return [s * np.sqrt(np.sum(lam * lam, axis=1)) for lam in self.lambda_]
+
+    def ranef(self):
+        """Conditional modes of the random effects, b = Λu, per grouping factor.
+
+        Returns
+        -------
+        dict of str -> DataFrame
+            One DataFrame per grouping factor, indexed by level, a column per random-effect
+            column; terms on the same grouping factor are joined side by side.
+        """
+        out = {}
+        for t, blk in zip(self.model.reterms, self._b_blocks()):
+            frame = pd.DataFrame(blk, index=pd.Index(t.levels, name=t.group_name),
+                                 columns=list(t.cnames))
+            if t.group_name in out:
+                out[t.group_name] = out[t.group_name].join(frame, rsuffix="'")
+            else:
+                out[t.group_name] = frame
+        return out
+
+    def _b_blocks(self):
+        pat = self.model.system.pattern
+        blocks = []
+        for t in range(pat.nterm):
+            k, nl, o = int(pat.kk[t]), int(pat.nlev[t]), int(pat.uoff[t])
+            blocks.append(self.b[o:o + k * nl].reshape(nl, k))
+        return blocks
+
+    # -- model matrices and fitted values -----------------------------------------------
+    @property
+    def X(self):
+        return self.model.design.X
+
+    @property
+    def y(self):
+        return self.model.design.y
+
+    @property
+    def Z(self):
+        """The random-effects model matrix (n-by-q, CSC), columns in u's order."""
+        return self.model.Z
+
+    @property
+    def nobs(self):
+        return len(self.model.design.y)
+
+    def linpred(self):
+        """X β + Z b (+ offset)."""
+        eta = self.X @ self.coef + self.Z @ self.b
+        off = self.model.design.offset
+        return eta if off is None else eta + off
+
+    # -- likelihood summaries -----------------------------------------------------------
+    @property
+    def dof(self):
+        return len(self.coef) + len(self.theta) + (0 if self.sigma is None else 1)
+
+    @property
+    def aic(self):
+        return -2 * self.loglik + 2 * self.dof
+
+    @property
+    def aicc(self):
+        n, k = self.nobs, self.dof
+        return self.aic + 2 * k * (k + 1) / (n - k - 1) if n - k - 1 > 0 else np.inf
+
+    @property
+    def bic(self):
+        return -2 * self.loglik + self.dof * np.log(self.nobs)
+
+    @property
+    def formula(self):
+        return self.model.formula
+
+    @property
+    def singular(self):
+        """θ on its boundary: a diagonal entry of some Λ template is (near) zero."""
+        lower = self.model.layout.lower
+        return bool(np.any(self.theta[np.isfinite(lower)] < 1e-4))
+
+    def __repr__(self):
+        return format_model(self)
+
+    def __str__(self):
+        return format_model(self)
+
+
+def pvalues(coef, se):
+    """Two-sided normal p-values of coef/se."""
+    return 2 * norm.sf(np.abs(np.asarray(coef) / np.asarray(se)))
+
+
+def random_effects_matrix(reterms, pattern):
+    """Z as a sparse n-by-q CSC matrix from the terms' codes and columns."""
+    n = pattern.codes.shape[1]
+    rows, cols, vals = [], [], []
+    for t in range(pattern.nterm):
+        k = int(pattern.kk[t])
+        base = pattern.uoff[t] + pattern.codes[t].astype(np.int64) * k
+        for a in range(k):
+            rows.append(np.arange(n))
+            cols.append(base + a)
+            vals.append(pattern.zcat[:, pattern.zoff[t] + a])
+    return sp.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                         shape=(n, pattern.q))

@@ -1,0 +1,130 @@
+"""Linear mixed models by maximum likelihood or REML, through the profiled deviance.
+
+Notes
+-----
+For a given θ the blocked system (see _linalg/system.py) gives log det(L), the
+Cholesky factor RX of the fixed-effects block and the penalized weighted residual sum of
+squares r². With n observations, p fixed effects and d = n (ML) or n - p (REML),
+
+    objective(θ) = 2 log det(L) [+ 2 log det(RX) for REML] + d (1 + log(2π r² / d)) - Σ log w,
+
+the deviance with β and σ² profiled out (σ̂² = r² / d). The last term is present only with
+precision weights w.
+"""
+import numpy as np
+from scipy.linalg import solve_triangular
+
+from ._model import MixedModelSpec
+from ._optimize import OptSummary, minimize, rectify
+from ._results import MixedModelFit
+
+
+class LinearMixedModel(MixedModelSpec):
+    """A linear mixed model specification; ``objective(theta)`` and ``fit()``.
+
+    Parameters
+    ----------
+    formula : str
+        ``response ~ fixed part + (columns | group) + ...``.
+    data : pandas.DataFrame
+    REML : bool, default False
+    weights : str or array, optional
+        Precision weights (the residual variance of row i is σ²/w_i).
+    contrasts : dict, optional
+        Column name -> coding (``DummyCoding()``, ``EffectsCoding()``, ``HelmertCoding()``...).
+    na_action : {"drop", "raise"}
+    """
+
+    def __init__(self, formula, data, *, REML=False, weights=None, contrasts=None,
+                 na_action="drop"):
+        super().__init__(formula, data, weights=weights, contrasts=contrasts,
+                         na_action=na_action)
+        self.REML = bool(REML)
+        d = self.design
+        if d.y_levels is not None:
+            raise ValueError(
+                f"response '{d.response_name}' is not numeric (levels {', '.join(map(str, d.y_levels))}); "
+                "a linear mixed model needs a numeric response (for a binary one pass family=Bernoulli())")
+        if d.offset is not None:
+            raise ValueError("offset is not supported for a linear mixed model; subtract it from the response")
+        if np.ptp(d.y) == 0:
+            raise ValueError(f"response '{d.response_name}' is constant ({d.y[0]:g}): there is no variance to partition")
+        n = self.n
+        for t in self.reterms:
+            if t.nlevels >= n or t.nlevels * t.ncols >= n:
+                raise ValueError(
+                    f"term ({' + '.join(t.cnames)} | {t.group_name}) has {t.nlevels * t.ncols} random effects "
+                    f"for {n} observations: the random-effects variances and the residual variance "
+                    "are not identifiable")
+        if self.REML and n <= self.p:
+            raise ValueError(f"REML needs more observations ({n}) than fixed effects ({self.p})")
+        self._logw = 0.0 if d.weights is None else float(np.sum(np.log(d.weights)))
+        self.system.set_products(np.column_stack([d.X, d.y]), d.weights)
+
+    def _dof_resid(self):
+        return self.n - self.p if self.REML else self.n
+
+    def _evaluate(self, theta):
+        logdet, r = self.system.factorize(theta)
+        pwrss = r[-1, -1] ** 2
+        dfr = self._dof_resid()
+        val = 2.0 * logdet + dfr * (1.0 + np.log(2.0 * np.pi * pwrss / dfr)) - self._logw
+        if self.REML:
+            val += 2.0 * np.sum(np.log(np.diag(r)[:-1]))
+        return val, logdet, r, pwrss
+
+    def objective(self, theta):
+        """-2 log-likelihood (ML) or the REML criterion, profiled over β and σ, at θ."""
+        return self._evaluate(self._check_theta(theta))[0]
+
+    def fit(self, progress=False, initial=None):
+        """Minimize the objective over θ with BOBYQA; return a :class:`LinearMixedModelFit`."""
+        optsum = OptSummary(initial=self.layout.initial() if initial is None else np.asarray(initial, float),
+                            lowerbd=self.layout.lower, initial_step=np.full(self.layout.ntheta, 0.75))
+        minimize(self.objective, optsum, progress=progress)
+        rectify(self.objective, optsum, np.flatnonzero(np.isfinite(self.layout.lower)))
+        return LinearMixedModelFit(self, optsum.final, optsum)
+
+
+class LinearMixedModelFit(MixedModelFit):
+    """A fitted linear mixed model: estimates at the optimum, fixed once built.
+
+    Attributes
+    ----------
+    theta, coef (β), b (conditional modes, u's order), u, sigma, vcov, objective, optsum
+    """
+
+    def __init__(self, model, theta, optsum=None):
+        self.model = model
+        self.REML = model.REML
+        self.theta = np.asarray(theta, dtype=float)
+        self.optsum = optsum
+        val, logdet, r, pwrss = model._evaluate(self.theta)
+        p = model.p
+        self.objective = float(val)
+        self.logdet = 2.0 * logdet
+        self.pwrss = float(pwrss)
+        rx = r[:p, :p]
+        self.coef = solve_triangular(rx, r[:p, p]) if p else np.zeros(0)
+        self.sigma = float(np.sqrt(pwrss / model._dof_resid()))
+        rxinv = solve_triangular(rx, np.eye(p)) if p else np.zeros((0, 0))
+        self.vcov = self.sigma ** 2 * (rxinv @ rxinv.T)
+        sysm = model.system
+        cu = np.asfortranarray((sysm.rzxy[:, p] - sysm.rzxy[:, :p] @ self.coef)[:, None])
+        self.u = sysm.backward(cu)[:, 0].copy()
+        self.b = sysm.lambda_times(self.theta, self.u)
+
+    @property
+    def loglik(self):
+        return -0.5 * self.objective
+
+    @property
+    def deviance(self):
+        return self.objective
+
+    def fitted(self):
+        """X β + Z b."""
+        return self.linpred()
+
+    def residuals(self):
+        return self.y - self.fitted()

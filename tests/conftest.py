@@ -1,0 +1,36 @@
+"""Tolerance tiers, written down once (STYLE.md point 9). Never loosen a tier to pass.
+
+- KERNEL: a compiled kernel against its NumPy twin on the same inputs.
+- FIXED_THETA: an objective evaluated at a θ given by a reference, relative.
+- OPTIMUM: θ, β, standard errors and σ of a fitted optimum against a reference, relative.
+- OBJECTIVE_ABS: the objective at the optimum against a reference, absolute (ours may be lower).
+"""
+import json
+from pathlib import Path
+
+import pytest
+
+KERNEL = 1e-10
+FIXED_THETA = 1e-8
+OPTIMUM = 1e-4
+OBJECTIVE_ABS = 1e-3
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+LOCAL_REFERENCE = Path(__file__).resolve().parent / "reference"
+
+
+def _reference_dir():
+    # tests/reference holds a copy so that the tests run without ../shared
+    return LOCAL_REFERENCE if (LOCAL_REFERENCE / "lme4_public.json").exists() else REFERENCE
+
+
+@pytest.fixture(scope="session")
+def lme4_ref():
+    entries = json.loads((_reference_dir() / "lme4_public.json").read_text())
+    return {e["name"]: e for e in entries}
+
+
+@pytest.fixture(scope="session")
+def jl_ref():
+    d = json.loads((_reference_dir() / "mixedmodels_jl.json").read_text())
+    return {m["name"]: m for m in d["models"]}
