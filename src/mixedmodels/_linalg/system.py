@@ -120,7 +120,7 @@ class BlockedSystem:
         self.xtxy = wxy.T @ xy
 
     # -- factorization at θ -----------------------------------------------------------
-    def factorize(self, theta):
+    def factorize(self, theta, schur=True):
         """Factor the system at θ.
 
         Returns
@@ -131,7 +131,8 @@ class BlockedSystem:
             Upper-triangular Cholesky factor of the Schur complement
             [X y]'W[X y] - RZXy'RZXy; r[-1, -1]**2 is the penalized RSS.
 
-        Afterwards ``self.rzxy`` holds L⁻¹PΛ'Z'W[X y].
+        Afterwards ``self.rzxy`` holds L⁻¹PΛ'Z'W[X y]. With ``schur=False`` the dense
+        Schur complement is skipped (PIRLS over u alone needs only L) and r is None.
         """
         pat = self.pattern
         lam = self.layout.lam(theta, self._lam)
@@ -149,8 +150,9 @@ class BlockedSystem:
             self.factor.factorize()
             logdet = self.factor.logdet()
             self.factor.forward(self.rzxy)
-        schur = self.xtxy - self.rzxy.T @ self.rzxy
-        r = np.linalg.cholesky(schur).T
+        if not schur:
+            return logdet, None
+        r = np.linalg.cholesky(self.xtxy - self.rzxy.T @ self.rzxy).T
         return logdet, r
 
     def backward(self, b):
@@ -160,6 +162,12 @@ class BlockedSystem:
         else:
             self.factor.backward(b)
         return b
+
+    def blockdiag_diagonal(self):
+        """diag(L) of a one-term scalar model (the level-wise factor), for quadrature."""
+        if self.factor is not None or self._k != 1:
+            raise ValueError("only a single scalar random-effects term has a diagonal factor")
+        return self._lblocks
 
     def lambda_times(self, theta, u):
         """b = Λ u for a vector or q-by-m block."""
