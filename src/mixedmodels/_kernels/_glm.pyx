@@ -1,0 +1,359 @@
+# cython: language_level=3
+"""Per-observation kernels of the GLM response: link, variance, deviance, log density.
+
+Design. Every PIRLS step (and every AGQ node) turns the linear predictor eta into the
+quantities that weight the next penalized least-squares solve. For observation i, with
+prior weight w_i,
+
+    mu       = g^{-1}(eta)                       (clamped, see below)
+    mu_eta   = d mu / d eta                      (|mu_eta| floored at DBL_EPSILON)
+    wrkwt    = w * mu_eta^2 / V(mu)
+    wrkresid = (y - mu) / mu_eta
+    devresid = w * unit deviance(y, mu)          (0 log 0 taken as 0)
+
+``update`` does this in a single pass over typed memoryviews without the GIL, writing
+into five caller-allocated arrays, and returns the deviance (the sum of ``devresid``).
+``loglik`` writes the per-observation log densities and returns their sum.
+
+Dispatch. The family and the link arrive as two small integer codes and are dispatched
+inside the loop by ``switch``-like chains in inline helpers (one for the inverse link,
+one each for the clamp, the variance and the unit deviance), rather than through one
+hand-written loop per family x link pair: 48 such loops (6 families x 8 links) would
+state every formula many times over and multiply what has to be read and tested. The
+codes are loop-invariant, so the branches are predicted, but a measurement showed the
+dispatch still costing ~10% on the cheapest pair (Bernoulli-logit, 39 vs 35 ms per
+10^6 observations). So the loop is written once, as the inline ``_update_loop``, and
+``update`` calls it with literal codes for the three canonical pairs that dominate in
+practice (Bernoulli-logit, Binomial-logit, Poisson-log), which lets the C compiler fold
+the dispatch away there (measured: within noise of the hand-specialised loop), and with
+the runtime codes for every other pair. Costs are then dominated by exp/log/erfc.
+
+Clamps. The logarithms in the deviance must stay finite however far a trial eta strays
+during step-halving, so after the inverse link mu is clamped into the family's domain:
+[eps, 1 - eps] for Bernoulli and Binomial, [eps, inf) for Poisson, Gamma and inverse
+Gaussian, with eps = DBL_EPSILON; Normal is not clamped. For the logit link the clamp
+acts only for |eta| > 36. |mu_eta| is floored at DBL_EPSILON (sign kept) so that the
+working residual stays finite where the inverse link is flat (logit/probit/cloglog tails,
+log link for eta < -36, sqrt link at eta = 0). An eta outside the link's domain (eta <= 0
+for the inverse-square link) gives NaN, which the caller must treat as an invalid step.
+Note that mu is stored, not 1 - mu: where mu is within ~1e-13 of 1 the deviance of an
+observation with y = 0 carries the relative rounding error of 1 - mu, as in R.
+
+The NumPy twin of every kernel is in ``_glm_numpy.py``; tests/test_families.py holds the
+two together at 1e-10 for every family x link pair.
+"""
+from libc.math cimport exp, log, log1p, expm1, sqrt, erfc, lgamma, fabs, M_PI, M_SQRT1_2
+from libc.float cimport DBL_EPSILON
+
+cdef enum:
+    FAM_BERNOULLI = 0
+    FAM_BINOMIAL = 1
+    FAM_POISSON = 2
+    FAM_GAMMA = 3
+    FAM_INVERSE_GAUSSIAN = 4
+    FAM_NORMAL = 5
+    N_FAMILIES = 6
+
+cdef enum:
+    LNK_LOGIT = 0
+    LNK_PROBIT = 1
+    LNK_CLOGLOG = 2
+    LNK_LOG = 3
+    LNK_IDENTITY = 4
+    LNK_INVERSE = 5
+    LNK_SQRT = 6
+    LNK_INVERSE_SQUARE = 7
+    N_LINKS = 8
+
+# The codes, visible from Python (families.py and the NumPy twin use these numbers).
+FAMILY_BERNOULLI = FAM_BERNOULLI
+FAMILY_BINOMIAL = FAM_BINOMIAL
+FAMILY_POISSON = FAM_POISSON
+FAMILY_GAMMA = FAM_GAMMA
+FAMILY_INVERSE_GAUSSIAN = FAM_INVERSE_GAUSSIAN
+FAMILY_NORMAL = FAM_NORMAL
+LINK_LOGIT = LNK_LOGIT
+LINK_PROBIT = LNK_PROBIT
+LINK_CLOGLOG = LNK_CLOGLOG
+LINK_LOG = LNK_LOG
+LINK_IDENTITY = LNK_IDENTITY
+LINK_INVERSE = LNK_INVERSE
+LINK_SQRT = LNK_SQRT
+LINK_INVERSE_SQUARE = LNK_INVERSE_SQUARE
+
+MU_EPS = DBL_EPSILON
+
+cdef double INV_SQRT_2PI = 0.3989422804014327   # 1 / sqrt(2 pi)
+
+
+cdef inline double _linkinv(int link, double eta, double* mu_eta) noexcept nogil:
+    """mu = g^{-1}(eta); writes d mu / d eta (unclamped) into mu_eta."""
+    cdef double e, t
+    if link == LNK_LOGIT:
+        # e = exp(-|eta|) <= 1 never overflows
+        e = exp(-fabs(eta))
+        t = 1.0 + e
+        mu_eta[0] = e / (t * t)
+        return 1.0 / t if eta >= 0.0 else e / t
+    elif link == LNK_PROBIT:
+        mu_eta[0] = INV_SQRT_2PI * exp(-0.5 * eta * eta)
+        return 0.5 * erfc(-eta * M_SQRT1_2)
+    elif link == LNK_CLOGLOG:
+        e = exp(eta)
+        mu_eta[0] = exp(eta - e)
+        return -expm1(-e)
+    elif link == LNK_LOG:
+        e = exp(eta)
+        mu_eta[0] = e
+        return e
+    elif link == LNK_IDENTITY:
+        mu_eta[0] = 1.0
+        return eta
+    elif link == LNK_INVERSE:
+        mu_eta[0] = -1.0 / (eta * eta)
+        return 1.0 / eta
+    elif link == LNK_SQRT:
+        mu_eta[0] = 2.0 * eta
+        return eta * eta
+    else:  # LNK_INVERSE_SQUARE
+        t = sqrt(eta)
+        mu_eta[0] = -0.5 / (eta * t)
+        return 1.0 / t
+
+
+cdef inline double _clamp_mu(int family, double mu) noexcept nogil:
+    """Keep mu inside the family's domain (comparisons leave NaN as NaN)."""
+    if family == FAM_BERNOULLI or family == FAM_BINOMIAL:
+        if mu < DBL_EPSILON:
+            return DBL_EPSILON
+        if mu > 1.0 - DBL_EPSILON:
+            return 1.0 - DBL_EPSILON
+    elif family != FAM_NORMAL:
+        if mu < DBL_EPSILON:
+            return DBL_EPSILON
+    return mu
+
+
+cdef inline double _variance(int family, double mu) noexcept nogil:
+    if family == FAM_BERNOULLI or family == FAM_BINOMIAL:
+        return mu * (1.0 - mu)
+    elif family == FAM_POISSON:
+        return mu
+    elif family == FAM_GAMMA:
+        return mu * mu
+    elif family == FAM_INVERSE_GAUSSIAN:
+        return mu * mu * mu
+    else:  # FAM_NORMAL
+        return 1.0
+
+
+cdef inline double _bernoulli_logp(double y, double mu) noexcept nogil:
+    """y log(mu) + (1 - y) log(1 - mu), with 0 log 0 = 0."""
+    cdef double t = 0.0
+    if y != 0.0:
+        t += y * log(mu)
+    if y != 1.0:
+        t += (1.0 - y) * log1p(-mu)
+    return t
+
+
+cdef inline double _unit_deviance(int family, double y, double mu) noexcept nogil:
+    cdef double t, r
+    if family == FAM_BERNOULLI:
+        return -2.0 * _bernoulli_logp(y, mu)
+    elif family == FAM_BINOMIAL:
+        t = 0.0
+        if y != 0.0:
+            t += y * log(y / mu)
+        if y != 1.0:
+            t += (1.0 - y) * log((1.0 - y) / (1.0 - mu))
+        return 2.0 * t
+    elif family == FAM_POISSON:
+        t = y * log(y / mu) if y != 0.0 else 0.0
+        return 2.0 * (t - (y - mu))
+    elif family == FAM_GAMMA:
+        return -2.0 * (log(y / mu) - (y - mu) / mu)
+    elif family == FAM_INVERSE_GAUSSIAN:
+        r = y - mu
+        return r * r / (y * mu * mu)
+    else:  # FAM_NORMAL
+        r = y - mu
+        return r * r
+
+
+cdef inline double _logdens_const(int family, double phi) noexcept nogil:
+    """The part of the log density that depends on phi only, computed once per call."""
+    if family == FAM_GAMMA:
+        return lgamma(1.0 / phi)
+    elif family == FAM_INVERSE_GAUSSIAN:
+        return -0.5 * log(2.0 * M_PI * phi)
+    elif family == FAM_NORMAL:
+        return log(2.0 * M_PI * phi)
+    return 0.0
+
+
+cdef inline double _logdens(int family, double y, double mu, double w, double phi,
+                            double c) noexcept nogil:
+    """Log density of one observation with prior weight w > 0 and dispersion phi;
+    c = _logdens_const(family, phi)."""
+    cdef double t, k, nk, a, r
+    if family == FAM_BERNOULLI:
+        return w * _bernoulli_logp(y, mu)
+    elif family == FAM_BINOMIAL:
+        # n = w trials, k = n y successes; log C(n, k) through lgamma
+        k = w * y
+        nk = w - k
+        t = lgamma(w + 1.0) - lgamma(k + 1.0) - lgamma(nk + 1.0)
+        if k != 0.0:
+            t += k * log(mu)
+        if nk != 0.0:
+            t += nk * log1p(-mu)
+        return t
+    elif family == FAM_POISSON:
+        t = y * log(mu) if y != 0.0 else 0.0
+        return w * (t - mu - lgamma(y + 1.0))
+    elif family == FAM_GAMMA:
+        # shape a = 1/phi, scale mu/a; weight multiplies the log density
+        a = 1.0 / phi
+        t = a * y / mu
+        return w * (a * log(t) - t - log(y) - c)
+    elif family == FAM_INVERSE_GAUSSIAN:
+        # mean mu, shape lambda = 1/phi; weight multiplies the log density
+        r = y - mu
+        return w * (c - 1.5 * log(y) - r * r / (2.0 * phi * mu * mu * y))
+    else:  # FAM_NORMAL: variance phi / w
+        r = y - mu
+        return -0.5 * (c - log(w) + w * r * r / phi)
+
+
+cdef inline double _update_loop(int family, int link, const double[::1] eta,
+                                const double[::1] y, const double[::1] prior_w,
+                                bint weighted, double[::1] mu, double[::1] mu_eta,
+                                double[::1] wrkwt, double[::1] wrkresid,
+                                double[::1] devresid) noexcept nogil:
+    cdef Py_ssize_t n = eta.shape[0], i
+    cdef double m, me, wi, yi, d, dev = 0.0
+    for i in range(n):
+        yi = y[i]
+        wi = prior_w[i] if weighted else 1.0
+        m = _clamp_mu(family, _linkinv(link, eta[i], &me))
+        if fabs(me) < DBL_EPSILON:
+            me = -DBL_EPSILON if me < 0.0 else DBL_EPSILON
+        mu[i] = m
+        mu_eta[i] = me
+        wrkwt[i] = wi * me * me / _variance(family, m)
+        wrkresid[i] = (yi - m) / me
+        d = wi * _unit_deviance(family, yi, m)
+        devresid[i] = d
+        dev += d
+    return dev
+
+
+cdef int _check_codes(int family, int link) except -1:
+    if family < 0 or family >= N_FAMILIES:
+        raise ValueError(f"unknown family code {family}")
+    if link < 0 or link >= N_LINKS:
+        raise ValueError(f"unknown link code {link}")
+    return 0
+
+
+def update(int family, int link, const double[::1] eta, const double[::1] y,
+           const double[::1] prior_w, double[::1] mu, double[::1] mu_eta,
+           double[::1] wrkwt, double[::1] wrkresid, double[::1] devresid):
+    """From eta to mu, mu_eta, working weights and residuals and deviance residuals.
+
+    Parameters
+    ----------
+    family, link : int
+        Family and link codes (``FAMILY_*``, ``LINK_*`` in this module).
+    eta, y : const double[::1], length n
+        Linear predictor and response.
+    prior_w : const double[::1], length n or 0
+        Prior weights; an empty array means unit weights.
+    mu, mu_eta, wrkwt, wrkresid, devresid : double[::1], length n
+        Outputs, overwritten.
+
+    Returns
+    -------
+    float
+        The deviance, sum(devresid).
+
+    Notes
+    -----
+    NumPy (see ``_glm_numpy.update``)::
+
+        mu = clamp(ginv(eta)); me = floor_abs(dmu_deta(eta), eps)
+        wrkwt = w * me**2 / V(mu); wrkresid = (y - mu) / me
+        devresid = w * unit_deviance(y, mu)
+    """
+    cdef Py_ssize_t n = eta.shape[0]
+    cdef bint weighted = prior_w.shape[0] > 0
+    cdef double dev
+    _check_codes(family, link)
+    if (y.shape[0] != n or mu.shape[0] != n or mu_eta.shape[0] != n
+            or wrkwt.shape[0] != n or wrkresid.shape[0] != n or devresid.shape[0] != n
+            or (weighted and prior_w.shape[0] != n)):
+        raise ValueError("update: all arrays must have the length of eta "
+                         "(prior_w may be empty for unit weights)")
+    with nogil:
+        # the canonical pairs get a copy of the loop with the codes as constants
+        if family == FAM_BERNOULLI and link == LNK_LOGIT:
+            dev = _update_loop(FAM_BERNOULLI, LNK_LOGIT, eta, y, prior_w, weighted,
+                               mu, mu_eta, wrkwt, wrkresid, devresid)
+        elif family == FAM_BINOMIAL and link == LNK_LOGIT:
+            dev = _update_loop(FAM_BINOMIAL, LNK_LOGIT, eta, y, prior_w, weighted,
+                               mu, mu_eta, wrkwt, wrkresid, devresid)
+        elif family == FAM_POISSON and link == LNK_LOG:
+            dev = _update_loop(FAM_POISSON, LNK_LOG, eta, y, prior_w, weighted,
+                               mu, mu_eta, wrkwt, wrkresid, devresid)
+        else:
+            dev = _update_loop(family, link, eta, y, prior_w, weighted,
+                               mu, mu_eta, wrkwt, wrkresid, devresid)
+    return dev
+
+
+def loglik(int family, const double[::1] y, const double[::1] mu,
+           const double[::1] prior_w, double phi, double[::1] out):
+    """Per-observation log densities at mean mu and dispersion phi.
+
+    Parameters
+    ----------
+    family : int
+        Family code.
+    y, mu : const double[::1], length n
+        Response and means (used as given: no clamping here).
+    prior_w : const double[::1], length n or 0
+        Prior weights (Binomial: numbers of trials); empty means unit weights.
+    phi : float
+        Dispersion, > 0; ignored by Bernoulli, Binomial and Poisson.
+    out : double[::1], length n
+        Output, overwritten.
+
+    Returns
+    -------
+    float
+        The log-likelihood, sum(out).
+
+    Notes
+    -----
+    An observation with weight 0 contributes 0. See ``Family.loglik`` for the
+    densities; NumPy in ``_glm_numpy.loglik``.
+    """
+    cdef Py_ssize_t n = y.shape[0], i
+    cdef bint weighted = prior_w.shape[0] > 0
+    cdef double wi, v, c, total = 0.0
+    _check_codes(family, 0)
+    if family != FAM_BERNOULLI and family != FAM_BINOMIAL and family != FAM_POISSON:
+        if not phi > 0.0:
+            raise ValueError(f"dispersion phi must be positive, got {phi}")
+    if mu.shape[0] != n or out.shape[0] != n or (weighted and prior_w.shape[0] != n):
+        raise ValueError("loglik: all arrays must have the length of y "
+                         "(prior_w may be empty for unit weights)")
+    with nogil:
+        c = _logdens_const(family, phi)
+        for i in range(n):
+            wi = prior_w[i] if weighted else 1.0
+            v = _logdens(family, y[i], mu[i], wi, phi, c) if wi != 0.0 else 0.0
+            out[i] = v
+            total += v
+    return total

@@ -1,0 +1,804 @@
+"""Response distributions and link functions for generalized linear mixed models.
+
+A *family* says how the response is distributed given its mean μ (the variance
+function V(μ), the deviance, the log density); a *link* g maps μ to the linear
+predictor η = g(μ). The PIRLS loop needs, for every observation and at every step,
+μ = g⁻¹(η), dμ/dη, the working weight and residual and the deviance residual: that
+one pass is done in compiled code (:mod:`mixedmodels._kernels._glm`) and is reached
+here through :meth:`Family.update`. Everything else on these objects is plain NumPy.
+
+The integer ``code`` on every family and link is the code the compiled kernels
+dispatch on; it is an implementation detail shared with the kernels and their NumPy
+twins (:mod:`mixedmodels._kernels._glm_numpy`).
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from scipy import special
+
+from ._kernels import _glm
+
+__all__ = [
+    "Link", "LogitLink", "ProbitLink", "CloglogLink", "LogLink", "IdentityLink",
+    "InverseLink", "SqrtLink", "InverseSquareLink",
+    "Family", "Bernoulli", "Binomial", "Poisson", "Gamma", "InverseGaussian", "Normal",
+    "get_family", "get_link", "logistic",
+]
+
+
+def logistic(eta):
+    """The logistic function 1 / (1 + exp(-η)), evaluated without overflow.
+
+    Parameters
+    ----------
+    eta : array_like
+        Linear predictor values.
+
+    Returns
+    -------
+    ndarray or float
+        Values in [0, 1], of the same shape as `eta` (a float for scalar input).
+
+    Notes
+    -----
+    With :math:`e = \\exp(-|\\eta|) \\le 1`, the result is :math:`1/(1+e)` for
+    :math:`\\eta \\ge 0` and :math:`e/(1+e)` otherwise, so ``exp`` never overflows and
+    small probabilities keep their relative precision.
+    """
+    eta = np.asarray(eta, dtype=np.float64)
+    e = np.exp(-np.abs(eta))
+    out = np.where(eta >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    return out[()] if out.ndim == 0 else out
+
+
+_EMPTY = np.empty(0)   # the kernels read an empty weight array as unit weights
+
+
+def _as_float(x):
+    return np.asarray(x, dtype=np.float64)
+
+
+# ----------------------------------------------------------------------------- links
+
+
+class Link:
+    """A link function g with η = g(μ).
+
+    Subclasses define ``name``, ``code`` and the vectorised methods :meth:`link`,
+    :meth:`inverse` and :meth:`mu_eta`. Links hold no state; two links are equal when
+    they are of the same class.
+
+    The methods here are the plain mathematical maps with no clamping. The compiled
+    family update (:meth:`Family.update`) uses the same formulas and then keeps μ
+    inside the family's domain; see :class:`Family` for the clamps.
+    """
+
+    name = ""
+    code = -1
+
+    def link(self, mu):
+        """η = g(μ).
+
+        Parameters
+        ----------
+        mu : array_like
+            Means.
+
+        Returns
+        -------
+        ndarray
+            Linear predictor values, same shape as `mu`.
+        """
+        raise NotImplementedError
+
+    def inverse(self, eta):
+        """μ = g⁻¹(η).
+
+        Parameters
+        ----------
+        eta : array_like
+            Linear predictor values.
+
+        Returns
+        -------
+        ndarray
+            Means, same shape as `eta`.
+        """
+        raise NotImplementedError
+
+    def mu_eta(self, eta):
+        """dμ/dη = (g⁻¹)'(η).
+
+        Parameters
+        ----------
+        eta : array_like
+            Linear predictor values.
+
+        Returns
+        -------
+        ndarray
+            Derivative of the inverse link at `eta`, same shape.
+        """
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+    def __eq__(self, other):
+        return type(self) is type(other)
+
+    def __hash__(self):
+        return hash(type(self))
+
+
+class LogitLink(Link):
+    """The logit link, η = log(μ / (1 - μ)); canonical for Bernoulli and Binomial.
+
+    Notes
+    -----
+    :math:`\\mu = 1/(1+e^{-\\eta})`, :math:`d\\mu/d\\eta = \\mu(1-\\mu)`, evaluated as
+    :math:`e^{-|\\eta|}/(1+e^{-|\\eta|})^2` so that it keeps its precision for large
+    :math:`|\\eta|`.
+    """
+
+    name = "logit"
+    code = _glm.LINK_LOGIT
+
+    def link(self, mu):
+        mu = _as_float(mu)
+        return np.log(mu) - np.log1p(-mu)
+
+    def inverse(self, eta):
+        return _as_float(logistic(eta))
+
+    def mu_eta(self, eta):
+        e = np.exp(-np.abs(_as_float(eta)))
+        return e / ((1.0 + e) * (1.0 + e))
+
+
+class ProbitLink(Link):
+    """The probit link, η = Φ⁻¹(μ) with Φ the standard normal distribution function.
+
+    Notes
+    -----
+    :math:`\\mu = \\Phi(\\eta)`, :math:`d\\mu/d\\eta = \\phi(\\eta)`, the standard normal
+    density.
+    """
+
+    name = "probit"
+    code = _glm.LINK_PROBIT
+
+    def link(self, mu):
+        return special.ndtri(_as_float(mu))
+
+    def inverse(self, eta):
+        return special.ndtr(_as_float(eta))
+
+    def mu_eta(self, eta):
+        eta = _as_float(eta)
+        return np.exp(-0.5 * eta * eta) / np.sqrt(2.0 * np.pi)
+
+
+class CloglogLink(Link):
+    """The complementary log-log link, η = log(-log(1 - μ)).
+
+    Notes
+    -----
+    :math:`\\mu = 1 - \\exp(-e^{\\eta})` (computed as ``-expm1(-exp(eta))``),
+    :math:`d\\mu/d\\eta = \\exp(\\eta - e^{\\eta})`.
+    """
+
+    name = "cloglog"
+    code = _glm.LINK_CLOGLOG
+
+    def link(self, mu):
+        return np.log(-np.log1p(-_as_float(mu)))
+
+    def inverse(self, eta):
+        return -np.expm1(-np.exp(_as_float(eta)))
+
+    def mu_eta(self, eta):
+        eta = _as_float(eta)
+        return np.exp(eta - np.exp(eta))
+
+
+class LogLink(Link):
+    """The log link, η = log(μ); canonical for Poisson.
+
+    Notes
+    -----
+    :math:`\\mu = d\\mu/d\\eta = e^{\\eta}`.
+    """
+
+    name = "log"
+    code = _glm.LINK_LOG
+
+    def link(self, mu):
+        return np.log(_as_float(mu))
+
+    def inverse(self, eta):
+        return np.exp(_as_float(eta))
+
+    def mu_eta(self, eta):
+        return np.exp(_as_float(eta))
+
+
+class IdentityLink(Link):
+    """The identity link, η = μ; canonical for Normal."""
+
+    name = "identity"
+    code = _glm.LINK_IDENTITY
+
+    def link(self, mu):
+        return np.array(mu, dtype=np.float64)
+
+    def inverse(self, eta):
+        return np.array(eta, dtype=np.float64)
+
+    def mu_eta(self, eta):
+        return np.ones_like(_as_float(eta))
+
+
+class InverseLink(Link):
+    """The inverse link, η = 1/μ; canonical for Gamma.
+
+    Notes
+    -----
+    :math:`\\mu = 1/\\eta`, :math:`d\\mu/d\\eta = -1/\\eta^2`.
+    """
+
+    name = "inverse"
+    code = _glm.LINK_INVERSE
+
+    def link(self, mu):
+        return 1.0 / _as_float(mu)
+
+    def inverse(self, eta):
+        return 1.0 / _as_float(eta)
+
+    def mu_eta(self, eta):
+        eta = _as_float(eta)
+        return -1.0 / (eta * eta)
+
+
+class SqrtLink(Link):
+    """The square-root link, η = √μ.
+
+    Notes
+    -----
+    :math:`\\mu = \\eta^2`, :math:`d\\mu/d\\eta = 2\\eta`.
+    """
+
+    name = "sqrt"
+    code = _glm.LINK_SQRT
+
+    def link(self, mu):
+        return np.sqrt(_as_float(mu))
+
+    def inverse(self, eta):
+        eta = _as_float(eta)
+        return eta * eta
+
+    def mu_eta(self, eta):
+        return 2.0 * _as_float(eta)
+
+
+class InverseSquareLink(Link):
+    """The inverse-square link, η = 1/μ²; canonical for the inverse Gaussian.
+
+    Notes
+    -----
+    :math:`\\mu = \\eta^{-1/2}`, :math:`d\\mu/d\\eta = -\\tfrac12\\eta^{-3/2}`; defined
+    for η > 0 only (NaN otherwise).
+    """
+
+    name = "inverse_square"
+    code = _glm.LINK_INVERSE_SQUARE
+
+    def link(self, mu):
+        mu = _as_float(mu)
+        return 1.0 / (mu * mu)
+
+    def inverse(self, eta):
+        return 1.0 / np.sqrt(_as_float(eta))
+
+    def mu_eta(self, eta):
+        eta = _as_float(eta)
+        with np.errstate(invalid="ignore"):
+            return -0.5 / (eta * np.sqrt(eta))
+
+
+_LINK_CLASSES = (LogitLink, ProbitLink, CloglogLink, LogLink, IdentityLink,
+                 InverseLink, SqrtLink, InverseSquareLink)
+_LINKS_BY_NAME = {cls.name: cls for cls in _LINK_CLASSES}
+_LINKS_BY_NAME.update({"inversesquare": InverseSquareLink, "1/mu^2": InverseSquareLink})
+_LINKS_BY_CODE = {cls.code: cls for cls in _LINK_CLASSES}
+
+
+def get_link(spec):
+    """Resolve a link specification to a :class:`Link` instance.
+
+    Parameters
+    ----------
+    spec : Link, type or str
+        A link instance (returned as is), a :class:`Link` subclass, or a
+        case-insensitive name: ``"logit"``, ``"probit"``, ``"cloglog"``, ``"log"``,
+        ``"identity"``, ``"inverse"``, ``"sqrt"``, ``"inverse_square"``.
+
+    Returns
+    -------
+    Link
+
+    Raises
+    ------
+    ValueError
+        For an unknown name.
+    TypeError
+        For anything else.
+    """
+    if isinstance(spec, Link):
+        return spec
+    if isinstance(spec, type) and issubclass(spec, Link) and spec is not Link:
+        return spec()
+    if isinstance(spec, str):
+        key = spec.strip().lower()
+        if key in _LINKS_BY_NAME:
+            return _LINKS_BY_NAME[key]()
+        raise ValueError(
+            f"unknown link {spec!r}; expected one of "
+            + ", ".join(repr(c.name) for c in _LINK_CLASSES))
+    raise TypeError(f"link must be a Link or a link name, not {type(spec).__name__}")
+
+
+# -------------------------------------------------------------------------- families
+
+
+def _show(values, limit=5):
+    """A short listing of offending values for an error message."""
+    u = np.unique(values)
+    shown = ", ".join(f"{v:g}" for v in u[:limit])
+    return f"[{shown}{', ...' if u.size > limit else ''}]"
+
+
+def _rows(mask, limit=5):
+    idx = np.flatnonzero(mask)
+    shown = ", ".join(str(i) for i in idx[:limit])
+    return f"[{shown}{', ...' if idx.size > limit else ''}]"
+
+
+class Family:
+    """A response distribution with its link, as used by GLMM fitting.
+
+    Parameters
+    ----------
+    link : Link, str or None
+        The link function; None means the family's canonical link.
+
+    Attributes
+    ----------
+    name : str
+        The family's name, e.g. ``"Bernoulli"``.
+    link : Link
+        The link function.
+    has_dispersion : bool
+        Whether the family has a free dispersion parameter φ (False for Bernoulli,
+        Binomial and Poisson, whose dispersion is fixed at 1).
+    code : int
+        The family code the compiled kernels dispatch on.
+
+    Notes
+    -----
+    For the binary and binomial families, :meth:`update` keeps μ inside
+    [ε, 1 - ε]; for Poisson, Gamma and inverse Gaussian it keeps μ ≥ ε
+    (ε = 2.22e-16, the double-precision machine epsilon), so that every logarithm in
+    the deviance stays finite however far η strays; :math:`|d\\mu/d\\eta|` is kept
+    ≥ ε (sign preserved) so that the working residual stays finite. The Normal family
+    is not clamped. These clamps only act where μ is within ε of the edge of its
+    domain (for the logit link, :math:`|\\eta| > 36`).
+    """
+
+    name = ""
+    code = -1
+    has_dispersion = True
+    _canonical: type = Link
+
+    def __init__(self, link=None):
+        self.link = self._canonical() if link is None else get_link(link)
+
+    def __repr__(self):
+        return f"{self.name}(link={self.link.name})"
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.link == other.link
+
+    def __hash__(self):
+        return hash((type(self), type(self.link)))
+
+    @property
+    def canonical_link(self):
+        """bool: whether :attr:`link` is the family's canonical link."""
+        return type(self.link) is self._canonical
+
+    # -- the variance function -------------------------------------------------------
+    def variance(self, mu):
+        """The variance function V(μ); Var(y) = φ V(μ) / w.
+
+        Parameters
+        ----------
+        mu : array_like
+            Means.
+
+        Returns
+        -------
+        ndarray
+        """
+        raise NotImplementedError
+
+    # -- checks and starting values -------------------------------------------------
+    def validate(self, y, weights=None, response_name="y"):
+        """Check that a response (and prior weights) suit this family.
+
+        Parameters
+        ----------
+        y : array_like
+            The response, one value per observation.
+        weights : array_like or None
+            Prior weights (for Binomial, the number of trials); None means all ones.
+        response_name : str
+            The name of the response column, used in error messages.
+
+        Raises
+        ------
+        ValueError
+            If `y` or `weights` hold NaN or infinite values, if a weight is negative,
+            or if `y` is outside the family's support; the message names the column
+            and shows the offending values.
+        """
+        y = _as_float(y)
+        bad = ~np.isfinite(y)
+        if bad.any():
+            kind = "NaN" if np.isnan(y).any() else "infinite values"
+            raise ValueError(
+                f"response {response_name!r} contains {kind} at rows {_rows(bad)}; "
+                "drop or impute those rows before fitting")
+        if weights is not None:
+            w = _as_float(weights)
+            if w.shape != y.shape:
+                raise ValueError(
+                    f"weights have shape {w.shape} but response {response_name!r} "
+                    f"has shape {y.shape}")
+            if not np.isfinite(w).all():
+                raise ValueError(
+                    f"weights for response {response_name!r} contain NaN or infinite "
+                    f"values at rows {_rows(~np.isfinite(w))}")
+            if (w < 0).any():
+                raise ValueError(
+                    f"weights for response {response_name!r} must be non-negative; "
+                    f"found {_show(w[w < 0])} at rows {_rows(w < 0)}")
+        else:
+            w = None
+        self._check_support(y, w, response_name)
+
+    def _check_support(self, y, w, response_name):
+        pass
+
+    def starting_mu(self, y, weights=None):
+        """Starting values for μ, as R's ``mustart``.
+
+        Parameters
+        ----------
+        y : array_like
+            The response.
+        weights : array_like or None
+            Prior weights; None means all ones.
+
+        Returns
+        -------
+        ndarray
+            Starting means, strictly inside the family's domain for a valid response.
+        """
+        return np.array(y, dtype=np.float64)
+
+    # -- the compiled pass ----------------------------------------------------------
+    def update(self, eta, y, prior_w, mu, mu_eta, wrkwt, wrkresid, devresid):
+        """One PIRLS pass: from η to μ, dμ/dη, working weights and residuals, deviance.
+
+        Parameters
+        ----------
+        eta, y : ndarray of float64, shape (n,)
+            Linear predictor and response (C-contiguous float64; other inputs are
+            converted, at the price of a copy).
+        prior_w : ndarray of float64, shape (n,), or None
+            Prior weights (Binomial: numbers of trials); None means unit weights.
+        mu, mu_eta, wrkwt, wrkresid, devresid : ndarray of float64, shape (n,)
+            Outputs, written in place; they must be C-contiguous, writable float64.
+
+        Returns
+        -------
+        float
+            The deviance, the sum of `devresid`.
+
+        Notes
+        -----
+        For each observation :math:`\\mu = g^{-1}(\\eta)` (clamped, see
+        :class:`Family`), :math:`\\mu' = d\\mu/d\\eta`,
+
+        .. math::
+
+            w^{wrk} = w \\, \\mu'^2 / V(\\mu), \\qquad
+            r^{wrk} = (y - \\mu) / \\mu', \\qquad
+            d = w \\, \\mathrm{dev}(y, \\mu),
+
+        where dev is the family's unit deviance (0·log 0 taken as 0).
+        """
+        return _glm.update(self.code, self.link.code,
+                           np.ascontiguousarray(eta, dtype=np.float64),
+                           np.ascontiguousarray(y, dtype=np.float64),
+                           _EMPTY if prior_w is None
+                           else np.ascontiguousarray(prior_w, dtype=np.float64),
+                           mu, mu_eta, wrkwt, wrkresid, devresid)
+
+    def loglik(self, y, mu, prior_w=None, phi=1.0, out=None):
+        """Per-observation log densities (or log probabilities).
+
+        Parameters
+        ----------
+        y, mu : array_like, shape (n,)
+            Response and means.
+        prior_w : array_like or None
+            Prior weights; None means all ones.
+        phi : float
+            The dispersion φ (ignored by families without one); must be > 0.
+        out : ndarray of float64, shape (n,), optional
+            Where to write the result (C-contiguous, writable).
+
+        Returns
+        -------
+        ndarray of float64
+            The log density of each observation; their sum is the log-likelihood.
+
+        Notes
+        -----
+        An observation with weight 0 contributes 0. Otherwise, with weight w:
+
+        - Bernoulli: :math:`w\\,[y\\log\\mu + (1-y)\\log(1-\\mu)]`.
+        - Binomial (n = w trials, k = n y successes): :math:`\\log\\binom{n}{k} +
+          k\\log\\mu + (n-k)\\log(1-\\mu)`, the binomial coefficient through
+          ``lgamma``.
+        - Poisson: :math:`w\\,[y\\log\\mu - \\mu - \\log\\Gamma(y+1)]`.
+        - Normal: the normal log density with variance φ/w.
+        - Gamma: :math:`w` times the gamma log density with shape 1/φ and mean μ.
+        - InverseGaussian: :math:`w` times the inverse Gaussian log density with mean
+          μ and shape λ = 1/φ.
+
+        These are the conventions of R's family ``aic`` functions (precision weights
+        for the Normal, multiplicative weights for Gamma and inverse Gaussian).
+        """
+        y = np.ascontiguousarray(y, dtype=np.float64)
+        mu = np.ascontiguousarray(mu, dtype=np.float64)
+        w = (_EMPTY if prior_w is None
+             else np.ascontiguousarray(prior_w, dtype=np.float64))
+        if out is None:
+            out = np.empty_like(y)
+        _glm.loglik(self.code, y, mu, w, float(phi), out)
+        return out
+
+
+class Bernoulli(Family):
+    """Binary response, y ∈ {0, 1}; canonical link logit; no dispersion.
+
+    Notes
+    -----
+    :math:`V(\\mu) = \\mu(1-\\mu)`; deviance residual
+    :math:`-2w\\,[y\\log\\mu + (1-y)\\log(1-\\mu)]`, which equals
+    :math:`-2` times the log probability.
+    """
+
+    name = "Bernoulli"
+    code = _glm.FAMILY_BERNOULLI
+    has_dispersion = False
+    _canonical = LogitLink
+
+    def variance(self, mu):
+        mu = _as_float(mu)
+        return mu * (1.0 - mu)
+
+    def _check_support(self, y, w, response_name):
+        bad = (y != 0) & (y != 1)
+        if bad.any():
+            raise ValueError(
+                f"response {response_name!r} must be binary (0/1 or a two-level factor) "
+                f"for Bernoulli; found values {_show(y[bad])}")
+
+    def starting_mu(self, y, weights=None):
+        return (_as_float(y) + 0.5) / 2.0
+
+
+class Binomial(Family):
+    """Proportion of successes out of n trials, the prior weights being n.
+
+    Canonical link logit; no dispersion.
+
+    Notes
+    -----
+    The response is the proportion y = k/n in [0, 1] and the prior weight is the
+    number of trials n. :math:`V(\\mu) = \\mu(1-\\mu)`; deviance residual
+    :math:`2n\\,[y\\log(y/\\mu) + (1-y)\\log((1-y)/(1-\\mu))]`.
+    """
+
+    name = "Binomial"
+    code = _glm.FAMILY_BINOMIAL
+    has_dispersion = False
+    _canonical = LogitLink
+
+    def variance(self, mu):
+        mu = _as_float(mu)
+        return mu * (1.0 - mu)
+
+    def _check_support(self, y, w, response_name):
+        bad = (y < 0) | (y > 1)
+        if bad.any():
+            raise ValueError(
+                f"response {response_name!r} must be a proportion in [0, 1] for "
+                f"Binomial (successes / trials, with the trials as weights); "
+                f"found values {_show(y[bad])}")
+        n = np.ones_like(y) if w is None else w
+        k = n * y
+        off = np.abs(k - np.round(k)) > 1e-6 * np.maximum(1.0, np.abs(k))
+        if off.any():
+            warnings.warn(
+                f"response {response_name!r} times the weights (number of trials) is "
+                f"not a whole number of successes at rows {_rows(off)}; Binomial "
+                "expects proportions with the trials as weights",
+                RuntimeWarning, stacklevel=3)
+
+    def starting_mu(self, y, weights=None):
+        y = _as_float(y)
+        w = np.ones_like(y) if weights is None else _as_float(weights)
+        return (w * y + 0.5) / (w + 1.0)
+
+
+class Poisson(Family):
+    """Counts; canonical link log; no dispersion.
+
+    Notes
+    -----
+    :math:`V(\\mu) = \\mu`; deviance residual
+    :math:`2w\\,[y\\log(y/\\mu) - (y-\\mu)]`.
+    """
+
+    name = "Poisson"
+    code = _glm.FAMILY_POISSON
+    has_dispersion = False
+    _canonical = LogLink
+
+    def variance(self, mu):
+        return np.array(mu, dtype=np.float64)
+
+    def _check_support(self, y, w, response_name):
+        if (y < 0).any():
+            raise ValueError(
+                f"response {response_name!r} must be non-negative counts for Poisson; "
+                f"found negative values {_show(y[y < 0])}")
+        frac = y != np.round(y)
+        if frac.any():
+            raise ValueError(
+                f"response {response_name!r} must be integer counts for Poisson; "
+                f"found non-integer values {_show(y[frac])}")
+
+    def starting_mu(self, y, weights=None):
+        return _as_float(y) + 0.1
+
+
+class _PositiveFamily(Family):
+    def _check_support(self, y, w, response_name):
+        bad = y <= 0
+        if bad.any():
+            raise ValueError(
+                f"response {response_name!r} must be strictly positive for "
+                f"{self.name}; found values {_show(y[bad])}")
+
+
+class Gamma(_PositiveFamily):
+    """Positive continuous response; canonical link inverse; dispersion φ.
+
+    Notes
+    -----
+    :math:`V(\\mu) = \\mu^2`; deviance residual
+    :math:`-2w\\,[\\log(y/\\mu) - (y-\\mu)/\\mu]`.
+    """
+
+    name = "Gamma"
+    code = _glm.FAMILY_GAMMA
+    _canonical = InverseLink
+
+    def variance(self, mu):
+        mu = _as_float(mu)
+        return mu * mu
+
+
+class InverseGaussian(_PositiveFamily):
+    """Positive continuous response; canonical link 1/μ²; dispersion φ.
+
+    Notes
+    -----
+    :math:`V(\\mu) = \\mu^3`; deviance residual :math:`w\\,(y-\\mu)^2/(y\\mu^2)`.
+    """
+
+    name = "InverseGaussian"
+    code = _glm.FAMILY_INVERSE_GAUSSIAN
+    _canonical = InverseSquareLink
+
+    def variance(self, mu):
+        mu = _as_float(mu)
+        return mu * mu * mu
+
+
+class Normal(Family):
+    """Gaussian response; canonical link identity; dispersion φ = σ².
+
+    Notes
+    -----
+    :math:`V(\\mu) = 1`; deviance residual :math:`w\\,(y-\\mu)^2`.
+    """
+
+    name = "Normal"
+    code = _glm.FAMILY_NORMAL
+    _canonical = IdentityLink
+
+    def variance(self, mu):
+        return np.ones_like(_as_float(mu))
+
+
+_FAMILY_CLASSES = (Bernoulli, Binomial, Poisson, Gamma, InverseGaussian, Normal)
+_FAMILIES_BY_NAME = {cls.name.lower(): cls for cls in _FAMILY_CLASSES}
+_FAMILIES_BY_NAME.update({"inverse_gaussian": InverseGaussian, "gaussian": Normal})
+_FAMILIES_BY_CODE = {cls.code: cls for cls in _FAMILY_CLASSES}
+
+
+def get_family(spec):
+    """Resolve a family specification to a :class:`Family` instance.
+
+    Parameters
+    ----------
+    spec : Family, type or str
+        A family instance (returned as is), a :class:`Family` subclass (instantiated
+        with its canonical link), or a case-insensitive name: ``"bernoulli"``,
+        ``"binomial"``, ``"poisson"``, ``"gamma"``, ``"inversegaussian"`` /
+        ``"inverse_gaussian"``, ``"normal"`` / ``"gaussian"``.
+
+    Returns
+    -------
+    Family
+
+    Raises
+    ------
+    ValueError
+        For an unknown name.
+    TypeError
+        For anything else.
+
+    Examples
+    --------
+    >>> get_family("binomial")
+    Binomial(link=logit)
+    >>> get_family(Poisson)
+    Poisson(link=log)
+    """
+    if isinstance(spec, Family):
+        return spec
+    if (isinstance(spec, type) and issubclass(spec, Family)
+            and spec not in (Family, _PositiveFamily)):
+        return spec()
+    if isinstance(spec, str):
+        key = spec.strip().lower()
+        if key in _FAMILIES_BY_NAME:
+            return _FAMILIES_BY_NAME[key]()
+        raise ValueError(
+            f"unknown family {spec!r}; expected one of 'bernoulli', 'binomial', "
+            "'poisson', 'gamma', 'inverse_gaussian', 'normal'")
+    raise TypeError(
+        f"family must be a Family, a Family class or a family name, "
+        f"not {type(spec).__name__}")
