@@ -1,0 +1,253 @@
+"""Split an lme4-style formula into response, fixed part and random-effects terms.
+
+Only the random-effects syntax is ours; the fixed part and the column expressions
+inside a random term are left as text for patsy.  A random-effects term is a
+parenthesised group, standing alone between top-level ``+`` signs, whose contents hold
+a ``|`` (correlated) or ``||`` (uncorrelated) outside any inner parentheses.
+
+Grouping expressions are column names joined by ``&`` or ``:`` (interaction) and
+``/`` (nesting); ``a/b`` expands to the two terms ``a`` and ``a & b``, as in lme4.
+"""
+import re
+from dataclasses import dataclass, field
+
+__all__ = ["ParsedFormula", "RandomTerm", "parse_formula"]
+
+
+@dataclass(frozen=True)
+class RandomTerm:
+    """One random-effects term after expansion of nesting.
+
+    Attributes
+    ----------
+    expr : str
+        The column expression left of the bar, e.g. ``"1 + days"``.
+    grouping : tuple of str
+        Names of the grouping columns; more than one means their interaction.
+    zerocorr : bool
+        True for ``||`` (no correlation between the term's random effects).
+    text : str
+        The term as written in the formula, e.g. ``"(1 + days | subj)"``.
+    """
+
+    expr: str
+    grouping: tuple
+    zerocorr: bool = False
+    text: str = ""
+
+    @property
+    def group_name(self):
+        """The grouping factor's display name, e.g. ``"subj"`` or ``"batch & cask"``."""
+        return " & ".join(self.grouping)
+
+
+@dataclass(frozen=True)
+class ParsedFormula:
+    """A formula split into its parts.
+
+    Attributes
+    ----------
+    formula : str
+        The formula as given.
+    response : str
+        The left-hand side text, stripped.
+    fixed : str
+        The fixed-effects part in patsy syntax (``"1"`` if only random terms were given).
+    random : list of RandomTerm
+        The random-effects terms in the order written, nesting expanded in place.
+    """
+
+    formula: str
+    response: str
+    fixed: str
+    random: list = field(default_factory=list)
+
+
+def _fail(formula, why):
+    return ValueError(f"cannot parse formula {formula!r}: {why}")
+
+
+def _scan(text):
+    """Yield (index, char, depth) outside string literals; depth counts parentheses."""
+    depth = 0
+    quote = None
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if quote:
+            if ch == "\\":
+                i += 2
+                continue
+            if ch == quote:
+                quote = None
+            i += 1
+            continue
+        if ch in "\"'":
+            quote = ch
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        yield i, ch, depth
+        i += 1
+
+
+def _check_balanced(formula):
+    depth = 0
+    for _, _, depth in _scan(formula):
+        if depth < 0:
+            raise _fail(formula, "unbalanced parentheses (a ')' without its '(')")
+    if depth != 0:
+        raise _fail(formula, "unbalanced parentheses")
+    if _unterminated_string(formula):
+        raise _fail(formula, "unterminated string literal")
+
+
+def _unterminated_string(text):
+    quote = None
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if quote:
+            if ch == "\\":
+                i += 1
+            elif ch == quote:
+                quote = None
+        elif ch in "\"'":
+            quote = ch
+        i += 1
+    return quote is not None
+
+
+def _split_top(text, sep):
+    """Split ``text`` at occurrences of the one-character ``sep`` at depth 0."""
+    parts, start = [], 0
+    for i, ch, depth in _scan(text):
+        if ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
+def _is_wrapped(chunk):
+    """True when the whole chunk is one parenthesised group ``( ... )``."""
+    if not (chunk.startswith("(") and chunk.endswith(")")):
+        return False
+    for i, ch, depth in _scan(chunk):
+        if depth == 0 and i < len(chunk) - 1:
+            return False
+    return True
+
+
+def _find_bar(inner):
+    """Position and width of the top-level ``|`` or ``||`` in a term's inside."""
+    bars = [i for i, ch, depth in _scan(inner) if ch == "|" and depth == 0]
+    if not bars:
+        return None
+    first = bars[0]
+    if len(bars) == 2 and bars[1] == first + 1:
+        return first, 2
+    if len(bars) == 1:
+        return first, 1
+    return -1, 0
+
+
+_NAME = r"[A-Za-z_][A-Za-z0-9_.]*"
+_GROUP_SEGMENT = re.compile(rf"^\s*{_NAME}\s*(?:[&:]\s*{_NAME}\s*)*$")
+
+
+def _parse_grouping(formula, text):
+    """Expand ``a/b:c`` into the cumulative column tuples ``(a,), (a, b, c)``."""
+    if not text.strip():
+        raise _fail(formula, "a random-effects term has no grouping factor after '|'")
+    segments = text.split("/")
+    out, prefix = [], []
+    for seg in segments:
+        if not _GROUP_SEGMENT.match(seg):
+            raise _fail(formula, f"grouping expression {text.strip()!r} is not column names "
+                                 "joined by '&', ':' or '/'")
+        names = [n.strip() for n in re.split(r"[&:]", seg)]
+        for n in names:
+            if n not in prefix:
+                prefix.append(n)
+        out.append(tuple(prefix))
+    return out
+
+
+def _parse_random(formula, chunk):
+    inner = chunk[1:-1]
+    bar = _find_bar(inner)
+    if bar is None:
+        return None
+    pos, width = bar
+    if width == 0:
+        raise _fail(formula, f"too many '|' in {chunk!r}")
+    expr = inner[:pos].strip()
+    group = inner[pos + width:]
+    if not expr:
+        raise _fail(formula, f"empty random-effects term {chunk!r}")
+    groupings = _parse_grouping(formula, group)
+    zerocorr = width == 2
+    return [RandomTerm(expr, g, zerocorr, chunk) for g in groupings]
+
+
+def parse_formula(formula):
+    """Split a mixed-model formula into response, fixed part and random terms.
+
+    Parameters
+    ----------
+    formula : str
+        e.g. ``"reaction ~ 1 + days + (1 + days | subj)"``.
+
+    Returns
+    -------
+    ParsedFormula
+
+    Raises
+    ------
+    ValueError
+        Starting "cannot parse formula" for a missing ``~`` or response, unbalanced
+        parentheses, an empty random term, a ``|`` term without a grouping factor, or
+        a ``|`` outside a parenthesised random term.
+
+    Examples
+    --------
+    >>> p = parse_formula("y ~ 1 + x + (1 + x || g) + (1 | a/b)")
+    >>> p.fixed
+    '1 + x'
+    >>> [(t.expr, t.group_name, t.zerocorr) for t in p.random]
+    [('1 + x', 'g', True), ('1', 'a', False), ('1', 'a & b', False)]
+    """
+    if not isinstance(formula, str):
+        raise ValueError(f"cannot parse formula {formula!r}: a formula must be a string")
+    _check_balanced(formula)
+    tildes = [i for i, ch, depth in _scan(formula) if ch == "~"]
+    if not tildes:
+        raise _fail(formula, "no '~' separating response and predictors")
+    if len(tildes) > 1:
+        raise _fail(formula, "more than one '~'")
+    lhs = formula[:tildes[0]].strip()
+    rhs = formula[tildes[0] + 1:].strip()
+    if not lhs:
+        raise _fail(formula, "no response on the left of '~'")
+    if not rhs:
+        raise _fail(formula, "nothing on the right of '~'")
+    if "|" in "".join(ch for _, ch, _ in _scan(lhs)):
+        raise _fail(formula, "'|' in the response")
+
+    fixed_chunks, random_terms = [], []
+    for chunk in _split_top(rhs, "+"):
+        chunk = chunk.strip()
+        if not chunk:
+            raise _fail(formula, "an empty term between '+' signs")
+        terms = _parse_random(formula, chunk) if _is_wrapped(chunk) else None
+        if terms is not None:
+            random_terms.extend(terms)
+            continue
+        if any(ch == "|" and depth == 0 for _, ch, depth in _scan(chunk)):
+            raise _fail(formula, f"'|' outside a parenthesised random-effects term in {chunk!r}")
+        fixed_chunks.append(chunk)
+    # lme4 keeps the intercept when only random terms are written: y ~ (1 | g).
+    fixed = " + ".join(fixed_chunks) if fixed_chunks else "1"
+    return ParsedFormula(formula, lhs, fixed, random_terms)
