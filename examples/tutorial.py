@@ -36,7 +36,7 @@ def main():
     print("gm1")
     print(gm1)
     print()
-    print(gm1.compact_table().to_string())
+    print(gm1.format_compact_table())
     print()
     print(gm1.varcorr)
 
@@ -45,11 +45,11 @@ def main():
     gm2 = mm.fit("use ~ 1 + age * children + abs2(age) + children + urban + (1 | dist)", contra,
                  family=mm.Bernoulli(), nAGQ=9, contrasts=contrasts)
     print("\ngm2")
-    print(gm2.compact_table().to_string())
+    print(gm2.format_compact_table())
     gm3 = mm.fit("use ~ 1 + age * children + abs2(age) + children + urban + (1 | urban & dist)",
                  contra, family=mm.Bernoulli(), nAGQ=9, contrasts=contrasts)
     print("\ngm3")
-    print(gm3.compact_table().to_string())
+    print(gm3.format_compact_table())
     print(f"\ndeviance: gm1 {gm1.deviance:.4f}, gm2 {gm2.deviance:.4f}, gm3 {gm3.deviance:.4f}")
     print(f"X of gm1 is {gm1.X.shape[0]} × {gm1.X.shape[1]}; Z is sparse, "
           f"{gm1.Z.shape[0]} × {gm1.Z.shape[1]}; "

@@ -10,6 +10,7 @@ from scipy.stats import norm
 
 from ._summary import coeftable as _coeftable
 from ._summary import compact_table as _compact_table
+from ._summary import format_compact_table as _format_compact_table
 from ._summary import format_model
 from ._varcorr import VarCorr
 
@@ -47,6 +48,10 @@ class MixedModelFit:
     def compact_table(self):
         """Est., SE, z, p and the σ of each grouping factor (MixedModels.jl's summary table)."""
         return _compact_table(self)
+
+    def format_compact_table(self, digits=4):
+        """The compact table as MixedModels.jl prints it (Est., SE, z, p, σ per group)."""
+        return _format_compact_table(self, digits=digits)
 
     # -- random effects -----------------------------------------------------------------
     @property
@@ -135,6 +140,48 @@ class MixedModelFit:
         eta = self.X @ self.coef + self.Z @ self.b
         off = self.model.design.offset
         return eta if off is None else eta + off
+
+    def predict(self, newdata=None, type="response", new_levels="population", offset=None):
+        """Predictions for new data (or the fitted data when ``newdata`` is None).
+
+        Parameters
+        ----------
+        newdata : pandas.DataFrame, optional
+            Must hold the columns of the fixed part and the grouping factors.
+        type : {"response", "link"}
+            The mean μ = g⁻¹(η), or the linear predictor η (the same for an LMM).
+        new_levels : {"population", "error"}
+            For a level of a grouping factor not seen in fitting (or missing): use a
+            random effect of zero (the population-level prediction), or raise.
+        offset : array, optional
+            Added to η for the new rows (a GLMM with an offset needs one).
+
+        Returns
+        -------
+        numpy.ndarray
+        """
+        if type not in ("response", "link"):
+            raise ValueError('type must be "response" or "link"')
+        if new_levels not in ("population", "error"):
+            raise ValueError('new_levels must be "population" or "error"')
+        if newdata is None:
+            eta = self.linpred()
+        else:
+            eta = self.model.design.fixed_matrix(newdata) @ self.coef
+            for term, blk in zip(self.model.reterms, self._b_blocks()):
+                codes, z = term.new_codes(newdata)
+                unseen = codes < 0
+                if unseen.any() and new_levels == "error":
+                    bad = sorted(set(map(str, np.asarray(newdata[term.group_name.split(" & ")[0]])[unseen])))
+                    raise ValueError(f"grouping factor '{term.group_name}' has levels not seen in fitting "
+                                     f"(e.g. {bad[:5]}); pass new_levels='population' to predict with zero random effects")
+                contrib = np.einsum("ij,ij->i", z, blk[np.where(unseen, 0, codes)])
+                eta = eta + np.where(unseen, 0.0, contrib)
+            if offset is not None:
+                eta = eta + np.asarray(offset, dtype=float)
+        if type == "link" or self.family is None:
+            return eta
+        return self.family.link.inverse(eta)
 
     # -- likelihood summaries -----------------------------------------------------------
     @property

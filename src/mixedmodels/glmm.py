@@ -100,6 +100,7 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         nAGQ = self.nAGQ if nAGQ is None else nAGQ
         u, beta, logdet, dev, ok = pirls(self, theta, beta, self._u, vary_beta=vary_beta)
         self._u = u
+        self._last_logdet = 2.0 * logdet
         if nAGQ > 1:
             return agq_deviance(self, theta, beta, u, nAGQ), u, beta
         return dev + u @ u + 2.0 * logdet, u, beta
@@ -139,7 +140,9 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         def f_joint(x):
             return self._deviance(x[p:], x[:p])[0]
 
-        opt2 = OptSummary(initial=np.concatenate([beta, theta]),
+        # the deviance is flat in β near the optimum: four digits of β need changes of
+        # 1e-9 in the deviance resolved, so stop on a relative change of 1e-15 only
+        opt2 = OptSummary(initial=np.concatenate([beta, theta]), ftol_rel=1e-15, ftol_abs=0.0,
                           lowerbd=np.concatenate([np.full(p, -np.inf), layout.lower]),
                           initial_step=np.concatenate([np.where(se > 0, se, 0.1), np.full(ntheta, 0.05)]))
         minimize(f_joint, opt2, progress=progress)
@@ -182,8 +185,8 @@ class GeneralizedLinearMixedModelFit(MixedModelFit):
         self.mu = st.mu.copy()
         self.eta = st.eta.copy()
         self.devresid = st.devresid.copy()
+        self.logdet = model._last_logdet
         self.b = model.system.lambda_times(self.theta, self.u)
-        self.logdet = None
         fam = model.family
         self.dispersion = (float(np.sum(self.devresid) / np.sum(model.prior_w))
                            if fam.has_dispersion else None)
