@@ -17,6 +17,8 @@ import warnings
 
 import numpy as np
 
+from ._linalg._blocked import upper_solve
+
 
 class PirlsState:
     """Per-observation arrays of the response side, allocated once per model."""
@@ -65,7 +67,8 @@ def pirls(model, theta, beta, u, vary_beta=False, tol=1e-13, maxiter=100, max_ha
         if converged:
             break
         if vary_beta:
-            new_beta = np.linalg.solve(r[:p, :p], r[:p, p]) if p else beta
+            new_beta = r[:p, p].copy()
+            upper_solve(r, new_beta)
             cu = system.rzxy[:, p] - system.rzxy[:, :p] @ new_beta
         else:
             new_beta = beta

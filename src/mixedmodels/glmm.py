@@ -22,6 +22,7 @@ import numpy as np
 
 from ._agq import agq_deviance
 from ._model import MixedModelSpec
+from .lmm import rx_inverse_crossprod
 from ._optimize import OptSummary, minimize, rectify
 from ._pirls import PirlsState, pirls
 from ._results import MixedModelFit
@@ -160,9 +161,7 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         st, X, off = self.state, self.design.X, self.offset_or_zero
         self.system.set_products(np.column_stack([X, st.eta - off + st.wrkresid]), st.wrkwt)
         _, r = self.system.factorize(theta)
-        p = X.shape[1]
-        rxinv = np.linalg.inv(r[:p, :p])
-        return phi * (rxinv @ rxinv.T)
+        return phi * rx_inverse_crossprod(r, X.shape[1])
 
 
 class GeneralizedLinearMixedModelFit(MixedModelFit):

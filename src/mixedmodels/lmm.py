@@ -12,7 +12,8 @@ the deviance with β and σ² profiled out (σ̂² = r² / d). The last term is 
 precision weights w.
 """
 import numpy as np
-from scipy.linalg import solve_triangular
+
+from ._linalg._blocked import upper_solve
 
 from ._model import MixedModelSpec
 from ._optimize import OptSummary, minimize, rectify
@@ -86,6 +87,16 @@ class LinearMixedModel(MixedModelSpec):
         return LinearMixedModelFit(self, optsum.final, optsum)
 
 
+def rx_inverse_crossprod(r, p):
+    """(RX'RX)⁻¹ = RX⁻¹ RX⁻ᵀ from the leading p-square block of the upper factor r."""
+    rxinv = np.eye(p)
+    for j in range(p):
+        col = np.ascontiguousarray(rxinv[:, j])
+        upper_solve(r, col)
+        rxinv[:, j] = col
+    return rxinv @ rxinv.T
+
+
 class LinearMixedModelFit(MixedModelFit):
     """A fitted linear mixed model: estimates at the optimum, fixed once built.
 
@@ -104,11 +115,10 @@ class LinearMixedModelFit(MixedModelFit):
         self.objective = float(val)
         self.logdet = 2.0 * logdet
         self.pwrss = float(pwrss)
-        rx = r[:p, :p]
-        self.coef = solve_triangular(rx, r[:p, p]) if p else np.zeros(0)
+        self.coef = r[:p, p].copy()
+        upper_solve(r, self.coef)
         self.sigma = float(np.sqrt(pwrss / model._dof_resid()))
-        rxinv = solve_triangular(rx, np.eye(p)) if p else np.zeros((0, 0))
-        self.vcov = self.sigma ** 2 * (rxinv @ rxinv.T)
+        self.vcov = self.sigma ** 2 * rx_inverse_crossprod(r, p)
         sysm = model.system
         cu = np.asfortranarray((sysm.rzxy[:, p] - sysm.rzxy[:, :p] @ self.coef)[:, None])
         self.u = sysm.backward(cu)[:, 0].copy()

@@ -271,3 +271,60 @@ def blockdiag_backward(const double[::1] L, int k, double[::1, :] b):
                     for e in range(a + 1, k):
                         s -= B[e + a * k] * b[l * k + e, j]
                     b[l * k + a, j] = s / B[a + a * k]
+
+
+def schur_cholesky(const double[:, ::1] xtxy, const double[::1, :] rzxy, double[:, ::1] r):
+    """r <- upper Cholesky factor of xtxy - rzxy' rzxy (m-by-m); returns a status.
+
+    Status 0: success. Status j > 0: the leading j-by-j block is not positive definite
+    (column j of [X y] is, numerically, a combination of the earlier ones). The last
+    column is the response: a zero penalized residual leaves r[m-1, m-1] = 0 and is not
+    an error here.
+    NumPy: r = numpy.linalg.cholesky(xtxy - rzxy.T @ rzxy).T
+    """
+    cdef Py_ssize_t m = xtxy.shape[0], q = rzxy.shape[0], i, j, k
+    cdef double s
+    cdef int status = 0
+    with nogil:
+        for j in range(m):
+            for i in range(j + 1):
+                s = xtxy[i, j]
+                for k in range(q):
+                    s -= rzxy[k, i] * rzxy[k, j]
+                r[i, j] = s
+            for i in range(j + 1, m):
+                r[i, j] = 0.0
+        for j in range(m):
+            for i in range(j):
+                s = r[i, j]
+                for k in range(i):
+                    s -= r[k, i] * r[k, j]
+                r[i, j] = s / r[i, i]
+            s = r[j, j]
+            for k in range(j):
+                s -= r[k, j] * r[k, j]
+            if s <= 0.0:
+                if j == m - 1 and s > -1e-10 * (xtxy[j, j] + 1.0):
+                    s = 0.0
+                else:
+                    status = <int> j + 1
+                    break
+            r[j, j] = sqrt(s)
+    return status
+
+
+def upper_solve(const double[:, ::1] r, double[::1] b):
+    """In place b <- r⁻¹ b for the leading len(b)-square block of an upper-triangular r.
+
+    Plain loops rather than LAPACK: the fixed-effects block is small, and a threaded BLAS
+    costs more to wake than the solve itself.
+    NumPy: b = scipy.linalg.solve_triangular(r[:p, :p], b)
+    """
+    cdef Py_ssize_t p = b.shape[0], i, k
+    cdef double s
+    with nogil:
+        for i in range(p - 1, -1, -1):
+            s = b[i]
+            for k in range(i + 1, p):
+                s -= r[i, k] * b[k]
+            b[i] = s / r[i, i]

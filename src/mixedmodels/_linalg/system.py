@@ -100,7 +100,7 @@ class BlockedSystem:
             # analyse with M = I + pattern of A: values do not matter for the analysis
             self.factor = SparseCholesky(pat.indptr, pat.indices, self._mx)
         self.ztxy = self.xtxy = None
-        self.rzxy = None
+        self.rzxy = self._r = None
         self._empty = np.zeros(0)
 
     # -- cross-products -------------------------------------------------------------
@@ -115,9 +115,10 @@ class BlockedSystem:
         if self.ztxy is None or self.ztxy.shape[1] != m:
             self.ztxy = np.zeros((self.q, m), order="F")
             self.rzxy = np.zeros((self.q, m), order="F")
+            self._r = np.zeros((m, m))
         _blocked.accumulate_zt(pat.zcat, pat.codes, pat.uoff, pat.zoff, pat.kk, w, xy, self.ztxy)
         wxy = xy if weights is None else xy * w[:, None]
-        self.xtxy = wxy.T @ xy
+        self.xtxy = np.ascontiguousarray(wxy.T @ xy)
 
     # -- factorization at θ -----------------------------------------------------------
     def factorize(self, theta, schur=True):
@@ -152,8 +153,12 @@ class BlockedSystem:
             self.factor.forward(self.rzxy)
         if not schur:
             return logdet, None
-        r = np.linalg.cholesky(self.xtxy - self.rzxy.T @ self.rzxy).T
-        return logdet, r
+        status = _blocked.schur_cholesky(self.xtxy, self.rzxy, self._r)
+        if status:
+            raise np.linalg.LinAlgError(
+                f"fixed-effects block not positive definite at column {status}: the columns of X "
+                "are numerically collinear")
+        return logdet, self._r
 
     def backward(self, b):
         """In place: b <- P' L'⁻¹ b (q-by-m, Fortran), with the last factorization."""
