@@ -177,3 +177,27 @@ def test_nagq_with_two_terms_is_a_value_error():
                family=mm.Bernoulli(), nAGQ=5)
     with pytest.raises(ValueError, match="single scalar random-effects term"):
         mm.fit("use ~ 1 + age + (1 + age | dist)", mm.dataset("contra"), family="bernoulli", nAGQ=3)
+
+
+@pytest.mark.parametrize("case", ["bernoulli", "binomial", "poisson"])
+@pytest.mark.parametrize("nagq", [1, 2, 7, 12])
+def test_agq_kernel_matches_numpy_twin(case, nagq):
+    from conftest import KERNEL
+
+    from mixedmodels._agq import agq_deviance, agq_deviance_numpy
+    if case == "bernoulli":
+        model = mm.GeneralizedLinearMixedModel("use ~ 1 + age + urban + (1 | dist)", mm.dataset("contra"),
+                                               mm.Bernoulli())
+        theta, beta = np.array([0.55]), np.array([-0.2, 0.01, 0.7])
+    elif case == "binomial":
+        model = mm.GeneralizedLinearMixedModel("incid / hsz ~ 1 + period + (1 | herd)", mm.dataset("cbpp"),
+                                               mm.Binomial(), weights="hsz")
+        theta, beta = np.array([0.7]), np.array([-1.4, -1.0, -1.1, -1.6])
+    else:
+        model = mm.GeneralizedLinearMixedModel("ticks ~ 1 + year + (1 | brood)", mm.dataset("grouseticks"),
+                                               mm.Poisson())
+        theta, beta = np.array([1.1]), np.array([0.3, 1.2, -1.0])
+    model._deviance(theta, beta, nAGQ=1)
+    u = model._u
+    assert agq_deviance(model, theta, beta, u, nagq) == pytest.approx(
+        agq_deviance_numpy(model, theta, beta, u, nagq), rel=KERNEL)

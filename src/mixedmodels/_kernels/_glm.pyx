@@ -357,3 +357,52 @@ def loglik(int family, const double[::1] y, const double[::1] mu,
             out[i] = v
             total += v
     return total
+
+
+def agq_deviance(int family, int link, const double[::1] fixed, const double[::1] zlam,
+                 const int[::1] codes, const double[::1] y, const double[::1] prior_w,
+                 const double[::1] u, const double[::1] sd, const double[::1] nodes,
+                 const double[::1] weights, double[::1] devc0, double[::1] devc,
+                 double[::1] mult):
+    """Adaptive Gauss-Hermite deviance of a model with one scalar random-effects term.
+
+    Row i belongs to level codes[i]; its linear predictor at random effect v of that
+    level is fixed[i] + zlam[i] * v (zlam = the term's column times λ). With the modes
+    u, the scales sd = 1/diag(L) and the standard-normal nodes and weights, it fills
+    devc0 (per level: u² + the level's deviance at the mode), mult (the quadrature sum)
+    and returns  Σ devc0 - 2 Σ (log mult + log sd).  A node at 0 reuses devc0.
+    See mixedmodels/_agq.py for the derivation; agq_deviance_numpy there is the twin.
+    """
+    _check_codes(family, link)
+    cdef Py_ssize_t n = fixed.shape[0], nlev = u.shape[0], i, j, k
+    cdef double me, m, z, total = 0.0
+    cdef bint weighted = prior_w.shape[0] > 0
+    if zlam.shape[0] != n or codes.shape[0] != n or y.shape[0] != n:
+        raise ValueError("agq_deviance: per-observation arrays differ in length")
+    if sd.shape[0] != nlev or devc0.shape[0] != nlev or devc.shape[0] != nlev or mult.shape[0] != nlev:
+        raise ValueError("agq_deviance: per-level arrays differ in length")
+    with nogil:
+        for j in range(nlev):
+            devc0[j] = u[j] * u[j]
+            mult[j] = 0.0
+        for i in range(n):
+            j = codes[i]
+            m = _clamp_mu(family, _linkinv(link, fixed[i] + zlam[i] * u[j], &me))
+            devc0[j] += (prior_w[i] if weighted else 1.0) * _unit_deviance(family, y[i], m)
+        for k in range(nodes.shape[0]):
+            z = nodes[k]
+            if z == 0.0:
+                for j in range(nlev):
+                    mult[j] += weights[k]
+                continue
+            for j in range(nlev):
+                devc[j] = (u[j] + z * sd[j]) * (u[j] + z * sd[j])
+            for i in range(n):
+                j = codes[i]
+                m = _clamp_mu(family, _linkinv(link, fixed[i] + zlam[i] * (u[j] + z * sd[j]), &me))
+                devc[j] += (prior_w[i] if weighted else 1.0) * _unit_deviance(family, y[i], m)
+            for j in range(nlev):
+                mult[j] += weights[k] * exp((z * z - devc[j] + devc0[j]) / 2.0)
+        for j in range(nlev):
+            total += devc0[j] - 2.0 * (log(mult[j]) + log(sd[j]))
+    return total
