@@ -17,7 +17,8 @@ import warnings
 
 import numpy as np
 
-from ._linalg._blocked import upper_solve
+from ._kernels import _glm
+from ._linalg._blocked import matvec, upper_solve
 
 
 class PirlsState:
@@ -30,38 +31,69 @@ class PirlsState:
         self.wrkwt = np.zeros(n)
         self.wrkresid = np.zeros(n)
         self.devresid = np.zeros(n)
+        self.fixed = np.zeros(n)            # X β + offset
+        self.work1 = np.zeros((n, 1))       # the working response, u-only PIRLS
+        self.workx = None                   # [X, working response], PIRLS over β and u
 
     def evaluate(self, family, y, prior_w, eta):
-        self.eta[:] = eta
+        if eta is not self.eta:
+            self.eta[:] = eta
         return family.update(self.eta, y, prior_w, self.mu, self.mu_eta, self.wrkwt,
                              self.wrkresid, self.devresid)
+
+
+def _pirls_compiled(model, theta, beta, u, tol, maxiter, max_halving):
+    """One term, β fixed: the whole loop in _kernels._glm.pirls_blockdiag."""
+    system, st, fam, term = model.system, model.state, model.family, model.reterms[0]
+    matvec(model.design.X, beta, model.offset_or_zero, st.fixed)
+    logdet, dev, iters, converged = _glm.pirls_blockdiag(
+        fam.code, fam.link.code, st.fixed, term.z, term.codes, model.y, model.prior_w,
+        system.layout.lam(theta), u, system.blockdiag_diagonal(), st.eta, st.mu, st.mu_eta,
+        st.wrkwt, st.wrkresid, st.devresid, tol, maxiter, max_halving)
+    if not converged:
+        warnings.warn(f"PIRLS did not converge in {maxiter} iterations at theta={np.round(theta, 6).tolist()}; "
+                      "the conditional modes may be inaccurate", RuntimeWarning)
+    return u, beta, logdet, dev, converged
 
 
 def pirls(model, theta, beta, u, vary_beta=False, tol=1e-13, maxiter=100, max_halving=30):
     """Run PIRLS; return (u, beta, logdet_l, sum of deviance residuals, converged).
 
-    ``model`` supplies: family, y, prior_w, offset (array), X, Z (CSR), system, state.
+    ``model`` supplies: family, y, prior_w, offset_or_zero, design.X, system, state.
     With ``vary_beta`` the blocked system carries the columns [X, working response] and
     β is re-solved with u; otherwise only the working response relative to Xβ.
     """
     system, st, fam = model.system, model.state, model.family
-    X, Zr, y, pw, off = model.design.X, model.Zcsr, model.y, model.prior_w, model.offset_or_zero
+    X, y, pw, off = model.design.X, model.y, model.prior_w, model.offset_or_zero
     p = X.shape[1]
     u = np.array(u, dtype=float, copy=True)
     beta = np.array(beta, dtype=float, copy=True)
+    if system.path == "block-diagonal" and not vary_beta:
+        return _pirls_compiled(model, theta, beta, u, tol, maxiter, max_halving)
+    if vary_beta and (st.workx is None or st.workx.shape[1] != p + 1):
+        st.workx = np.ascontiguousarray(np.column_stack([X, np.zeros(len(y))]))
 
-    def eta_of(beta_, u_):
-        return X @ beta_ + off + Zr @ system.lambda_times(theta, u_)
+    def evaluate(beta_, u_):
+        # η = Xβ + offset + ZΛu, then the family's compiled pass at η
+        if vary_beta:
+            matvec(X, beta_, off, st.fixed)
+        system.linear_predictor(theta, u_, st.fixed, st.eta)
+        return st.evaluate(fam, y, pw, st.eta)
 
-    dev = st.evaluate(fam, y, pw, eta_of(beta, u))
+    matvec(X, beta, off, st.fixed)
+    dev = evaluate(beta, u)
     pdev = dev + u @ u
     converged = False
     for _ in range(maxiter):
-        # working response relative to the fixed part that PIRLS does not move
+        # working response relative to the part of η that this PIRLS does not move
         if vary_beta:
-            cols = np.column_stack([X, st.eta - off + st.wrkresid])
+            cols = st.workx
+            np.add(st.eta, st.wrkresid, out=cols[:, p])
+            cols[:, p] -= off
         else:
-            cols = (st.eta - off - X @ beta + st.wrkresid)[:, None]
+            cols = st.work1
+            np.subtract(st.eta, st.fixed, out=cols[:, 0])
+            cols[:, 0] += st.wrkresid
         system.set_products(cols, st.wrkwt)
         logdet, r = system.factorize(theta, schur=vary_beta)
         if converged:
@@ -74,18 +106,19 @@ def pirls(model, theta, beta, u, vary_beta=False, tol=1e-13, maxiter=100, max_ha
             new_beta = beta
             cu = system.rzxy[:, 0].copy()
         new_u = system.backward(np.asfortranarray(cu[:, None]))[:, 0].copy()
-        new_dev = st.evaluate(fam, y, pw, eta_of(new_beta, new_u))
+        new_dev = evaluate(new_beta, new_u)
         new_pdev = new_dev + new_u @ new_u
         halvings = 0
         while not (new_pdev <= pdev * (1 + 1e-12) + 1e-12) and halvings < max_halving:
             new_u = 0.5 * (u + new_u)
-            new_beta = 0.5 * (beta + new_beta)
-            new_dev = st.evaluate(fam, y, pw, eta_of(new_beta, new_u))
+            if vary_beta:
+                new_beta = 0.5 * (beta + new_beta)
+            new_dev = evaluate(new_beta, new_u)
             new_pdev = new_dev + new_u @ new_u
             halvings += 1
         if halvings == max_halving:
             # could not improve: stay where we were
-            st.evaluate(fam, y, pw, eta_of(beta, u))
+            evaluate(beta, u)
             converged = True
             continue
         converged = abs(pdev - new_pdev) <= tol * abs(new_pdev) + tol

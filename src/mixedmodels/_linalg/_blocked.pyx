@@ -187,6 +187,66 @@ def lambda_times(const double[::1, :] src, const i64[::1] uoff, const int[::1] k
                         dst[r0 + a, j] = s
 
 
+cdef double blockdiag_factor_c(const double *avals, const double *lam, int k, Py_ssize_t nlev,
+                               double *L, double *tmp) noexcept nogil:
+    # L_l <- chol(T'A_l T + I), level by level; returns sum of log diag(L), NaN if not PD
+    cdef Py_ssize_t l
+    cdef int a, d, e
+    cdef double s, logdet = 0.0
+    cdef double *B
+    for l in range(nlev):
+        B = &L[l * k * k]
+        if k == 1:
+            s = lam[0] * lam[0] * avals[l] + 1.0
+            B[0] = sqrt(s)
+            logdet += 0.5 * log(s)
+            continue
+        congruence(&avals[l * k * k], lam, lam, k, k, tmp, B)
+        for a in range(k):
+            B[a + a * k] += 1.0
+        for d in range(k):          # in-place Cholesky of the lower triangle, by columns
+            s = B[d + d * k]
+            for e in range(d):
+                s -= B[d + e * k] * B[d + e * k]
+            if s <= 0.0:
+                return NAN
+            s = sqrt(s)
+            B[d + d * k] = s
+            logdet += log(s)
+            for a in range(d + 1, k):
+                for e in range(d):
+                    B[a + d * k] -= B[a + e * k] * B[d + e * k]
+                B[a + d * k] /= s
+            for a in range(d):
+                B[a + d * k] = 0.0
+    return logdet
+
+
+cdef void blockdiag_solve_c(const double *L, int k, Py_ssize_t nlev, double *b,
+                            bint transpose) noexcept nogil:
+    # one column b (length nlev*k): b <- L⁻¹ b, or L'⁻¹ b when transpose
+    cdef Py_ssize_t l
+    cdef int a, e
+    cdef double s
+    cdef const double *B
+    cdef double *x
+    for l in range(nlev):
+        B = &L[l * k * k]
+        x = &b[l * k]
+        if not transpose:
+            for a in range(k):
+                s = x[a]
+                for e in range(a):
+                    s -= B[a + e * k] * x[e]
+                x[a] = s / B[a + a * k]
+        else:
+            for a in range(k - 1, -1, -1):
+                s = x[a]
+                for e in range(a + 1, k):
+                    s -= B[e + a * k] * x[e]
+                x[a] = s / B[a + a * k]
+
+
 def blockdiag_factor(const double[::1] avals, const double[::1] lam, int k,
                      double[::1] L):
     """L <- chol(T'A_l T + I) for every level l (k-by-k blocks, column-major, lower).
@@ -194,41 +254,13 @@ def blockdiag_factor(const double[::1] avals, const double[::1] lam, int k,
     Returns log det(L) = sum of log diag, or nan when a block is not positive definite.
     NumPy: L_l = numpy.linalg.cholesky(T.T @ A_l @ T + I)
     """
-    cdef Py_ssize_t nlev = avals.shape[0] // (k * k), l
-    cdef int a, d, e
-    cdef double s, logdet = 0.0
-    cdef double *B
+    cdef Py_ssize_t nlev = avals.shape[0] // (k * k)
+    cdef double logdet
     cdef double *tmp = <double *> malloc(k * k * sizeof(double))
     if tmp == NULL:
         raise MemoryError()
     with nogil:
-        for l in range(nlev):
-            B = &L[l * k * k]
-            if k == 1:
-                s = lam[0] * lam[0] * avals[l] + 1.0
-                B[0] = sqrt(s)
-                logdet += 0.5 * log(s)
-                continue
-            congruence(&avals[l * k * k], &lam[0], &lam[0], k, k, tmp, B)
-            for a in range(k):
-                B[a + a * k] += 1.0
-            # in-place Cholesky of the lower triangle, column by column
-            for d in range(k):
-                s = B[d + d * k]
-                for e in range(d):
-                    s -= B[d + e * k] * B[d + e * k]
-                if s <= 0.0:
-                    logdet = NAN
-                    break
-                s = sqrt(s)
-                B[d + d * k] = s
-                logdet += log(s)
-                for a in range(d + 1, k):
-                    for e in range(d):
-                        B[a + d * k] -= B[a + e * k] * B[d + e * k]
-                    B[a + d * k] /= s
-                for a in range(d):
-                    B[a + d * k] = 0.0
+        logdet = blockdiag_factor_c(&avals[0], &lam[0], k, nlev, &L[0], tmp)
     free(tmp)
     return logdet
 
@@ -238,19 +270,10 @@ def blockdiag_forward(const double[::1] L, int k, double[::1, :] b):
 
     NumPy: b = scipy.linalg.solve_triangular(blockdiag(L_l), b, lower=True)
     """
-    cdef Py_ssize_t nlev = L.shape[0] // (k * k), m = b.shape[1], l, j
-    cdef int a, e
-    cdef double s
-    cdef const double *B
+    cdef Py_ssize_t nlev = L.shape[0] // (k * k), j
     with nogil:
-        for l in range(nlev):
-            B = &L[l * k * k]
-            for j in range(m):
-                for a in range(k):
-                    s = b[l * k + a, j]
-                    for e in range(a):
-                        s -= B[a + e * k] * b[l * k + e, j]
-                    b[l * k + a, j] = s / B[a + a * k]
+        for j in range(b.shape[1]):
+            blockdiag_solve_c(&L[0], k, nlev, &b[0, j], False)
 
 
 def blockdiag_backward(const double[::1] L, int k, double[::1, :] b):
@@ -258,19 +281,10 @@ def blockdiag_backward(const double[::1] L, int k, double[::1, :] b):
 
     NumPy: b = scipy.linalg.solve_triangular(blockdiag(L_l), b, lower=True, trans='T')
     """
-    cdef Py_ssize_t nlev = L.shape[0] // (k * k), m = b.shape[1], l, j
-    cdef int a, e
-    cdef double s
-    cdef const double *B
+    cdef Py_ssize_t nlev = L.shape[0] // (k * k), j
     with nogil:
-        for l in range(nlev):
-            B = &L[l * k * k]
-            for j in range(m):
-                for a in range(k - 1, -1, -1):
-                    s = b[l * k + a, j]
-                    for e in range(a + 1, k):
-                        s -= B[e + a * k] * b[l * k + e, j]
-                    b[l * k + a, j] = s / B[a + a * k]
+        for j in range(b.shape[1]):
+            blockdiag_solve_c(&L[0], k, nlev, &b[0, j], True)
 
 
 def schur_cholesky(const double[:, ::1] xtxy, const double[::1, :] rzxy, double[:, ::1] r):
@@ -328,3 +342,59 @@ def upper_solve(const double[:, ::1] r, double[::1] b):
             for k in range(i + 1, p):
                 s -= r[i, k] * b[k]
             b[i] = s / r[i, i]
+
+
+def z_times(const double[:, ::1] zcat, const int[:, ::1] codes, const i64[::1] uoff,
+            const int[::1] zoff, const int[::1] kk, const double[::1] b,
+            const double[::1] base, double[::1] out):
+    """out <- base + Z b: the linear predictor from the random effects b = Λu.
+
+    NumPy: out = base + Z @ b
+    """
+    cdef Py_ssize_t n = zcat.shape[0], nterm = codes.shape[0], t, i, a
+    cdef i64 r0
+    cdef double s
+    with nogil:
+        for i in range(n):
+            s = base[i]
+            for t in range(nterm):
+                r0 = uoff[t] + <i64> codes[t, i] * kk[t]
+                for a in range(kk[t]):
+                    s += zcat[i, zoff[t] + a] * b[r0 + a]
+            out[i] = s
+
+
+def weighted_crossprod(const double[:, ::1] xy, const double[::1] w, double[:, ::1] out):
+    """out <- xy' W xy (m-by-m), w empty meaning unit weights.
+
+    NumPy: out = xy.T @ (w[:, None] * xy)
+    """
+    cdef Py_ssize_t n = xy.shape[0], m = xy.shape[1], i, a, c
+    cdef double wi
+    cdef bint weighted = w.shape[0] > 0
+    with nogil:
+        out[:, :] = 0.0
+        for i in range(n):
+            wi = w[i] if weighted else 1.0
+            for c in range(m):
+                for a in range(c + 1):
+                    out[a, c] += wi * xy[i, a] * xy[i, c]
+        for c in range(m):
+            for a in range(c + 1, m):
+                out[a, c] = out[c, a]
+
+
+def matvec(const double[:, ::1] x, const double[::1] beta, const double[::1] base,
+           double[::1] out):
+    """out <- base + X β (plain loops: X is tall and thin).
+
+    NumPy: out = base + X @ beta
+    """
+    cdef Py_ssize_t n = x.shape[0], p = x.shape[1], i, j
+    cdef double s
+    with nogil:
+        for i in range(n):
+            s = base[i]
+            for j in range(p):
+                s += x[i, j] * beta[j]
+            out[i] = s

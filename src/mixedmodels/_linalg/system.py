@@ -117,8 +117,9 @@ class BlockedSystem:
             self.rzxy = np.zeros((self.q, m), order="F")
             self._r = np.zeros((m, m))
         _blocked.accumulate_zt(pat.zcat, pat.codes, pat.uoff, pat.zoff, pat.kk, w, xy, self.ztxy)
-        wxy = xy if weights is None else xy * w[:, None]
-        self.xtxy = np.ascontiguousarray(wxy.T @ xy)
+        if self.xtxy is None or self.xtxy.shape[0] != m:
+            self.xtxy = np.zeros((m, m))
+        _blocked.weighted_crossprod(xy, w, self.xtxy)
 
     # -- factorization at θ -----------------------------------------------------------
     def factorize(self, theta, schur=True):
@@ -169,10 +170,19 @@ class BlockedSystem:
         return b
 
     def blockdiag_diagonal(self):
-        """diag(L) of a one-term scalar model (the level-wise factor), for quadrature."""
-        if self.factor is not None or self._k != 1:
-            raise ValueError("only a single scalar random-effects term has a diagonal factor")
+        """The level-wise factor of a one-term model (its diagonal, for a scalar term).
+
+        The compiled PIRLS writes the factor at the modes straight into it."""
+        if self.factor is not None:
+            raise ValueError("only a model with one random-effects term has a level-wise factor")
         return self._lblocks
+
+    def linear_predictor(self, theta, u, base, out):
+        """out <- base + Z Λ u."""
+        pat = self.pattern
+        b = self.lambda_times(theta, u)
+        _blocked.z_times(pat.zcat, pat.codes, pat.uoff, pat.zoff, pat.kk, b, base, out)
+        return out
 
     def lambda_times(self, theta, u):
         """b = Λ u for a vector or q-by-m block."""
