@@ -110,6 +110,17 @@ def markdown(results):
     L.append(f"Machine: {m['cpu']}, {m['nproc']} cores, {m['memory']}; Python {m['python']}, "
              f"numpy {m['numpy']}.  ")
     L.append(f"Threads pinned for every library: OMP/OPENBLAS/MKL/RAYON_NUM_THREADS = {m['threads']}.  ")
+    if m.get("system_blas"):
+        L.append(f"System BLAS (libblas.so.3, used by CHOLMOD and R): `{m['system_blas']}`.  ")
+    if m.get("git"):
+        g = m["git"]
+        L.append(f"mixedmodels at commit {g.get('head')}"
+                 f"{' with uncommitted changes in src/' if g.get('src_dirty') else ''}.  ")
+    if m.get("loadavg_start"):
+        la = lambda x: "/".join(f"{v:.1f}" for v in x)  # noqa: E731
+        L.append(f"Load average (1/5/15 min) at start {la(m['loadavg_start'])}"
+                 + (f", at end {la(m['loadavg_end'])}" if m.get("loadavg_end") else "")
+                 + " (the machine is shared; above ~1 other work was running).  ")
     vers = ", ".join(f"{lib} {info.get('version', '?')}" for lib, info in results["libraries"].items()
                      if info.get("ok", True))
     L.append(f"Versions: {vers}.  ")
@@ -201,7 +212,8 @@ def markdown(results):
             r = pr["libs"].get(lib, {})
             mem = r.get("memory") or {}
             if mem.get("ok") and mem.get("peak_kb") is not None:
-                cells.append(f"{mem['peak_kb'] / 1024:.1f}")
+                mib = mem["peak_kb"] / 1024
+                cells.append(f"{mib:.1f}" if mib >= 1 else f"{mib:.2f}")
             elif r.get("status") == "ok":
                 cells.append("—")
             else:
@@ -303,8 +315,9 @@ def plot(results, path):
         ax_t.set_title(titles[key], fontsize=9)
         ax_t.set_ylabel("seconds (median fit; per-evaluation dashed)")
         ax_m.set_ylabel("peak memory of one fit, MiB")
-        ax_t.legend(fontsize=7)
-        ax_m.legend(fontsize=7)
+        for ax in (ax_t, ax_m):
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
     m = results["machine"]
     fig.suptitle(f"Scaling with rows — {m['cpu']}, threads = {m['threads']}", fontsize=10)
     fig.tight_layout()

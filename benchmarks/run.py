@@ -176,9 +176,23 @@ def machine_info(threads):
         npv = numpy.__version__
     except ImportError:
         npv = None
+    blas = None
+    for cand in ("/usr/lib/x86_64-linux-gnu/libblas.so.3", "/lib/x86_64-linux-gnu/libblas.so.3"):
+        if os.path.exists(cand):
+            blas = os.path.realpath(cand)   # what CHOLMOD (ours) and R resolve libblas.so.3 to
+            break
+    git = {}
+    try:
+        git["head"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=P.REPO,
+                                     capture_output=True, text=True).stdout.strip()
+        git["src_dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "src"], cwd=P.REPO,
+                                               capture_output=True, text=True).stdout.strip())
+    except OSError:
+        pass
     return {"cpu": cpu, "nproc": os.cpu_count(), "memory": mem,
             "python": platform.python_version(), "numpy": npv,
-            "platform": platform.platform(), "threads": threads}
+            "platform": platform.platform(), "threads": threads, "system_blas": blas,
+            "git": git, "loadavg_start": os.getloadavg()}
 
 
 # ----------------------------------------------------------------------------------
@@ -247,6 +261,7 @@ def run_suite(args):
         if p.data == "generated":
             P.generate(p)
         rec = results["problems"].setdefault(p.id, {"spec": p.to_json(), "libs": {}})
+        rec["loadavg"] = os.getloadavg()
         active = []
         for lib in libs:
             r = rec["libs"].setdefault(lib, {"runs": []})
@@ -338,6 +353,7 @@ def run_suite(args):
     if args.memory:
         memory_pass(results, problems, libs, env, args)
     results["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    results["machine"]["loadavg_end"] = os.getloadavg()
     save(results, args)
     import report
     report.write_all(results, Path(args.out))
