@@ -114,6 +114,8 @@ class _Coding:
 def _label(value):
     # Level labels are strings; bools print in Julia's lower case so that a base of
     # True matches the level "true".
+    if type(value) is str:
+        return value
     if isinstance(value, (bool, np.bool_)):
         return "true" if value else "false"
     if isinstance(value, (float, np.floating)) and float(value).is_integer():

@@ -2,9 +2,19 @@
 
 The pipeline is: split the formula (``_parse``), find every data column it touches,
 drop (or refuse) incomplete rows, turn categorical columns into level codes with a
-fixed level order, let patsy expand the fixed part and each random term's columns,
-put the columns in R's term order, name them as MixedModels.jl does, and remove
-aliased fixed-effects columns.
+fixed level order (``_columns``: each column read, checked and factorized once),
+expand the fixed part and each random term's columns, put the columns in R's term
+order, name them as MixedModels.jl does, and remove aliased fixed-effects columns.
+
+Each model matrix is built one of two ways, with identical results:
+
+* ``_fast.FastMatrix``, straight from the level codes and numeric arrays with NumPy,
+  for parts made of an intercept, data columns, ``abs2(col)`` and their ``:``/``*``
+  interactions, with our own codings (what nearly every model uses);
+* ``_ModelMatrix``, through patsy, for everything else (``I()``, ``np.log(x)``,
+  parentheses, patsy contrast objects, ...).
+
+Which one a part took shows in ``type(design._fixed)`` and ``type(reterm._matrix)``.
 
 Two conventions shared with lme4 and MixedModels.jl decide what the matrices look like:
 
@@ -19,6 +29,8 @@ Two conventions shared with lme4 and MixedModels.jl decide what the matrices loo
 """
 import ast
 import builtins
+import dataclasses
+import functools
 import io
 import itertools
 import keyword
@@ -32,6 +44,12 @@ import pandas as pd
 import patsy
 import patsy.builtins
 
+from ._columns import ColumnCache
+from ._columns import as_float as _as_float
+from ._columns import encode as _encode
+from ._columns import factorize as _factorize
+from ._columns import is_numeric as _is_numeric
+from ._columns import missing as _missing
 from ._contrasts import (
     DummyCoding,
     _Coding,
@@ -40,6 +58,7 @@ from ._contrasts import (
     is_grouping,
     normalize_coding,
 )
+from ._fast import FastMatrix, fast_plan, fast_terms, term_columns
 from ._parse import parse_formula
 
 __all__ = ["Design", "ReTerm", "build_design", "abs2"]
@@ -132,87 +151,35 @@ def _need_column(name, columns):
         raise ValueError(f"column {name!r} not found in data")
 
 
-def _is_numeric(series):
-    dtype = series.dtype
-    if isinstance(dtype, pd.CategoricalDtype) or pd.api.types.is_bool_dtype(dtype):
-        return False
-    return pd.api.types.is_numeric_dtype(dtype)
+def _frame_values(data, specs, what):
+    """The values a model matrix reads, checked: numeric arrays and level codes.
 
-
-def _as_float(series):
-    return series.to_numpy(dtype=np.float64, na_value=np.nan)
-
-
-def _missing(series):
-    """Rows of a column that hold no usable value (NaN, inf, None, pd.NA)."""
-    if _is_numeric(series):
-        return ~np.isfinite(_as_float(series))
-    return series.isna().to_numpy()
-
-
-def _is_number(value):
-    return isinstance(value, (bool, int, float, np.bool_, np.integer, np.floating))
-
-
-def _factorize(series, order=None):
-    """Level codes (int64, -1 where missing) and level labels in model order.
-
-    Parameters
-    ----------
-    series : pandas.Series
-    order : sequence, optional
-        Explicit level order (from a coding's ``levels``); unobserved ones are dropped.
+    ``specs`` maps column name to its level list, or None for a numeric column.
+    Numeric columns come as their own int/float array (float64 otherwise),
+    categorical ones as int64 codes into their level list.
     """
-    if isinstance(series.dtype, pd.CategoricalDtype):
-        raw = series.cat.codes.to_numpy().astype(np.int64)
-        uniques = list(series.cat.categories)
-        keep_order = True
-    else:
-        raw, uniq = pd.factorize(series, sort=False)
-        raw = raw.astype(np.int64)
-        uniques = list(uniq)
-        keep_order = False
-    labels = [_label(u) for u in uniques]
-    present = np.zeros(len(uniques), dtype=bool)
-    present[raw[raw >= 0]] = True
-    idx = [i for i in range(len(uniques)) if present[i]]
-    if order is not None:
-        wanted = [_label(v) for v in order]
-        unknown = sorted({labels[i] for i in idx} - set(wanted))
-        if unknown:
-            raise ValueError(f"column {series.name!r} has values {unknown} that are not "
-                             f"among the levels {wanted} given in its coding")
-        seen = {labels[i] for i in idx}
-        levels = [w for w in wanted if w in seen]
-    else:
-        if not keep_order:
-            if all(_is_number(uniques[i]) for i in idx):
-                idx.sort(key=lambda i: float(uniques[i]))
-            else:
-                idx.sort(key=lambda i: labels[i])
-        levels = list(dict.fromkeys(labels[i] for i in idx))
-    pos = {lab: k for k, lab in enumerate(levels)}
-    remap = np.array([pos.get(lab, -1) for lab in labels] + [-1], dtype=np.int64)
-    codes = remap[np.where(raw >= 0, raw, len(labels))]
-    return codes, levels
-
-
-def _encode(series, levels):
-    """Codes of ``series`` in a fitted level list: -1 for missing or unseen values.
-
-    Returns
-    -------
-    codes : int64 ndarray
-    unseen : list of str
-        Labels present in ``series`` but not in ``levels``.
-    """
-    raw, uniq = pd.factorize(series, sort=False)
-    labels = [_label(u) for u in uniq]
-    pos = {lab: k for k, lab in enumerate(levels)}
-    remap = np.array([pos.get(lab, -1) for lab in labels] + [-1], dtype=np.int64)
-    codes = remap[np.where(raw >= 0, raw, len(labels))]
-    unseen = sorted({lab for lab in labels if lab not in pos})
-    return codes, unseen
+    values = {}
+    for name, levels in specs.items():
+        _need_column(name, data.columns)
+        series = data[name]
+        if levels is None:
+            if not _is_numeric(series):
+                raise ValueError(f"column {name!r} in {what} is not numeric")
+            vals = series.to_numpy()
+            if vals.dtype.kind not in "iuf":
+                vals = _as_float(series)
+            bad = ~np.isfinite(vals.astype(np.float64, copy=False))
+        else:
+            vals, unseen = _encode(series, levels)
+            if unseen:
+                raise ValueError(f"column {name!r} in {what} has levels not seen in "
+                                 f"fitting: {unseen}")
+            bad = vals < 0
+        if bad.any():
+            raise ValueError(f"column {name!r} in {what} has {int(bad.sum())} missing or "
+                             "non-finite values")
+        values[name] = vals
+    return values
 
 
 def _patsy_frame(data, specs, what):
@@ -220,29 +187,30 @@ def _patsy_frame(data, specs, what):
 
     ``specs`` maps column name to its level list, or None for a numeric column.
     """
+    values = _frame_values(data, specs, what)
+    return _as_patsy_frame(values, specs, len(data))
+
+
+def _as_patsy_frame(values, specs, n):
     cols = {}
     for name, levels in specs.items():
-        _need_column(name, data.columns)
-        series = data[name]
-        if levels is None:
-            if not _is_numeric(series):
-                raise ValueError(f"column {name!r} in {what} is not numeric")
-            values = series.to_numpy()
-            if values.dtype.kind not in "iuf":
-                values = _as_float(series)
-            bad = ~np.isfinite(values.astype(np.float64, copy=False))
-        else:
-            codes, unseen = _encode(series, levels)
-            if unseen:
-                raise ValueError(f"column {name!r} in {what} has levels not seen in "
-                                 f"fitting: {unseen}")
-            values = pd.Categorical.from_codes(codes, categories=levels)
-            bad = codes < 0
-        if bad.any():
-            raise ValueError(f"column {name!r} in {what} has {int(bad.sum())} missing or "
-                             "non-finite values")
-        cols[name] = values
-    return pd.DataFrame(cols, index=pd.RangeIndex(len(data)))
+        vals = values[name]
+        cols[name] = vals if levels is None else pd.Categorical.from_codes(vals, categories=levels)
+    return pd.DataFrame(cols, index=pd.RangeIndex(n))
+
+
+def _check_finite(mat, names, what, columns=None):
+    """Raise naming the columns of ``mat`` (all, or those listed) with non-finite values."""
+    if columns is None:
+        bad = np.flatnonzero(~np.isfinite(mat).all(axis=0))
+    elif columns:
+        sub = np.asarray(columns, dtype=np.intp)
+        bad = sub[~np.isfinite(mat[:, sub]).all(axis=0)]
+    else:
+        return
+    if len(bad):
+        cols = [names[j] for j in bad]
+        raise ValueError(f"{what} has non-finite values in column(s) {cols}")
 
 
 # ---------------------------------------------------------------------------
@@ -262,10 +230,16 @@ def _bare_column(code):
     return m.group(2) if m else None
 
 
+@functools.lru_cache(maxsize=256)
+def _patsy_desc(text):
+    # patsy's parse is pure symbol work; its ModelDesc is not modified downstream
+    return patsy.ModelDesc.from_formula(text)
+
+
 def _model_desc(text, formula, what, columns):
     text = _quote_keywords(text, columns)
     try:
-        desc = patsy.ModelDesc.from_formula(text)
+        desc = _patsy_desc(text)
     except patsy.PatsyError as err:
         raise ValueError(f"cannot parse formula {formula!r}: {what} {text!r}: "
                          f"{err.message}") from None
@@ -390,10 +364,7 @@ class _ModelMatrix:
         return np.array(order, dtype=np.intp), names
 
     def _check_finite(self, mat):
-        bad = ~np.isfinite(mat).all(axis=0)
-        if bad.any():
-            cols = [self.names[j] for j in np.flatnonzero(bad)]
-            raise ValueError(f"{self.what} has non-finite values in column(s) {cols}")
+        _check_finite(mat, self.names, self.what)
 
     def build(self, data):
         """The matrix for new data, same columns and coding.
@@ -417,7 +388,7 @@ class _ModelMatrix:
         return mat
 
 
-def _aliased_columns(X, rtol=RANK_RTOL):
+def _aliased_columns(X, rtol=RANK_RTOL, gram=None):
     """Indices of columns that are (numerically) combinations of earlier ones.
 
     Notes
@@ -430,7 +401,7 @@ def _aliased_columns(X, rtol=RANK_RTOL):
     Householder QR cannot fail, so neither can this test.
     """
     p = X.shape[1]
-    if p == 0:
+    if p == 0 or _clearly_full_rank(X.T @ X if gram is None else gram):
         return []
     R = np.linalg.qr(X, mode="r")
     basis = np.zeros((R.shape[0], p))
@@ -451,15 +422,53 @@ def _aliased_columns(X, rtol=RANK_RTOL):
     return aliased
 
 
+# Smallest eigenvalue of X's correlation matrix that :func:`_clearly_full_rank` accepts.
+_GRAM_EIG_MIN = 1e-6
+
+
+def _clearly_full_rank(G):
+    """True when no column of X can come out aliased from the QR test, decided from
+    ``G = X'X`` alone.
+
+    Notes
+    -----
+    With ``D = diag(X'X)`` and ``C = D^-1/2 X'X D^-1/2`` (unit diagonal), the squared
+    relative residual of column ``j`` against the columns before it is
+    ``1 / (C_{1:j,1:j}^{-1})_{jj} >= lambda_min(C)``.  ``X'X`` is accurate to about
+    ``n eps`` relative to the column norms and the QR of the aliasing test is exact
+    for X perturbed by about as much, so when ``lambda_min(C) > 1e-6`` every residual
+    is above ``1e-3`` times its column's norm under either perturbation, far from the
+    ``RANK_RTOL`` (1e-8) boundary: the QR test would alias nothing.  Otherwise (a
+    near-collinear or zero column) the caller runs the QR test itself.  ``X'X`` costs
+    one pass over X (or less: see ``FastMatrix.gram``); Householder QR of a tall X
+    costs several.
+    """
+    d = np.diag(G)
+    if not (np.all(d > 0) and np.all(np.isfinite(G))):
+        return False
+    s = 1.0 / np.sqrt(d)
+    C = G * s[:, None] * s[None, :]
+    return bool(np.linalg.eigvalsh(C)[0] > _GRAM_EIG_MIN)
+
+
 # ---------------------------------------------------------------------------
 # Grouping factors
 # ---------------------------------------------------------------------------
 
-def _group_codes(frames):
+def _group_codes(factors):
     """Codes and labels of the interaction of one or more grouping columns.
 
-    Combinations are coded pairwise (``a * n_b + b``, then ``np.unique``) so keys never
-    exceed n times a level count and the order is lexicographic in the components.
+    Parameters
+    ----------
+    factors : list of (codes, levels)
+        Each grouping column's level codes (int64, rows used) and level labels.
+
+    Notes
+    -----
+    Combinations are coded pairwise (key ``a * n_b + b``), so keys never exceed the
+    product of two level counts, and numbered in key order, which is lexicographic
+    in the components.  The keys seen are found with a presence table when it is no
+    larger than a few times n (linear time), else with ``np.unique``.
 
     Returns
     -------
@@ -470,15 +479,22 @@ def _group_codes(frames):
     steps : list of (int, ndarray)
         For each further column, its level count and the sorted combined keys seen.
     """
-    codes, labels = _factorize(frames[0])
+    codes, labels = factors[0]
     components = [labels]
     steps = []
-    for series in frames[1:]:
-        c2, l2 = _factorize(series)
+    for c2, l2 in factors[1:]:
         key = codes * len(l2) + c2
-        uniq, inverse = np.unique(key, return_inverse=True)
+        size = len(labels) * len(l2)
+        if size <= 4 * len(key) + 1024:
+            present = np.zeros(size, dtype=bool)
+            present[key] = True
+            uniq = np.flatnonzero(present).astype(np.int64)
+            rank = np.cumsum(present, dtype=np.int64) - 1
+            codes = rank[key]
+        else:
+            uniq, inverse = np.unique(key, return_inverse=True)
+            codes = inverse.astype(np.int64).ravel()
         labels = [f"{labels[k // len(l2)]} & {l2[k % len(l2)]}" for k in uniq.tolist()]
-        codes = inverse.astype(np.int64).ravel()
         components.append(l2)
         steps.append((len(l2), uniq))
     return codes, labels, components, steps
@@ -649,45 +665,102 @@ def _side_array(value, what, data):
     return label, _as_float(series)
 
 
-def _response(lhs, data, columns, formula):
-    """Evaluate the left-hand side over all rows: (values, missing mask)."""
-    if lhs.strip() in data.columns:
-        series = data[lhs.strip()]
-        names = [lhs.strip()]
-    else:
-        lhs = _quote_keywords(lhs, data.columns)
-        names = _resolve(_names_in(lhs, "response", formula), data.columns)
-        ns = {}
-        for name in names:
-            s = data[name]
-            if not _is_numeric(s):
-                ns[name] = s.to_numpy(dtype=object)
-            elif s.dtype.kind in "iuf":
-                ns[name] = s.to_numpy()
-            else:
-                ns[name] = _as_float(s)
-        try:
-            value = eval(compile(lhs.strip(), "<response>", "eval"),
-                         {"__builtins__": builtins, **_ENV}, ns)
-        except Exception as err:
-            raise ValueError(f"cannot evaluate the response {lhs.strip()!r}: {err}") from None
-        value = np.asarray(value)
-        if value.ndim != 1 or len(value) != len(data):
-            raise ValueError(f"the response {lhs!r} must give one value per row; "
-                             f"got shape {value.shape}")
-        series = pd.Series(value, name=lhs)
+def _response(lhs, data, columns, formula, cache):
+    """Evaluate the left-hand side over all rows.
+
+    Returns
+    -------
+    series : pandas.Series
+    bad : ndarray of bool or None
+        Rows where the response is missing or non-finite (None: none can be).
+    column : str or None
+        The data column when the response is one, else None.
+    """
+    name = lhs.strip()
+    if name in data.columns:
+        columns.extend(n for n in [name] if n not in columns)
+        return cache.series(name), cache.missing(name), name
+    lhs = _quote_keywords(lhs, data.columns)
+    names = _resolve(_names_in(lhs, "response", formula), data.columns)
+    ns = {}
+    for name in names:
+        s = data[name]
+        if not _is_numeric(s):
+            ns[name] = s.to_numpy(dtype=object)
+        elif s.dtype.kind in "iuf":
+            ns[name] = s.to_numpy()
+        else:
+            ns[name] = _as_float(s)
+    try:
+        value = eval(compile(lhs.strip(), "<response>", "eval"),
+                     {"__builtins__": builtins, **_ENV}, ns)
+    except Exception as err:
+        raise ValueError(f"cannot evaluate the response {lhs.strip()!r}: {err}") from None
+    value = np.asarray(value)
+    if value.ndim != 1 or len(value) != len(data):
+        raise ValueError(f"the response {lhs!r} must give one value per row; "
+                         f"got shape {value.shape}")
+    series = pd.Series(value, name=lhs)
     columns.extend(n for n in names if n not in columns)
-    return series, _missing(series)
+    return series, _missing(series), None
 
 
-def _y_from(series, lhs):
+def _y_from(series, lhs, factorized=None):
     if _is_numeric(series):
         return _as_float(series), None
-    codes, levels = _factorize(series)
+    codes, levels = _factorize(series) if factorized is None else factorized
     if len(levels) != 2:
         raise ValueError(f"the response {lhs!r} is not numeric and has {len(levels)} "
                          f"level(s) {levels[:10]}; a non-numeric response needs exactly two")
     return (codes == 1).astype(np.float64), (levels[0], levels[1])
+
+
+def _float_values(series):
+    """A numeric column as float64 values, possibly a view of the data."""
+    values = series.to_numpy()
+    if values.dtype.kind in "iuf":
+        return values.astype(np.float64, copy=False)
+    return _as_float(series)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_cached(formula):
+    return parse_formula(formula)
+
+
+def _parse(formula):
+    """:func:`parse_formula`, remembered per formula text (a fresh list each call)."""
+    if not isinstance(formula, str):
+        return parse_formula(formula)
+    parsed = _parse_cached(formula)
+    return dataclasses.replace(parsed, random=list(parsed.random))
+
+
+class _Part:
+    """One model matrix to build: its text, the columns it reads, and how.
+
+    ``terms`` holds the fast path's terms when the text is in its grammar and reads
+    only data columns, else None and ``desc`` holds patsy's description.
+    """
+
+    __slots__ = ("text", "what", "cols", "terms", "desc")
+
+    def __init__(self, text, what, cols, terms, desc):
+        self.text, self.what, self.cols, self.terms, self.desc = text, what, cols, terms, desc
+
+
+def _part(text, formula, what, columns, fast):
+    if fast:
+        terms = fast_terms(text)
+        if terms is not None:
+            cols = term_columns(terms)
+            squares = any(f[0] == "abs2" for t in terms for f in t)
+            # names that are not columns (and a column shadowing abs2) are patsy's to
+            # resolve or report
+            if all(c in columns for c in cols) and not (squares and "abs2" in columns):
+                return _Part(text, what, cols, terms, None)
+    desc = _model_desc(text, formula, what, columns)
+    return _Part(text, what, _desc_columns(desc, columns, formula, what), None, desc)
 
 
 def build_design(formula, data, contrasts=None, weights=None, offset=None,
@@ -732,101 +805,146 @@ def build_design(formula, data, contrasts=None, weights=None, offset=None,
     >>> d.X.shape, d.coef_names, d.reterms[0].nlevels
     ((180, 2), ['(Intercept)', 'days'], 18)
     """
+    return _build_design(formula, data, contrasts, weights, offset, na_action, fast=True)
+
+
+def _build_design(formula, data, contrasts=None, weights=None, offset=None,
+                  na_action="drop", fast=True):
+    """:func:`build_design`; ``fast=False`` builds every model matrix with patsy."""
     if na_action not in ("drop", "raise"):
         raise ValueError(f"na_action must be 'drop' or 'raise', not {na_action!r}")
     data = _as_frame(data)
-    parsed = parse_formula(formula)
+    parsed = _parse(formula)
     codings = {}
     for name, coding in (contrasts or {}).items():
         codings[name] = normalize_coding(coding)
+    columns = data.columns
+    cache = ColumnCache(data)
 
     # Which columns each part reads; unknown names fail here, before any work.
     used = []
-    resp_series, resp_bad = _response(parsed.response, data, used, formula)
-    fixed_desc = _model_desc(parsed.fixed, formula, "the fixed-effects part", data.columns)
-    fixed_cols = _desc_columns(fixed_desc, data.columns, formula, "the fixed-effects part")
-    random_descs, random_cols = [], []
+    resp_series, resp_bad, resp_col = _response(parsed.response, data, used, formula, cache)
+    fixed_part = _part(parsed.fixed, formula, "the fixed-effects part", columns, fast)
+    random_parts = []
     for term in parsed.random:
-        what = f"random-effects term {term.text}"
-        desc = _model_desc(term.expr, formula, what, data.columns)
-        random_descs.append(desc)
-        random_cols.append(_desc_columns(desc, data.columns, formula, what))
+        random_parts.append(_part(term.expr, formula, f"random-effects term {term.text}",
+                                  columns, fast))
         for g in term.grouping:
-            _need_column(g, data.columns)
-    for cols, where in [(fixed_cols, "the fixed-effects part")] + [
-            (c, f"random-effects term {t.text}") for c, t in zip(random_cols, parsed.random)]:
-        for name in cols:
+            _need_column(g, columns)
+    for part in [fixed_part] + random_parts:
+        for name in part.cols:
             if is_grouping(codings.get(name)):
+                where = ("the fixed-effects part" if part is fixed_part else part.what)
                 raise ValueError(f"column {name!r} has the Grouping() contrast and cannot "
                                  f"appear in {where}")
-    matrix_cols = list(dict.fromkeys(fixed_cols + [c for cs in random_cols for c in cs]))
+    matrix_cols = list(dict.fromkeys(c for part in [fixed_part] + random_parts
+                                     for c in part.cols))
     group_cols = list(dict.fromkeys(g for t in parsed.random for g in t.grouping))
     w_label, w_all = _side_array(weights, "weights", data) if weights is not None else (None, None)
     o_label, o_all = _side_array(offset, "offset", data) if offset is not None else (None, None)
 
     # Incomplete rows.  A NaN weight is a missing value; an infinite or negative one is
-    # an error below, since dropping it would silently change the model.
+    # an error below, since dropping it would silently change the model.  A mask of
+    # None means the column cannot hold a missing value (an integer column).
+    n_all = len(data)
     bad_by = {}
     for name in dict.fromkeys(used + matrix_cols + group_cols):
-        bad_by[name] = _missing(data[name])
+        bad_by[name] = cache.missing(name)
     if w_all is not None:
-        bad_by[w_label] = bad_by.get(w_label, np.zeros(len(data), bool)) | np.isnan(w_all)
+        bad_by[w_label] = _or(bad_by.get(w_label), np.isnan(w_all))
     if o_all is not None:
-        bad_by[o_label] = bad_by.get(o_label, np.zeros(len(data), bool)) | ~np.isfinite(o_all)
-    bad = np.zeros(len(data), dtype=bool)
+        bad_by[o_label] = _or(bad_by.get(o_label), ~np.isfinite(o_all))
+    bad = None
     for mask in bad_by.values():
-        bad |= mask
+        bad = _or(bad, mask)
     # The response expression can be undefined where its columns are fine (0 / 0).
-    if (resp_bad & ~bad).any():
+    if resp_bad is not None and (resp_bad if bad is None else resp_bad & ~bad).any():
         bad_by[parsed.response] = resp_bad
-        bad |= resp_bad
-    if bad.any():
-        cols = [name for name, mask in bad_by.items() if mask.any()]
+        bad = _or(bad, resp_bad)
+    if bad is not None and bad.any():
+        cols = [name for name, mask in bad_by.items() if mask is not None and mask.any()]
         count = int(bad.sum())
         if na_action == "raise":
             raise ValueError(f"{count} row(s) have missing or non-finite values in "
                              f"column(s) {cols}")
-        if count == len(data):
+        if count == n_all:
             raise ValueError(f"all {count} rows have missing or non-finite values "
                              f"(column(s) {cols})")
-        warnings.warn(f"dropped {count} of {len(data)} row(s) with missing or non-finite "
-                      f"values in column(s) {cols}", stacklevel=2)
-    rows = np.flatnonzero(~bad).astype(np.int64)
-    kept = data.iloc[rows].reset_index(drop=True)
+        warnings.warn(f"dropped {count} of {n_all} row(s) with missing or non-finite "
+                      f"values in column(s) {cols}", stacklevel=3)
+        rows = np.flatnonzero(~bad).astype(np.int64)
+        cache.keep(rows)
+    else:
+        rows = np.arange(n_all, dtype=np.int64)
+        cache.keep(None)
+    n = len(rows)
 
-    y, y_levels = _y_from(resp_series.iloc[rows].reset_index(drop=True), parsed.response)
+    if resp_col is None:
+        y, y_levels = _y_from(resp_series.iloc[rows].reset_index(drop=True), parsed.response)
+    elif cache.is_numeric(resp_col):
+        y, y_levels = np.array(cache.take(_float_values(resp_series)), dtype=np.float64), None
+    else:
+        y, y_levels = _y_from(resp_series, parsed.response, cache.factor(resp_col))
 
-    specs = {}
+    specs, orders = {}, {}
     for name in matrix_cols:
         coding = codings.get(name)
-        if _is_numeric(kept[name]) and coding is None:
+        if coding is None and cache.is_numeric(name):
             specs[name] = None
             continue
-        _, specs[name] = _factorize(kept[name], getattr(coding, "levels", None))
+        orders[name] = getattr(coding, "levels", None)
+        _, specs[name] = cache.factor(name, orders[name])
         base = getattr(coding, "base", None)
         if base is not None and _label(base) not in specs[name]:
             raise ValueError(f"base level {_label(base)!r} of the coding of column {name!r} "
                              f"is not one of its levels {specs[name]}")
-    frame = _patsy_frame(kept, specs, "the data")
 
-    fixed = _ModelMatrix(fixed_desc, {c: specs[c] for c in fixed_cols}, codings, frame,
-                         "the fixed-effects model matrix")
-    aliased = _aliased_columns(fixed.matrix)
+    def values(name):
+        if specs[name] is None:
+            return cache.numeric(name)
+        return cache.factor(name, orders[name])[0]
+
+    frame = None
+
+    # per-cell sums beat a pass over X for X'X only when X is tall
+    tall = n >= 20000
+
+    def model_matrix(part, what):
+        nonlocal frame
+        part_specs = {c: specs[c] for c in part.cols}
+        if part.terms is not None:
+            plan = fast_plan(part.terms, part_specs, codings)
+            if plan is not None:
+                return FastMatrix(plan, part_specs, codings, {c: values(c) for c in part.cols},
+                                  n, what, _check_finite, keep_cells=tall and part is fixed_part)
+            part.desc = _model_desc(part.text, formula, part.what, columns)
+        if frame is None:
+            frame = _as_patsy_frame({c: values(c) for c in matrix_cols}, specs, n)
+        return _ModelMatrix(part.desc, part_specs, codings, frame, what)
+
+    fixed = model_matrix(fixed_part, "the fixed-effects model matrix")
+    gram = None
+    if isinstance(fixed, FastMatrix) and tall:
+        gram = fixed.gram({c: values(c) for c in fixed_part.cols})
+    aliased = _aliased_columns(fixed.matrix, gram=gram)
     dropped = [fixed.names[j] for j in aliased]
-    keep = np.setdiff1d(np.arange(len(fixed.names)), aliased).astype(np.intp)
     if dropped:
         warnings.warn("fixed-effects model matrix is rank deficient; dropping aliased "
-                      f"columns: {dropped}", stacklevel=2)
-    X = np.ascontiguousarray(fixed.matrix[:, keep])
+                      f"columns: {dropped}", stacklevel=3)
+        keep = np.setdiff1d(np.arange(len(fixed.names)), aliased).astype(np.intp)
+        X = np.ascontiguousarray(fixed.matrix[:, keep])
+    else:
+        keep = np.arange(len(fixed.names), dtype=np.intp)
+        X = fixed.matrix
 
     reterms = []
-    for term, desc, cols in zip(parsed.random, random_descs, random_cols):
+    for term, part in zip(parsed.random, random_parts):
         group = term.group_name
-        codes, labels, components, steps = _group_codes([kept[g] for g in term.grouping])
+        codes, labels, components, steps = _group_codes([cache.factor(g)
+                                                         for g in term.grouping])
         if len(labels) < 2:
             raise ValueError(f"grouping factor {group!r} has a single level")
-        zmat = _ModelMatrix(desc, {c: specs[c] for c in cols}, codings, frame,
-                            f"the columns of random-effects term {term.text}")
+        zmat = model_matrix(part, f"the columns of random-effects term {term.text}")
         if not zmat.names:
             raise ValueError(f"random-effects term {term.text} has no columns")
         reterms.append(ReTerm(group, codes.astype(np.int32), labels, list(zmat.names),
@@ -835,7 +953,7 @@ def build_design(formula, data, contrasts=None, weights=None, offset=None,
 
     w = o = None
     if w_all is not None:
-        w = np.ascontiguousarray(w_all[rows])
+        w = np.array(cache.take(w_all), dtype=np.float64)
         invalid = ~np.isfinite(w) | (w < 0)
         if invalid.any():
             where = rows[invalid][:5].tolist()
@@ -843,9 +961,18 @@ def build_design(formula, data, contrasts=None, weights=None, offset=None,
             raise ValueError(f"{name} must be finite and non-negative; {int(invalid.sum())} "
                              f"value(s) are not, e.g. {w[invalid][:5].tolist()} at rows {where}")
     if o_all is not None:
-        o = np.ascontiguousarray(o_all[rows])
+        o = np.array(cache.take(o_all), dtype=np.float64)
 
     return Design(formula=formula, response_name=parsed.response, y=y, y_levels=y_levels,
                   X=X, coef_names=[fixed.names[j] for j in keep], dropped=dropped,
                   reterms=reterms, weights=w, offset=o, n=len(y), rows_used=rows,
                   parsed=parsed, _fixed=fixed, _keep=keep)
+
+
+def _or(a, b):
+    """Union of two row masks, either of which may be None (no rows); never in place."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a | b
