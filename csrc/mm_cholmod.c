@@ -21,7 +21,11 @@ mm_chol *mm_chol_new(int n, int *colptr, int *rowind, double *x, int mode, int *
     cholmod_start(&h->c);
     h->c.print = 0;           /* errors come back as statuses, not text on stderr */
     h->c.error_handler = NULL;
-    h->c.final_ll = 1;        /* always L L', so diag(L) gives the log-determinant */
+    /* Keep CHOLMOD's natural form: a supernodal factor is L L', a simplicial one L D L'.
+     * Asking for L L' everywhere (final_ll) converts every simplicial refactorization,
+     * which cost ten times the factorization itself on small models; the solves below
+     * apply D^(-1/2) instead, so callers always see the L L' factor. */
+    h->c.final_ll = 0;
     h->c.supernodal = mode == 1 ? CHOLMOD_SIMPLICIAL : (mode == 2 ? CHOLMOD_SUPERNODAL : CHOLMOD_AUTO);
     h->n = n;
     cholmod_sparse *A = &h->A;
@@ -63,6 +67,13 @@ int mm_chol_factorize(mm_chol *h)
     cholmod_factorize(&h->A, h->L, &h->c);
     if (h->c.status < CHOLMOD_OK) return h->c.status;
     if (h->L->minor < h->L->n) return (int)h->L->minor + 1;
+    if (!h->L->is_super && !h->L->is_ll) {
+        /* an L D L' factor with a non-positive pivot is not positive definite */
+        const double *x = h->L->x;
+        const int *p = h->L->p;
+        for (size_t j = 0; j < h->L->n; j++)
+            if (!(x[p[j]] > 0.0)) return (int)j + 1;
+    }
     return 0;
 }
 
@@ -109,14 +120,31 @@ static int solve_into(mm_chol *h, int sys, int nrhs, double *b, int ld)
     return 0;
 }
 
+/* Rows of b times D^(-1/2) for a simplicial L D L' factor (a no-op for L L'), so that
+ * forward/backward act as the L L' factor would. */
+static void scale_by_d(mm_chol *h, int nrhs, double *b, int ld)
+{
+    const cholmod_factor *L = h->L;
+    if (L->is_super || L->is_ll) return;
+    const double *x = L->x;
+    const int *p = L->p;
+    for (size_t j = 0; j < L->n; j++) {
+        double f = 1.0 / sqrt(x[p[j]]);
+        for (int c = 0; c < nrhs; c++) b[j + (size_t)c * ld] *= f;
+    }
+}
+
 int mm_chol_forward(mm_chol *h, int nrhs, double *b, int ld)
 {
     int s = solve_into(h, CHOLMOD_P, nrhs, b, ld);
-    return s ? s : solve_into(h, CHOLMOD_L, nrhs, b, ld);
+    if (!s) s = solve_into(h, CHOLMOD_L, nrhs, b, ld);
+    if (!s) scale_by_d(h, nrhs, b, ld);
+    return s;
 }
 
 int mm_chol_backward(mm_chol *h, int nrhs, double *b, int ld)
 {
+    scale_by_d(h, nrhs, b, ld);
     int s = solve_into(h, CHOLMOD_Lt, nrhs, b, ld);
     return s ? s : solve_into(h, CHOLMOD_Pt, nrhs, b, ld);
 }

@@ -24,7 +24,8 @@ int mm_chol_factorize(mm_chol *h);
 /* log det(L) = sum(log(diag(L))), i.e. half the log-determinant of the matrix. */
 double mm_chol_logdet(const mm_chol *h);
 
-/* In-place dense solves on an n-by-nrhs column-major block with leading dimension ld.
+/* In-place dense solves on an n-by-nrhs column-major block with leading dimension ld,
+ * as with the L L' factor (a simplicial L D L' factor is scaled by D^(-1/2) on the way).
  * forward:  b <- L^{-1} P b.   backward: b <- P' (L')^{-1} b.
  * Return 0 or a negative CHOLMOD status. */
 int mm_chol_forward(mm_chol *h, int nrhs, double *b, int ld);
