@@ -80,15 +80,16 @@ def raw_factorize(series):
 
     Returns
     -------
-    raw : ndarray of int64
-        Index into ``uniques`` per row, -1 where missing.
+    raw : ndarray of signed integers
+        Index into ``uniques`` per row, -1 where missing (a Categorical's own code
+        dtype, int8 or int16 for most, else int64).
     uniques : list
         The distinct values (a Categorical's categories, used or not).
     declared : bool
         True when ``uniques`` is a declared order (a Categorical) to keep.
     """
     if isinstance(series.dtype, pd.CategoricalDtype):
-        raw = series.cat.codes.to_numpy().astype(np.int64)
+        raw = series.cat.codes.to_numpy()
         cats = series.cat.categories
         values = cats.to_numpy()
         # Index.tolist() boxes as list(Index) does, without a Python loop; but an
@@ -108,7 +109,7 @@ def levels_from_raw(raw, uniques, declared, order=None, name=None):
 
     Parameters
     ----------
-    raw : ndarray of int64
+    raw : ndarray of signed integers
         Unsorted codes of the rows used (-1 where missing).
     uniques : list
     declared : bool
@@ -119,8 +120,9 @@ def levels_from_raw(raw, uniques, declared, order=None, name=None):
 
     Returns
     -------
-    codes : ndarray of int64
-        Level index per row, -1 where missing.
+    codes : ndarray of signed integers
+        Level index per row, -1 where missing; ``raw`` itself when it is already in
+        model order, else int32.
     levels : list of str
     """
     labels = [u if type(u) is str else _label(u) for u in uniques]
@@ -147,11 +149,11 @@ def levels_from_raw(raw, uniques, declared, order=None, name=None):
     if remap == list(range(len(labels))):
         return raw, levels  # already in model order (e.g. a Categorical using all levels)
     # the trailing -1 is where raw's -1 (missing) lands
-    return np.array(remap + [-1], dtype=np.int64)[raw], levels
+    return np.array(remap + [-1], dtype=np.int32)[raw], levels
 
 
 def factorize(series, order=None):
-    """Level codes (int64, -1 where missing) and level labels in model order.
+    """Level codes (signed integers, -1 where missing) and level labels in model order.
 
     Parameters
     ----------
@@ -255,7 +257,7 @@ class ColumnCache:
         return out
 
     def factor(self, name, order=None):
-        """Level codes (int64) and labels of the rows kept, as :func:`factorize`."""
+        """Level codes and labels of the rows kept, as :func:`factorize`."""
         key = (name, None if order is None else tuple(order))
         out = self._factor.get(key)
         if out is None:

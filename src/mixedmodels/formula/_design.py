@@ -446,6 +446,10 @@ def _clearly_full_rank(G):
     d = np.diag(G)
     if not (np.all(d > 0) and np.all(np.isfinite(G))):
         return False
+    if len(d) == 1:
+        return True
+    if len(d) == 2:  # eigenvalues of [[1, c], [c, 1]] are 1 -+ |c|
+        return bool(1.0 - abs(G[0, 1]) / np.sqrt(d[0] * d[1]) > _GRAM_EIG_MIN)
     s = 1.0 / np.sqrt(d)
     C = G * s[:, None] * s[None, :]
     return bool(np.linalg.eigvalsh(C)[0] > _GRAM_EIG_MIN)
@@ -461,7 +465,7 @@ def _group_codes(factors):
     Parameters
     ----------
     factors : list of (codes, levels)
-        Each grouping column's level codes (int64, rows used) and level labels.
+        Each grouping column's level codes (integers, rows used) and level labels.
 
     Notes
     -----
@@ -483,7 +487,7 @@ def _group_codes(factors):
     components = [labels]
     steps = []
     for c2, l2 in factors[1:]:
-        key = codes * len(l2) + c2
+        key = np.asarray(codes, dtype=np.int64) * len(l2) + c2
         size = len(labels) * len(l2)
         if size <= 4 * len(key) + 1024:
             present = np.zeros(size, dtype=bool)

@@ -275,7 +275,7 @@ class FastMatrix:
     codings : dict
         Column name -> coding.
     values : dict
-        Column name -> numeric array or int64 level codes, for the fitting rows.
+        Column name -> numeric array or integer level codes, for the fitting rows.
     n : int
         Number of fitting rows.
     what : str
@@ -388,7 +388,7 @@ class FastMatrix:
         radix = 1
         for col, k_prev in zip(self._cats[1:], sizes[:-1]):
             radix *= k_prev
-            cell += radix * values[col]
+            cell += radix * np.asarray(values[col], dtype=np.int64)
         grid = np.unravel_index(np.arange(ncells), sizes, order="F")
         return cell, ncells, dict(zip(self._cats, grid))
 
@@ -455,15 +455,22 @@ class FastMatrix:
         G = np.empty((p, p))
         for iu, u in enumerate(monomials):
             for v in monomials[iu:]:
-                if not u and not v:
-                    w = None
-                elif not u or not v:
-                    w = mvalues[u or v]
-                else:
-                    w = mvalues[u] * mvalues[v]
                 if ncells == 1:
-                    sums = np.array([float(self.matrix.shape[0]) if w is None else w.sum()])
+                    # sums without a temporary the size of a column
+                    if not u and not v:
+                        total = float(self.matrix.shape[0])
+                    elif not u or not v:
+                        total = mvalues[u or v].sum()
+                    else:
+                        total = np.dot(mvalues[u], mvalues[v])
+                    sums = np.array([total])
                 else:
+                    if not u and not v:
+                        w = None
+                    elif not u or not v:
+                        w = mvalues[u or v]
+                    else:
+                        w = mvalues[u] * mvalues[v]
                     sums = np.bincount(cell, weights=w, minlength=ncells)
                 A, B = cols[u], cols[v]
                 block = table[:, A].T @ (sums[:, None] * table[:, B])
