@@ -44,6 +44,12 @@ def accumulate_blocks(const double[:, ::1] zcat, const i64[:, ::1] rowoff,
             kc = kk[pair_tc[p]]
             zr = zoff[pair_tr[p]]
             zc = zoff[pair_tc[p]]
+            if kr == 1 and kc == 1:
+                # scalar terms (the common case) without the inner loops
+                for i in range(n):
+                    wi = w[i] if weighted else 1.0
+                    avals[rowoff[p, i]] += wi * zcat[i, zr] * zcat[i, zc]
+                continue
             for i in range(n):
                 off = rowoff[p, i]
                 wi = w[i] if weighted else 1.0
