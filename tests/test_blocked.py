@@ -85,9 +85,9 @@ def test_lambda_products_match_dense(label, nlevels, kk):
     src = np.asfortranarray(rng.standard_normal((pat.q, 3)))
     out = np.zeros_like(src, order="F")
     args = (pat.uoff, pat.kk, pat.nlev, layout.lam(theta), layout.lam_off)
-    _blocked.lambdat_times(src, *args, out)
+    _blocked.lambda_apply(src, *args, True, out)
     np.testing.assert_allclose(out, lam.T @ src, rtol=KERNEL, atol=KERNEL)
-    _blocked.lambda_times(src, *args, out)
+    _blocked.lambda_apply(src, *args, False, out)
     np.testing.assert_allclose(out, lam @ src, rtol=KERNEL, atol=KERNEL)
 
 

@@ -141,12 +141,12 @@ def scatter_lambda(const double[::1] avals, const i64[::1] blk_off,
     free(tmp)
 
 
-def lambdat_times(const double[::1, :] src, const i64[::1] uoff, const int[::1] kk,
-                  const int[::1] nlev, const double[::1] lam, const i64[::1] lam_off,
-                  double[::1, :] dst):
-    """dst <- Λ' src for a q-by-m block (Fortran).
+def lambda_apply(const double[::1, :] src, const i64[::1] uoff, const int[::1] kk,
+                 const int[::1] nlev, const double[::1] lam, const i64[::1] lam_off,
+                 bint transpose, double[::1, :] dst):
+    """dst <- Λ' src (transpose) or Λ src, for a q-by-m block (Fortran).
 
-    NumPy: dst = Lambda.T @ src
+    NumPy: dst = Lambda.T @ src if transpose else Lambda @ src
     """
     cdef Py_ssize_t m = src.shape[1], nterm = kk.shape[0], t, l, j
     cdef int k, a, e
@@ -162,34 +162,12 @@ def lambdat_times(const double[::1, :] src, const i64[::1] uoff, const int[::1] 
                 for j in range(m):
                     for a in range(k):
                         s = 0.0
-                        for e in range(a, k):
-                            s += T[e + a * k] * src[r0 + e, j]
-                        dst[r0 + a, j] = s
-
-
-def lambda_times(const double[::1, :] src, const i64[::1] uoff, const int[::1] kk,
-                 const int[::1] nlev, const double[::1] lam, const i64[::1] lam_off,
-                 double[::1, :] dst):
-    """dst <- Λ src for a q-by-m block (Fortran).
-
-    NumPy: dst = Lambda @ src
-    """
-    cdef Py_ssize_t m = src.shape[1], nterm = kk.shape[0], t, l, j
-    cdef int k, a, e
-    cdef i64 r0
-    cdef double s
-    cdef const double *T
-    with nogil:
-        for t in range(nterm):
-            k = kk[t]
-            T = &lam[lam_off[t]]
-            for l in range(nlev[t]):
-                r0 = uoff[t] + l * k
-                for j in range(m):
-                    for a in range(k - 1, -1, -1):
-                        s = 0.0
-                        for e in range(a + 1):
-                            s += T[a + e * k] * src[r0 + e, j]
+                        if transpose:       # (T' x)_a = sum_{e >= a} T[e, a] x_e
+                            for e in range(a, k):
+                                s += T[e + a * k] * src[r0 + e, j]
+                        else:               # (T x)_a = sum_{e <= a} T[a, e] x_e
+                            for e in range(a + 1):
+                                s += T[a + e * k] * src[r0 + e, j]
                         dst[r0 + a, j] = s
 
 

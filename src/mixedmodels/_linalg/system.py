@@ -138,8 +138,8 @@ class BlockedSystem:
         """
         pat = self.pattern
         lam = self.layout.lam(theta, self._lam)
-        _blocked.lambdat_times(self.ztxy, pat.uoff, pat.kk, pat.nlev, lam,
-                               self.layout.lam_off, self.rzxy)
+        _blocked.lambda_apply(self.ztxy, pat.uoff, pat.kk, pat.nlev, lam,
+                              self.layout.lam_off, True, self.rzxy)
         if self.factor is None:
             logdet = _blocked.blockdiag_factor(self.avals, lam, self._k, self._lblocks)
             if not np.isfinite(logdet):
@@ -189,8 +189,8 @@ class BlockedSystem:
         u2 = np.asfortranarray(u.reshape(self.q, -1), dtype=np.float64)
         out = np.empty_like(u2, order="F")
         pat = self.pattern
-        _blocked.lambda_times(u2, pat.uoff, pat.kk, pat.nlev, self.layout.lam(theta),
-                              self.layout.lam_off, out)
+        _blocked.lambda_apply(u2, pat.uoff, pat.kk, pat.nlev, self.layout.lam(theta),
+                              self.layout.lam_off, False, out)
         return out.reshape(u.shape)
 
     def describe(self):
