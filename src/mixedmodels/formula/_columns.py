@@ -34,7 +34,8 @@ def is_numeric(series):
     dtype = series.dtype
     if isinstance(dtype, np.dtype):
         return dtype.kind in "iufc"
-    if isinstance(dtype, pd.CategoricalDtype) or pd.api.types.is_bool_dtype(dtype):
+    if isinstance(dtype, (pd.StringDtype, pd.CategoricalDtype)) or pd.api.types.is_bool_dtype(
+            dtype):
         return False
     return pd.api.types.is_numeric_dtype(dtype)
 
@@ -49,9 +50,12 @@ def _numeric_missing(series):
     dtype = series.dtype
     if isinstance(dtype, np.dtype) and dtype.kind in "iu":
         return None
-    if isinstance(dtype, np.dtype) and dtype.kind == "f":
-        return ~np.isfinite(series.to_numpy())
-    return ~np.isfinite(as_float(series))
+    values = series.to_numpy() if isinstance(dtype, np.dtype) and dtype.kind == "f" else (
+        as_float(series))
+    # a finite sum means every value is finite: one read-only pass in the common case
+    if np.isfinite(values.sum()):
+        return None
+    return ~np.isfinite(values)
 
 
 def missing(series):

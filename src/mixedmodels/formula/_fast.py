@@ -192,7 +192,7 @@ def term_columns(terms):
 def _layout(terms, numeric):
     """Subterms in column order: for each, ``((factor, coding), ...)`` in the term's
     factor order, coding None for a numeric factor, True for full and False for
-    reduced coding of a categorical one.  Returns (subterms, term index of each)."""
+    reduced coding of a categorical one."""
     buckets = {}
     for term in terms:
         buckets.setdefault(frozenset(f for f in term if f in numeric), []).append(term)
@@ -203,13 +203,12 @@ def _layout(terms, numeric):
         used = set()
         for term in sorted(buckets[bucket], key=len):
             codings[term] = pick_contrasts_for_term(patsy.Term(list(term)), numeric, used)
-    subterms, owner = [], []
-    for t, term in sorted(enumerate(terms), key=lambda it: len(it[1])):
+    subterms = []
+    for term in sorted(terms, key=len):  # R's order: by degree, then as written
         for coding in codings[term]:
             subterms.append(tuple((f, None if f in numeric else coding[f])
                                   for f in term if f in numeric or f in coding))
-            owner.append(t)
-    return tuple(subterms), tuple(owner)
+    return tuple(subterms)
 
 
 def fast_plan(terms, specs, codings):
@@ -240,7 +239,7 @@ def fast_plan(terms, specs, codings):
                 coding = codings.get(col)
                 if coding is not None and not isinstance(coding, _Coding):
                     return None
-    return _layout(terms, frozenset(numeric))[0]
+    return _layout(terms, frozenset(numeric))
 
 
 def _contrast(coding, levels, full):
