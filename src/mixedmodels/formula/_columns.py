@@ -211,6 +211,7 @@ class ColumnCache:
         self._numeric = {}
         self._factor = {}
         self._kind = {}
+        self._missing = {}
 
     def series(self, name):
         """The column as a pandas Series."""
@@ -235,9 +236,12 @@ class ColumnCache:
 
     def missing(self, name):
         """Missing rows of the whole column, or None when it has none for certain."""
-        if self.is_numeric(name):
-            return _numeric_missing(self.series(name))
-        return self.raw(name)[0] < 0
+        if name not in self._missing:
+            if self.is_numeric(name):
+                self._missing[name] = _numeric_missing(self.series(name))
+            else:
+                self._missing[name] = self.raw(name)[0] < 0
+        return self._missing[name]
 
     def keep(self, rows):
         """Restrict later answers to ``rows`` (None: all rows)."""
