@@ -16,7 +16,6 @@ By default β and θ are optimized together (as MixedModels.jl does), starting f
 nAGQ = 0); ``fast=True`` stops after that first stage.
 """
 import warnings
-from functools import cached_property
 
 import numpy as np
 
@@ -74,10 +73,6 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         self.state = PirlsState(self.n)
         self._u = np.zeros(self.system.q)
         self.beta0 = self._glm_start()
-
-    @cached_property
-    def Zcsr(self):
-        return self.Z.tocsr()
 
     def _glm_start(self):
         """β of the GLM without random effects (IRLS), the starting point of the fit."""
