@@ -103,6 +103,43 @@ cdef inline void congruence(const double *A, const double *Tr, const double *Tc,
             M[a + d * kr] = s
 
 
+cdef void _scatter_lambda(const double[::1] avals, const i64[::1] blk_off,
+                          const int[::1] blk_tr, const int[::1] blk_tc, const char[::1] blk_diag,
+                          const double[::1] lam, const i64[::1] lam_off, const int[::1] kk,
+                          const i64[::1] pos, double[::1] mx, double *tmp) noexcept nogil:
+    # tmp: 2 * maxk * maxk doubles of scratch
+    cdef Py_ssize_t nblk = blk_off.shape[0], b
+    cdef int kr, kc, a, d, maxk = 0, t
+    cdef i64 off, idx
+    for t in range(kk.shape[0]):
+        maxk = max(maxk, kk[t])
+    cdef double *M = tmp + maxk * maxk
+    for b in range(nblk):
+        kr = kk[blk_tr[b]]
+        kc = kk[blk_tc[b]]
+        off = blk_off[b]
+        if kr == 1 and kc == 1:
+            M[0] = lam[lam_off[blk_tr[b]]] * avals[off] * lam[lam_off[blk_tc[b]]]
+        else:
+            congruence(&avals[off], &lam[lam_off[blk_tr[b]]], &lam[lam_off[blk_tc[b]]],
+                       kr, kc, tmp, M)
+        if blk_diag[b]:
+            for a in range(kr):
+                M[a + a * kr] += 1.0
+        for d in range(kc):
+            for a in range(kr):
+                idx = pos[off + a + d * kr]
+                if idx >= 0:
+                    mx[idx] = M[a + d * kr]
+
+
+cdef int _maxk(const int[::1] kk) noexcept nogil:
+    cdef int t, m = 0
+    for t in range(kk.shape[0]):
+        m = max(m, kk[t])
+    return m
+
+
 def scatter_lambda(const double[::1] avals, const i64[::1] blk_off,
                    const int[::1] blk_tr, const int[::1] blk_tc, const char[::1] blk_diag,
                    const double[::1] lam, const i64[::1] lam_off, const int[::1] kk,
@@ -111,34 +148,38 @@ def scatter_lambda(const double[::1] avals, const i64[::1] blk_off,
 
     NumPy: M_b = T_r.T @ A_b @ T_c (+ I on diagonal blocks); mx[pos[off_b:]] = M_b.ravel('F')
     """
-    cdef Py_ssize_t nblk = blk_off.shape[0], b
-    cdef int kr, kc, a, d, maxk = 0, t
-    cdef i64 off, idx
-    for t in range(kk.shape[0]):
-        maxk = max(maxk, kk[t])
+    cdef int maxk = _maxk(kk)
     cdef double *tmp = <double *> malloc(2 * maxk * maxk * sizeof(double))
-    cdef double *M = tmp + maxk * maxk
     if tmp == NULL:
         raise MemoryError()
     with nogil:
-        for b in range(nblk):
-            kr = kk[blk_tr[b]]
-            kc = kk[blk_tc[b]]
-            off = blk_off[b]
-            if kr == 1 and kc == 1:
-                M[0] = lam[lam_off[blk_tr[b]]] * avals[off] * lam[lam_off[blk_tc[b]]]
-            else:
-                congruence(&avals[off], &lam[lam_off[blk_tr[b]]], &lam[lam_off[blk_tc[b]]],
-                           kr, kc, tmp, M)
-            if blk_diag[b]:
-                for a in range(kr):
-                    M[a + a * kr] += 1.0
-            for d in range(kc):
-                for a in range(kr):
-                    idx = pos[off + a + d * kr]
-                    if idx >= 0:
-                        mx[idx] = M[a + d * kr]
+        _scatter_lambda(avals, blk_off, blk_tr, blk_tc, blk_diag, lam, lam_off, kk, pos, mx, tmp)
     free(tmp)
+
+
+cdef void _lambda_apply(const double[::1, :] src, const i64[::1] uoff, const int[::1] kk,
+                        const int[::1] nlev, const double[::1] lam, const i64[::1] lam_off,
+                        bint transpose, double[::1, :] dst) noexcept nogil:
+    cdef Py_ssize_t m = src.shape[1], nterm = kk.shape[0], t, l, j
+    cdef int k, a, e
+    cdef i64 r0
+    cdef double s
+    cdef const double *T
+    for t in range(nterm):
+        k = kk[t]
+        T = &lam[lam_off[t]]
+        for l in range(nlev[t]):
+            r0 = uoff[t] + l * k
+            for j in range(m):
+                for a in range(k):
+                    s = 0.0
+                    if transpose:       # (T' x)_a = sum_{e >= a} T[e, a] x_e
+                        for e in range(a, k):
+                            s += T[e + a * k] * src[r0 + e, j]
+                    else:               # (T x)_a = sum_{e <= a} T[a, e] x_e
+                        for e in range(a + 1):
+                            s += T[a + e * k] * src[r0 + e, j]
+                    dst[r0 + a, j] = s
 
 
 def lambda_apply(const double[::1, :] src, const i64[::1] uoff, const int[::1] kk,
@@ -148,27 +189,8 @@ def lambda_apply(const double[::1, :] src, const i64[::1] uoff, const int[::1] k
 
     NumPy: dst = Lambda.T @ src if transpose else Lambda @ src
     """
-    cdef Py_ssize_t m = src.shape[1], nterm = kk.shape[0], t, l, j
-    cdef int k, a, e
-    cdef i64 r0
-    cdef double s
-    cdef const double *T
     with nogil:
-        for t in range(nterm):
-            k = kk[t]
-            T = &lam[lam_off[t]]
-            for l in range(nlev[t]):
-                r0 = uoff[t] + l * k
-                for j in range(m):
-                    for a in range(k):
-                        s = 0.0
-                        if transpose:       # (T' x)_a = sum_{e >= a} T[e, a] x_e
-                            for e in range(a, k):
-                                s += T[e + a * k] * src[r0 + e, j]
-                        else:               # (T x)_a = sum_{e <= a} T[a, e] x_e
-                            for e in range(a + 1):
-                                s += T[a + e * k] * src[r0 + e, j]
-                        dst[r0 + a, j] = s
+        _lambda_apply(src, uoff, kk, nlev, lam, lam_off, transpose, dst)
 
 
 cdef double blockdiag_factor_c(const double *avals, const double *lam, int k, Py_ssize_t nlev,
@@ -271,6 +293,36 @@ def blockdiag_backward(const double[::1] L, int k, double[::1, :] b):
             blockdiag_solve_c(&L[0], k, nlev, &b[0, j], True)
 
 
+cdef int _schur_cholesky(const double[:, ::1] xtxy, const double[::1, :] rzxy,
+                         double[:, ::1] r) noexcept nogil:
+    cdef Py_ssize_t m = xtxy.shape[0], q = rzxy.shape[0], i, j, k
+    cdef double s
+    for j in range(m):
+        for i in range(j + 1):
+            s = xtxy[i, j]
+            for k in range(q):
+                s -= rzxy[k, i] * rzxy[k, j]
+            r[i, j] = s
+        for i in range(j + 1, m):
+            r[i, j] = 0.0
+    for j in range(m):
+        for i in range(j):
+            s = r[i, j]
+            for k in range(i):
+                s -= r[k, i] * r[k, j]
+            r[i, j] = s / r[i, i]
+        s = r[j, j]
+        for k in range(j):
+            s -= r[k, j] * r[k, j]
+        if s <= 0.0:
+            if j == m - 1 and s > -1e-10 * (xtxy[j, j] + 1.0):
+                s = 0.0
+            else:
+                return <int> j + 1
+        r[j, j] = sqrt(s)
+    return 0
+
+
 def schur_cholesky(const double[:, ::1] xtxy, const double[::1, :] rzxy, double[:, ::1] r):
     """r <- upper Cholesky factor of xtxy - rzxy' rzxy (m-by-m); returns a status.
 
@@ -280,34 +332,9 @@ def schur_cholesky(const double[:, ::1] xtxy, const double[::1, :] rzxy, double[
     an error here.
     NumPy: r = numpy.linalg.cholesky(xtxy - rzxy.T @ rzxy).T
     """
-    cdef Py_ssize_t m = xtxy.shape[0], q = rzxy.shape[0], i, j, k
-    cdef double s
-    cdef int status = 0
+    cdef int status
     with nogil:
-        for j in range(m):
-            for i in range(j + 1):
-                s = xtxy[i, j]
-                for k in range(q):
-                    s -= rzxy[k, i] * rzxy[k, j]
-                r[i, j] = s
-            for i in range(j + 1, m):
-                r[i, j] = 0.0
-        for j in range(m):
-            for i in range(j):
-                s = r[i, j]
-                for k in range(i):
-                    s -= r[k, i] * r[k, j]
-                r[i, j] = s / r[i, i]
-            s = r[j, j]
-            for k in range(j):
-                s -= r[k, j] * r[k, j]
-            if s <= 0.0:
-                if j == m - 1 and s > -1e-10 * (xtxy[j, j] + 1.0):
-                    s = 0.0
-                else:
-                    status = <int> j + 1
-                    break
-            r[j, j] = sqrt(s)
+        status = _schur_cholesky(xtxy, rzxy, r)
     return status
 
 
@@ -382,3 +409,100 @@ def matvec(const double[:, ::1] x, const double[::1] beta, const double[::1] bas
             for j in range(p):
                 s += x[i, j] * beta[j]
             out[i] = s
+
+
+cdef class ThetaFactorizer:
+    """The per-θ work of the blocked system in one call, over views bound once.
+
+    Each kernel above is a Python-callable function, and unpacking its memoryview
+    arguments costs about a microsecond apiece: on a small model that is more than the
+    arithmetic. This object binds the arrays once (when the cross-products are
+    (re)allocated) and then runs θ → Λ templates → Λ'Z'W[X y] → factor → forward solve →
+    Schur complement in one call. ``factor`` is None for the block-diagonal path, else the
+    CHOLMOD factor whose values array is ``mx``.
+    """
+    cdef const double[::1] avals
+    cdef double[::1] lam, lblocks, mx
+    cdef const i64[::1] lam_index, lam_off, uoff, blk_off, pos
+    cdef const int[::1] kk, nlev, blk_tr, blk_tc
+    cdef const char[::1] blk_diag
+    cdef const double[::1, :] ztxy
+    cdef double[::1, :] rzxy
+    cdef const double[:, ::1] xtxy
+    cdef double[:, ::1] r
+    cdef object factor
+    cdef int k0
+    cdef double *tmp
+
+    def __cinit__(self, *args, **kwargs):
+        self.tmp = NULL
+
+    def __dealloc__(self):
+        free(self.tmp)
+
+    def __init__(self, pattern, layout, avals, lam, lblocks, mx, factor):
+        self.avals = avals
+        self.lam = lam
+        self.lblocks = lblocks
+        self.mx = mx
+        self.lam_index = layout.index
+        self.lam_off = layout.lam_off
+        self.uoff = pattern.uoff
+        self.kk = pattern.kk
+        self.nlev = pattern.nlev
+        self.blk_off = pattern.blk_off
+        self.blk_tr = pattern.blk_tr
+        self.blk_tc = pattern.blk_tc
+        self.blk_diag = pattern.blk_diag
+        if pattern.pos is not None:
+            self.pos = pattern.pos
+        self.factor = factor
+        self.k0 = pattern.kk[0]
+        cdef int maxk = _maxk(self.kk)
+        self.tmp = <double *> malloc(2 * maxk * maxk * sizeof(double))
+        if self.tmp == NULL:
+            raise MemoryError()
+
+    def bind_products(self, ztxy, rzxy, xtxy, r):
+        self.ztxy = ztxy
+        self.rzxy = rzxy
+        self.xtxy = xtxy
+        self.r = r
+
+    def factorize(self, const double[::1] theta, bint schur):
+        """Returns (log det(L), status of the Schur Cholesky; -1 when skipped).
+
+        A non-positive-definite block diagonal gives a NaN log-determinant.
+        """
+        cdef Py_ssize_t i
+        cdef double logdet
+        cdef int status = -1
+        if theta.shape[0] != self.lam_index.shape[0]:
+            raise ValueError("theta has the wrong length")
+        cdef Py_ssize_t j, nlev0 = self.lblocks.shape[0] // (self.k0 * self.k0)
+        for i in range(theta.shape[0]):
+            self.lam[self.lam_index[i]] = theta[i]
+        with nogil:
+            _lambda_apply(self.ztxy, self.uoff, self.kk, self.nlev, self.lam, self.lam_off,
+                          True, self.rzxy)
+        if self.factor is None:
+            with nogil:
+                logdet = blockdiag_factor_c(&self.avals[0], &self.lam[0], self.k0, nlev0,
+                                            &self.lblocks[0], self.tmp)
+                if logdet == logdet:
+                    for j in range(self.rzxy.shape[1]):
+                        blockdiag_solve_c(&self.lblocks[0], self.k0, nlev0, &self.rzxy[0, j], False)
+            if logdet != logdet:
+                return logdet, status
+        else:
+            with nogil:
+                _scatter_lambda(self.avals, self.blk_off, self.blk_tr, self.blk_tc,
+                                self.blk_diag, self.lam, self.lam_off, self.kk, self.pos,
+                                self.mx, self.tmp)
+            self.factor.factorize()
+            logdet = self.factor.logdet()
+            self.factor.forward(self.rzxy)
+        if schur:
+            with nogil:
+                status = _schur_cholesky(self.xtxy, self.rzxy, self.r)
+        return logdet, status

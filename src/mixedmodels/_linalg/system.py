@@ -102,6 +102,10 @@ class BlockedSystem:
         self.ztxy = self.xtxy = None
         self.rzxy = self._r = None
         self._empty = np.zeros(0)
+        self._theta_step = _blocked.ThetaFactorizer(
+            pat, self.layout, self.avals, self._lam,
+            self._lblocks if self.factor is None else self._empty,
+            self._empty if self.factor is None else self._mx, self.factor)
 
     # -- cross-products -------------------------------------------------------------
     def set_products(self, xy, weights=None):
@@ -116,9 +120,9 @@ class BlockedSystem:
             self.ztxy = np.zeros((self.q, m), order="F")
             self.rzxy = np.zeros((self.q, m), order="F")
             self._r = np.zeros((m, m))
-        _blocked.accumulate_zt(pat.zcat, pat.codes, pat.uoff, pat.zoff, pat.kk, w, xy, self.ztxy)
-        if self.xtxy is None or self.xtxy.shape[0] != m:
             self.xtxy = np.zeros((m, m))
+            self._theta_step.bind_products(self.ztxy, self.rzxy, self.xtxy, self._r)
+        _blocked.accumulate_zt(pat.zcat, pat.codes, pat.uoff, pat.zoff, pat.kk, w, xy, self.ztxy)
         _blocked.weighted_crossprod(xy, w, self.xtxy)
 
     # -- factorization at θ -----------------------------------------------------------
@@ -136,25 +140,11 @@ class BlockedSystem:
         Afterwards ``self.rzxy`` holds L⁻¹PΛ'Z'W[X y]. With ``schur=False`` the dense
         Schur complement is skipped (PIRLS over u alone needs only L) and r is None.
         """
-        pat = self.pattern
-        lam = self.layout.lam(theta, self._lam)
-        _blocked.lambda_apply(self.ztxy, pat.uoff, pat.kk, pat.nlev, lam,
-                              self.layout.lam_off, True, self.rzxy)
-        if self.factor is None:
-            logdet = _blocked.blockdiag_factor(self.avals, lam, self._k, self._lblocks)
-            if not np.isfinite(logdet):
-                raise np.linalg.LinAlgError("random-effects block not positive definite")
-            _blocked.blockdiag_forward(self._lblocks, self._k, self.rzxy)
-        else:
-            _blocked.scatter_lambda(self.avals, pat.blk_off, pat.blk_tr, pat.blk_tc,
-                                    pat.blk_diag, lam, self.layout.lam_off, pat.kk,
-                                    pat.pos, self._mx)
-            self.factor.factorize()
-            logdet = self.factor.logdet()
-            self.factor.forward(self.rzxy)
+        logdet, status = self._theta_step.factorize(theta, schur)
+        if not np.isfinite(logdet):
+            raise np.linalg.LinAlgError("random-effects block not positive definite")
         if not schur:
             return logdet, None
-        status = _blocked.schur_cholesky(self.xtxy, self.rzxy, self._r)
         if status:
             raise np.linalg.LinAlgError(
                 f"fixed-effects block not positive definite at column {status}: the columns of X "
