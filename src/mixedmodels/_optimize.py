@@ -3,6 +3,7 @@
 NLopt's BOBYQA, as MixedModels.jl uses, with its default tolerances. The record of the
 optimization (``OptSummary``) stays on the fitted model.
 """
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -86,17 +87,19 @@ def minimize(objective, optsum, progress=False):
     if optsum.initial_step is not None:
         opt.set_initial_step(np.asarray(optsum.initial_step, dtype=float))
     bar = _Progress(progress)
-    best = {"f": np.inf, "x": x0.copy()}
+    best = [np.inf, x0.copy()]
+    fitlog = optsum.fitlog
 
     def f(x, grad):
         val = float(objective(x))
-        if not np.isfinite(val):
-            val = np.inf
-        optsum.fitlog.append((x.copy(), val))
-        if val < best["f"]:
-            best["f"], best["x"] = val, x.copy()
-        bar.update(len(optsum.fitlog))
-        return val if np.isfinite(val) else 1e300
+        if not math.isfinite(val):
+            val = math.inf
+        fitlog.append((x.copy(), val))
+        if val < best[0]:
+            best[0], best[1] = val, x.copy()
+        if progress:
+            bar.update(len(fitlog))
+        return val if val != math.inf else 1e300
 
     t0 = time.perf_counter()
     try:
@@ -107,7 +110,7 @@ def minimize(objective, optsum, progress=False):
         optsum.returnvalue = "ROUNDOFF_LIMITED"
     optsum.elapsed = time.perf_counter() - t0
     bar.update(len(optsum.fitlog), final=True)
-    optsum.final, optsum.fmin = best["x"], best["f"]
+    optsum.fmin, optsum.final = best
     optsum.feval = len(optsum.fitlog)
     if optsum.returnvalue == "MAXEVAL_REACHED":
         import warnings

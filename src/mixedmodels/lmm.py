@@ -11,6 +11,8 @@ squares r². With n observations, p fixed effects and d = n (ML) or n - p (REML)
 the deviance with β and σ² profiled out (σ̂² = r² / d). The last term is present only with
 precision weights w.
 """
+import math
+
 import numpy as np
 
 from ._linalg._blocked import upper_solve
@@ -60,6 +62,7 @@ class LinearMixedModel(MixedModelSpec):
         if self.REML and n <= self.p:
             raise ValueError(f"REML needs more observations ({n}) than fixed effects ({self.p})")
         self._logw = 0.0 if d.weights is None else float(np.sum(np.log(d.weights)))
+        self._dfr = self._dof_resid()
         self.system.set_products(np.column_stack([d.X, d.y]), d.weights)
 
     def _dof_resid(self):
@@ -67,23 +70,29 @@ class LinearMixedModel(MixedModelSpec):
 
     def _evaluate(self, theta):
         logdet, r = self.system.factorize(theta)
-        pwrss = r[-1, -1] ** 2
-        dfr = self._dof_resid()
-        val = 2.0 * logdet + dfr * (1.0 + np.log(2.0 * np.pi * pwrss / dfr)) - self._logw
+        pwrss = float(r[-1, -1]) ** 2
+        dfr = self._dfr
+        if pwrss <= 0.0:
+            return -math.inf, logdet, r, pwrss
+        val = 2.0 * logdet + dfr * (1.0 + math.log(2.0 * math.pi * pwrss / dfr)) - self._logw
         if self.REML:
-            val += 2.0 * np.sum(np.log(np.diag(r)[:-1]))
+            val += 2.0 * float(np.sum(np.log(np.diag(r)[:-1])))
         return val, logdet, r, pwrss
 
     def objective(self, theta):
         """-2 log-likelihood (ML) or the REML criterion, profiled over β and σ, at θ."""
         return self._evaluate(self._check_theta(theta))[0]
 
+    def _objective_unchecked(self, theta):
+        # the optimizer's entry: θ comes from NLopt as a float64 vector of the right length
+        return self._evaluate(theta)[0]
+
     def fit(self, progress=False, initial=None):
         """Minimize the objective over θ with BOBYQA; return a :class:`LinearMixedModelFit`."""
         optsum = OptSummary(initial=self.layout.initial() if initial is None else np.asarray(initial, float),
                             lowerbd=self.layout.lower, initial_step=np.full(self.layout.ntheta, 0.75))
-        minimize(self.objective, optsum, progress=progress)
-        rectify(self.objective, optsum, np.flatnonzero(np.isfinite(self.layout.lower)))
+        minimize(self._objective_unchecked, optsum, progress=progress)
+        rectify(self._objective_unchecked, optsum, np.flatnonzero(np.isfinite(self.layout.lower)))
         return LinearMixedModelFit(self, optsum.final, optsum)
 
 
