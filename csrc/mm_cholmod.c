@@ -152,4 +152,5 @@ int mm_chol_backward(mm_chol *h, int nrhs, double *b, int ld)
 const int *mm_chol_perm(const mm_chol *h) { return h->L->Perm; }
 int mm_chol_is_super(const mm_chol *h) { return h->L->is_super; }
 double mm_chol_lnz(const mm_chol *h) { return h->c.lnz; }
+double mm_chol_flops(const mm_chol *h) { return h->c.fl; }
 int mm_chol_version(void) { return CHOLMOD_VERSION; }

@@ -36,6 +36,7 @@ int mm_chol_backward(mm_chol *h, int nrhs, double *b, int ld);
 const int *mm_chol_perm(const mm_chol *h);
 int mm_chol_is_super(const mm_chol *h);
 double mm_chol_lnz(const mm_chol *h);
+double mm_chol_flops(const mm_chol *h);   /* floating-point operations of one factorization */
 int mm_chol_version(void);
 
 #endif

@@ -24,6 +24,7 @@ cdef extern from "mm_cholmod.h":
     const int *mm_chol_perm(const mm_chol *h)
     int mm_chol_is_super(const mm_chol *h)
     double mm_chol_lnz(const mm_chol *h)
+    double mm_chol_flops(const mm_chol *h)
     int mm_chol_version()
 
 _MODES = {"auto": 0, "simplicial": 1, "supernodal": 2}
@@ -123,6 +124,11 @@ cdef class SparseCholesky:
     @property
     def is_supernodal(self):
         return bool(mm_chol_is_super(self.h))
+
+    @property
+    def flops(self):
+        """Floating-point operations of one factorization, as counted by the analysis."""
+        return float(mm_chol_flops(self.h))
 
     @property
     def nnz_factor(self):
