@@ -37,8 +37,7 @@ def faster_factor(indptr, indices, mx):
     one, while on insteval it is twice as fast. The work depends on the pattern only, so
     where the choice is not clear-cut both are timed once here on M = I written into the
     pattern, and the faster is kept. Above 350 flops per nonzero of L (insteval: 439; the
-    slope model above: 190) the
-    dense supernodes win outright and the trial is skipped.
+    slope model above: 190) the dense supernodes win outright and the trial is skipped.
     """
     diag = np.zeros(len(mx), dtype=bool)
     diag[indptr[:-1]] = True             # sorted CSC lower triangle: the diagonal comes first
