@@ -90,12 +90,14 @@ class LinearMixedModel(MixedModelSpec):
     def starting_theta(self):
         """Where the optimizer starts, and its initial steps.
 
-        A vector-valued term starts as lme4 does (Λ = I, step 0.75). A scalar term starts
-        from a one-way moment estimate: with r the OLS residuals, its level means m_j (n_j
-        rows each) and the within-level variance s²_w, σ²_b ≈ var(m_j) - s²_w mean(1/n_j)
-        and θ = sqrt(max(σ²_b / s²_w, 0.01)), with a step of a quarter of θ. Only the path
-        changes, not the optimum: for a one-way design this is close to the ML estimate,
-        and on insteval it saves two thirds of the evaluations.
+        Each term starts from a moment estimate of its covariance relative to σ²: with r
+        the OLS residuals, the term's coefficients are fitted level by level (b_j from
+        Z_j'Z_j b_j = Z_j'r_j), and their between-level covariance less the average
+        sampling covariance s²(Z_j'Z_j)⁻¹, over s², gives ΛΛ' (eigenvalues floored at 0.01,
+        so the start keeps off the boundary); θ is its Cholesky factor (its diagonal for
+        ``||`` terms) and each step a quarter of θ (at least 0.05). A term with too few
+        usable levels starts as lme4 does (Λ = I, step 0.75). Only the path changes, not
+        the optimum: insteval takes 37 evaluations instead of 102, sleepstudy 38 for 49.
         """
         d = self.design
         theta = self.layout.initial()
@@ -104,17 +106,17 @@ class LinearMixedModel(MixedModelSpec):
         r = d.y - d.X @ beta
         pos = 0
         for t in self.reterms:
-            npar = t.ncols if t.zerocorr else t.ncols * (t.ncols + 1) // 2
-            if t.ncols == 1:
-                n_j = np.bincount(t.codes, minlength=t.nlevels).astype(float)
-                zr = r * t.z[:, 0]
-                m_j = np.bincount(t.codes, weights=zr, minlength=t.nlevels) / np.maximum(n_j, 1.0)
-                dfw = len(r) - t.nlevels
-                within = np.sum((zr - m_j[t.codes]) ** 2) / dfw if dfw > 0 else 0.0
-                if within > 0.0 and np.isfinite(within):
-                    between = np.var(m_j) - within * np.mean(1.0 / np.maximum(n_j, 1.0))
-                    theta[pos] = math.sqrt(max(between / within, 0.01))
-                    step[pos] = max(0.25 * theta[pos], 0.05)
+            k = t.ncols
+            npar = k if t.zerocorr else k * (k + 1) // 2
+            rel = _relative_covariance(t, r)
+            if rel is not None:
+                if t.zerocorr:
+                    vals = np.sqrt(np.diag(rel))
+                else:
+                    chol = np.linalg.cholesky(rel)
+                    vals = np.array([chol[e, a] for a in range(k) for e in range(a, k)])
+                theta[pos:pos + npar] = vals
+                step[pos:pos + npar] = np.maximum(0.25 * np.abs(vals), 0.05)
             pos += npar
         return theta, step
 
@@ -130,6 +132,34 @@ class LinearMixedModel(MixedModelSpec):
         minimize(self._objective_unchecked, optsum, progress=progress)
         rectify(self._objective_unchecked, optsum, np.flatnonzero(np.isfinite(self.layout.lower)))
         return LinearMixedModelFit(self, optsum.final, optsum)
+
+
+def _relative_covariance(term, r):
+    """Moment estimate of a term's random-effects covariance over σ² (see starting_theta)."""
+    k, c, z, nlev = term.ncols, term.codes, term.z, term.nlevels
+    ztz = np.empty((nlev, k, k))
+    ztr = np.empty((nlev, k))
+    for a in range(k):
+        ztr[:, a] = np.bincount(c, weights=z[:, a] * r, minlength=nlev)
+        for e in range(a, k):
+            ztz[:, a, e] = ztz[:, e, a] = np.bincount(c, weights=z[:, a] * z[:, e], minlength=nlev)
+    usable = np.linalg.matrix_rank(ztz) == k
+    if usable.sum() < k + 2:
+        return None
+    coef = np.zeros((nlev, k))
+    coef[usable] = np.linalg.solve(ztz[usable], ztr[usable][..., None])[..., 0]
+    rows = usable[c]
+    resid = (r - np.einsum("ij,ij->i", z, coef[c]))[rows]
+    dfw = resid.size - k * int(usable.sum())
+    if dfw <= 0:
+        return None
+    s2 = float(resid @ resid) / dfw
+    if not (s2 > 0.0 and np.isfinite(s2)):
+        return None
+    between = np.atleast_2d(np.cov(coef[usable].T))
+    rel = (between - s2 * np.mean(np.linalg.inv(ztz[usable]), axis=0)) / s2
+    w, v = np.linalg.eigh((rel + rel.T) / 2)
+    return (v * np.maximum(w, 0.01)) @ v.T
 
 
 def rx_inverse_crossprod(r, p):
