@@ -155,7 +155,7 @@ def ensure_lme4():
     return True
 
 
-def machine_info(threads):
+def machine_info(threads, ours_src):
     cpu = "?"
     try:
         for line in open("/proc/cpuinfo"):
@@ -181,14 +181,19 @@ def machine_info(threads):
         if os.path.exists(cand):
             blas = os.path.realpath(cand)   # what CHOLMOD (ours) and R resolve libblas.so.3 to
             break
-    git = {}
-    try:
-        git["head"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=P.REPO,
-                                     capture_output=True, text=True).stdout.strip()
-        git["src_dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "src"], cwd=P.REPO,
-                                               capture_output=True, text=True).stdout.strip())
-    except OSError:
-        pass
+    git = {"ours_src": str(ours_src)}
+    snap = Path(ours_src).parent / "COMMIT"
+    if snap.exists():   # a snapshot made with `git archive` (see README)
+        git["head"] = snap.read_text().strip()
+        git["src_dirty"] = False
+    else:
+        try:
+            git["head"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=P.REPO,
+                                         capture_output=True, text=True).stdout.strip()
+            git["src_dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "src"], cwd=P.REPO,
+                                                   capture_output=True, text=True).stdout.strip())
+        except OSError:
+            pass
     return {"cpu": cpu, "nproc": os.cpu_count(), "memory": mem,
             "python": platform.python_version(), "numpy": npv,
             "platform": platform.platform(), "threads": threads, "system_blas": blas,
@@ -215,8 +220,9 @@ def run_suite(args):
     env = dict(os.environ)
     for v in THREAD_VARS:
         env[v] = str(threads)
+    ours_src = Path(args.ours_src).resolve() if args.ours_src else P.REPO / "src"
     env["PYTHONPATH"] = os.pathsep.join(
-        [str(P.REPO / "src")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        [str(ours_src)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     (HERE / "results" / "tmp").mkdir(parents=True, exist_ok=True)
     log(f"threads pinned: {', '.join(f'{v}={threads}' for v in THREAD_VARS)}")
 
@@ -228,7 +234,7 @@ def run_suite(args):
 
     results = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "command": " ".join(["python", "benchmarks/run.py"] + sys.argv[1:]),
-               "machine": machine_info(threads), "libraries": {}, "problems": {},
+               "machine": machine_info(threads, ours_src), "libraries": {}, "problems": {},
                "repeats": args.repeats, "budget": args.budget, "timeout": args.timeout,
                "references": P.reference_objectives()}
 
@@ -442,6 +448,9 @@ def main(argv=None):
     ap.add_argument("--mem-warm-same", type=float, default=5.0,
                     help="memory pass: warm up on the problem itself when its fit takes less than this many seconds, "
                          "else on a small problem of the same family (default 5)")
+    ap.add_argument("--ours-src", default=None,
+                    help="the src/ directory mixedmodels is imported from (default: this tree's src/; "
+                         "point it at a built snapshot to keep concurrent edits out of a run)")
     ap.add_argument("--out", default=str(HERE / "results"), help="output directory (default benchmarks/results)")
     ap.add_argument("--list", action="store_true", help="list the problems and exit")
     args = ap.parse_args(argv)
