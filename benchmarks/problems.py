@@ -38,17 +38,6 @@ DATA_DIR = REPO / "src" / "mixedmodels" / "datasets" / "data"
 TMP_DIR = HERE / "results" / "tmp"
 REFERENCE = Path("/work/shared/reference/lme4_public.json")
 
-# Categorical columns of the bundled data sets (kept as strings, as mixedmodels does).
-CATEGORICAL = {
-    "cbpp": ["herd", "period"],
-    "contra": ["dist", "urban", "livch", "use"],
-    "grouseticks": ["index", "brood", "location", "year"],
-    "insteval": ["s", "d", "dept", "studage", "lectage", "service"],
-    "pastes": ["batch", "cask"],
-    "penicillin": ["plate", "sample"],
-    "sleepstudy": ["subj"],
-    "verbagg": ["subj", "item", "gender", "btype", "situ", "mode", "resp", "r2"],
-}
 
 
 @dataclass
@@ -215,9 +204,10 @@ def reference_objectives():
 # ----------------------------------------------------------------------------------
 
 def load_bundled(name):
-    import pandas as pd
-    cats = CATEGORICAL.get(name, [])
-    return pd.read_csv(DATA_DIR / f"{name}.csv.gz", dtype={c: str for c in cats})
+    # the same reader every library's runner uses: categorical columns stay strings
+    from mixedmodels.datasets import dataset
+
+    return dataset(name)
 
 
 def prepare(problem, df):

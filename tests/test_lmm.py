@@ -186,6 +186,7 @@ def test_optimization_record_is_kept():
     assert opt.feval == len(opt.fitlog) > 5
     assert opt.fmin == pytest.approx(m.objective, abs=1e-12)
     assert opt.returnvalue in {"FTOL_REACHED", "XTOL_REACHED", "SUCCESS"}
+    assert 0 < m.model.setup_seconds and 0 < opt.elapsed
 
 
 def test_progress_prints_minimizing_line(capsys):

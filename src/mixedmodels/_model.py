@@ -1,4 +1,5 @@
 """What LMM and GLMM specifications share: the design, the term order, the workspace."""
+import time
 from functools import cached_property
 
 import numpy as np
@@ -24,6 +25,7 @@ class MixedModelSpec:
 
     def __init__(self, formula, data, *, weights=None, offset=None, contrasts=None,
                  na_action="drop"):
+        self._t0 = time.perf_counter()   # set-up time: the subclasses finish the clock
         self.formula = formula
         self.design = design = build_design(formula, data, contrasts=contrasts, weights=weights,
                                             offset=offset, na_action=na_action)
@@ -36,6 +38,11 @@ class MixedModelSpec:
                                     [t.nlevels for t in self.reterms],
                                     [bool(t.zerocorr) for t in self.reterms])
         self.layout = self.system.layout
+
+    def _setup_done(self):
+        """Record ``setup_seconds``: formula, design, block pattern, symbolic analysis,
+        cross-products — everything before the first objective evaluation."""
+        self.setup_seconds = time.perf_counter() - self._t0
 
     @property
     def n(self):

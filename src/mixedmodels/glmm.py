@@ -73,6 +73,7 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         self.state = PirlsState(self.n)
         self._u = np.zeros(self.system.q)
         self.beta0 = self._glm_start()
+        self._setup_done()
 
     def _glm_start(self):
         """β of the GLM without random effects (IRLS), the starting point of the fit."""

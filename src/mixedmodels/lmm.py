@@ -64,6 +64,7 @@ class LinearMixedModel(MixedModelSpec):
         self._logw = 0.0 if d.weights is None else float(np.sum(np.log(d.weights)))
         self._dfr = self._dof_resid()
         self.system.set_products(np.column_stack([d.X, d.y]), d.weights)
+        self._setup_done()
 
     def _dof_resid(self):
         return self.n - self.p if self.REML else self.n
