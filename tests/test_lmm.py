@@ -200,3 +200,21 @@ def test_structure_paths_are_reported():
     crossed = mm.LinearMixedModel("diameter ~ 1 + (1 | plate) + (1 | sample)", mm.dataset("penicillin"))
     assert one.path == "block-diagonal" and "18 levels" in one.describe()
     assert crossed.path == "cholmod" and "cholmod" in crossed.describe()
+
+
+def test_sleepstudy_tables_to_the_digits_the_optimum_fixes():
+    """The issue's digits for the MixedModels.jl tables of the sleepstudy ML fit."""
+    m = mm.fit("reaction ~ 1 + days + (1 + days | subj)", mm.dataset("sleepstudy"))
+    vc = m.varcorr
+    var, sd = vc.variances["subj"], vc.stddevs["subj"]
+    assert (round(var[0], 1), round(var[1], 2), round(m.sigma ** 2, 1)) == (565.5, 32.68, 654.9)
+    assert (round(sd[0], 2), round(sd[1], 3), round(m.sigma, 2)) == (23.78, 5.717, 25.59)
+    assert round(vc.correlations["subj"][0, 1], 2) == 0.08
+    assert (round(m.coef[0], 3), round(m.coef[1], 4)) == (251.405, 10.4673)
+    assert (round(m.stderror[0], 3), round(m.stderror[1], 3)) == (6.632, 1.502)
+    z = m.coef / m.stderror
+    assert (round(z[0], 2), round(z[1], 2)) == (37.91, 6.97)
+    text = str(m)
+    for cell in ["251.405", "10.4673", "37.91", "6.97", "<1e-99", "<1e-11", "+0.08",
+                 "Number of obs: 180; levels of grouping factors: 18"]:
+        assert cell in text
