@@ -67,8 +67,12 @@ def _fail(formula, why):
     return ValueError(f"cannot parse formula {formula!r}: {why}")
 
 
-def _scan(text):
-    """Yield (index, char, depth) outside string literals; depth counts parentheses."""
+def _scan(text, end=None):
+    """Yield (index, char, depth) outside string literals; depth counts parentheses.
+
+    If ``end`` is a dict, ``end["quote"]`` is left holding the quote character of a
+    string literal still open at the end of ``text`` (None when all are closed).
+    """
     depth = 0
     quote = None
     i = 0
@@ -90,33 +94,20 @@ def _scan(text):
             depth -= 1
         yield i, ch, depth
         i += 1
+    if end is not None:
+        end["quote"] = quote
 
 
 def _check_balanced(formula):
     depth = 0
-    for _, _, depth in _scan(formula):
+    end = {}
+    for _, _, depth in _scan(formula, end):
         if depth < 0:
             raise _fail(formula, "unbalanced parentheses (a ')' without its '(')")
     if depth != 0:
         raise _fail(formula, "unbalanced parentheses")
-    if _unterminated_string(formula):
+    if end["quote"] is not None:
         raise _fail(formula, "unterminated string literal")
-
-
-def _unterminated_string(text):
-    quote = None
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if quote:
-            if ch == "\\":
-                i += 1
-            elif ch == quote:
-                quote = None
-        elif ch in "\"'":
-            quote = ch
-        i += 1
-    return quote is not None
 
 
 def _split_top(text, sep):
