@@ -136,6 +136,25 @@ class Worker:
 # Environment
 # ----------------------------------------------------------------------------------
 
+# import name -> what pip installs; the peers and the plot, from PyPI when missing
+PYTHON_DEPS = {"matplotlib": "matplotlib", "statsmodels": "statsmodels", "psutil": "psutil",
+               "glmm": "glmm", "mixedlm": "mixedlm"}
+
+
+def ensure_python_deps():
+    """Install the Python peers and matplotlib with pip when they are missing, and say so."""
+    import importlib.util
+    missing = [pkg for mod, pkg in PYTHON_DEPS.items() if importlib.util.find_spec(mod) is None]
+    if not missing:
+        return
+    log(f"installing missing Python packages with pip: {' '.join(missing)}")
+    for pkg in missing:   # one at a time: a peer that fails to install is left out, not fatal
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", pkg],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            log(f"pip could not install {pkg}; it is left out ({r.stderr.strip().splitlines()[-1:]})")
+
+
 def ensure_lme4():
     """lme4 through Debian's r-cran-lme4; installed with apt-get when missing."""
     def ok():
@@ -227,6 +246,7 @@ def run_suite(args):
     log(f"threads pinned: {', '.join(f'{v}={threads}' for v in THREAD_VARS)}")
 
     libs = [x for x in args.libs.split(",") if x]
+    ensure_python_deps()
     if "lme4" in libs and not ensure_lme4():
         libs.remove("lme4")
     problems = select(P.registry(args.scaling), args.problems, args.all)
