@@ -155,6 +155,18 @@ def ensure_python_deps():
             log(f"pip could not install {pkg}; it is left out ({r.stderr.strip().splitlines()[-1:]})")
 
 
+def ensure_ours(ours_src):
+    """A fresh clone has no compiled extensions yet: build them with scripts/setup.sh."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); "
+            "import mixedmodels._linalg._cholmod, mixedmodels._kernels._glm, mixedmodels; "
+            "assert mixedmodels.__file__.startswith(sys.argv[1]), mixedmodels.__file__")
+    probe = [sys.executable, "-c", code, str(Path(ours_src).resolve())]
+    if subprocess.run(probe, capture_output=True).returncode == 0:
+        return
+    log("mixedmodels is not built here; running scripts/setup.sh")
+    subprocess.run(["bash", str(P.REPO / "scripts" / "setup.sh")], check=True)
+
+
 def ensure_lme4():
     """lme4 through Debian's r-cran-lme4; installed with apt-get when missing."""
     def ok():
@@ -247,6 +259,8 @@ def run_suite(args):
 
     libs = [x for x in args.libs.split(",") if x]
     ensure_python_deps()
+    if "mixedmodels" in libs:
+        ensure_ours(ours_src)
     if "lme4" in libs and not ensure_lme4():
         libs.remove("lme4")
     problems = select(P.registry(args.scaling), args.problems, args.all)
