@@ -103,7 +103,9 @@ class LinearMixedModel(MixedModelSpec):
         d = self.design
         theta = self.layout.initial()
         step = np.full(self.layout.ntheta, 0.75)
-        beta = np.linalg.lstsq(d.X, d.y, rcond=None)[0] if self.p else np.zeros(0)
+        # OLS residuals; X has full column rank (aliased columns were dropped), so the
+        # normal equations suffice for a starting point
+        beta = np.linalg.solve(d.X.T @ d.X, d.X.T @ d.y) if self.p else np.zeros(0)
         r = d.y - d.X @ beta
         pos = 0
         for t in self.reterms:
@@ -144,11 +146,21 @@ def _relative_covariance(term, r):
         ztr[:, a] = np.bincount(c, weights=z[:, a] * r, minlength=nlev)
         for e in range(a, k):
             ztz[:, a, e] = ztz[:, e, a] = np.bincount(c, weights=z[:, a] * z[:, e], minlength=nlev)
-    usable = np.linalg.matrix_rank(ztz) == k
+    # levels whose own k-by-k system is solvable (a determinant well away from zero
+    # relative to its diagonal: cheaper than a rank decomposition per level)
+    diag_prod = np.prod(np.diagonal(ztz, axis1=1, axis2=2), axis=1)
+    if k == 1:
+        usable = diag_prod > 0.0
+    else:
+        usable = (diag_prod > 0.0) & (np.linalg.det(ztz) > 1e-10 * diag_prod)
     if usable.sum() < k + 2:
         return None
+    if k == 1:
+        inv = 1.0 / ztz[usable]
+    else:
+        inv = np.linalg.inv(ztz[usable])
     coef = np.zeros((nlev, k))
-    coef[usable] = np.linalg.solve(ztz[usable], ztr[usable][..., None])[..., 0]
+    coef[usable] = np.einsum("lij,lj->li", inv, ztr[usable])
     rows = usable[c]
     resid = (r - np.einsum("ij,ij->i", z, coef[c]))[rows]
     dfw = resid.size - k * int(usable.sum())
@@ -157,8 +169,11 @@ def _relative_covariance(term, r):
     s2 = float(resid @ resid) / dfw
     if not (s2 > 0.0 and np.isfinite(s2)):
         return None
-    between = np.atleast_2d(np.cov(coef[usable].T))
-    rel = (between - s2 * np.mean(np.linalg.inv(ztz[usable]), axis=0)) / s2
+    dev = coef[usable] - coef[usable].mean(axis=0)
+    between = dev.T @ dev / (len(dev) - 1)
+    rel = (between - s2 * inv.mean(axis=0)) / s2
+    if k == 1:
+        return np.maximum(rel, 0.01)
     w, v = np.linalg.eigh((rel + rel.T) / 2)
     return (v * np.maximum(w, 0.01)) @ v.T
 
