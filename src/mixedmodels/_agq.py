@@ -16,6 +16,7 @@ from functools import lru_cache
 import numpy as np
 
 from ._kernels import _glm
+from ._linalg._blocked import matvec
 
 
 @lru_cache(maxsize=32)
@@ -27,7 +28,8 @@ def gauss_hermite_normal(n):
 
 def _inputs(model, theta, beta):
     term = model.reterms[0]
-    fixed = model.design.X @ beta + model.offset_or_zero
+    fixed = np.empty(model.n)
+    matvec(model.design.X, np.ascontiguousarray(beta, dtype=float), model.offset_or_zero, fixed)
     zlam = np.ascontiguousarray(term.z[:, 0] * theta[0])
     sd = 1.0 / model.system.blockdiag_diagonal()
     return term, fixed, zlam, sd

@@ -62,12 +62,9 @@ class LinearMixedModel(MixedModelSpec):
         if self.REML and n <= self.p:
             raise ValueError(f"REML needs more observations ({n}) than fixed effects ({self.p})")
         self._logw = 0.0 if d.weights is None else float(np.sum(np.log(d.weights)))
-        self._dfr = self._dof_resid()
+        self._dfr = n - self.p if self.REML else n    # residual degrees of freedom
         self.system.set_products(np.column_stack([d.X, d.y]), d.weights)
         self._setup_done()
-
-    def _dof_resid(self):
-        return self.n - self.p if self.REML else self.n
 
     def _evaluate(self, theta):
         logdet, r = self.system.factorize(theta)
@@ -208,7 +205,7 @@ class LinearMixedModelFit(MixedModelFit):
         self.pwrss = float(pwrss)
         self.coef = r[:p, p].copy()
         upper_solve(r, self.coef)
-        self.sigma = float(np.sqrt(pwrss / model._dof_resid()))
+        self.sigma = float(np.sqrt(pwrss / model._dfr))
         self.vcov = self.sigma ** 2 * rx_inverse_crossprod(r, p)
         sysm = model.system
         cu = np.asfortranarray((sysm.rzxy[:, p] - sysm.rzxy[:, :p] @ self.coef)[:, None])
