@@ -26,32 +26,40 @@ def gauss_hermite_normal(n):
     return z, w / np.sqrt(2.0 * np.pi)
 
 
-def _inputs(model, theta, beta):
+def _inputs(model, theta, beta, working, prior_w, sd):
     term = model.reterms[0]
     fixed = np.empty(model.n)
-    matvec(model.design.X, np.ascontiguousarray(beta, dtype=float), model.offset_or_zero, fixed)
+    beta_w = beta if working else model.fixed.to_working(beta)
+    matvec(model.X, np.ascontiguousarray(beta_w, dtype=float), model.offset_or_zero, fixed)
     zlam = np.ascontiguousarray(term.z[:, 0] * theta[0])
-    sd = 1.0 / model.system.blockdiag_diagonal()
-    return term, fixed, zlam, sd
+    if sd is None:
+        sd = 1.0 / model.workspace.blockdiag_diagonal()
+    pw = model.prior_w if prior_w is None else np.ascontiguousarray(prior_w, dtype=float)
+    return term, fixed, zlam, np.ascontiguousarray(sd, dtype=float), pw
 
 
-def agq_deviance(model, theta, beta, u, nAGQ):
-    """The AGQ deviance at the modes u (PIRLS has just found them, so the model's
-    system holds the factor at u)."""
-    term, fixed, zlam, sd = _inputs(model, theta, beta)
+def agq_deviance(model, theta, beta, u, nAGQ, working=False, prior_w=None, sd=None):
+    """The AGQ deviance at the modes u.
+
+    ``beta`` is in the coefficients' own coordinates, or in the working basis of
+    _fixed.py with ``working=True``. ``sd`` are the per-level scales s_j (default: from
+    the factor PIRLS has just left at the modes); ``prior_w`` overrides the prior
+    weights (w/φ for the dispersion families).
+    """
+    term, fixed, zlam, sd, pw = _inputs(model, theta, beta, working, prior_w, sd)
     nodes, weights = gauss_hermite_normal(nAGQ)
     nlev = term.nlevels
     fam = model.family
     return _glm.agq_deviance(fam.code, fam.link.code, fixed, zlam, term.codes, model.y,
-                             model.prior_w, np.ascontiguousarray(u), sd, nodes, weights,
+                             pw, np.ascontiguousarray(u), sd, nodes, weights,
                              np.empty(nlev), np.empty(nlev), np.empty(nlev))
 
 
-def agq_deviance_numpy(model, theta, beta, u, nAGQ):
+def agq_deviance_numpy(model, theta, beta, u, nAGQ, working=False, prior_w=None, sd=None):
     """NumPy twin of the compiled kernel, through the family's own ``update``."""
-    term, fixed, zlam, sd = _inputs(model, theta, beta)
+    term, fixed, zlam, sd, pw = _inputs(model, theta, beta, working, prior_w, sd)
     codes, nlev = term.codes, term.nlevels
-    st, fam, y, pw = model.state, model.family, model.y, model.prior_w
+    st, fam, y = model.state, model.family, model.y
 
     def devc_at(v):
         st.evaluate(fam, y, pw, fixed + zlam * v[codes])

@@ -1,13 +1,25 @@
-"""What LMM and GLMM specifications share: the design, the term order, the workspace."""
+"""What LMM and GLMM specifications share: the design, the term order, the workspace.
+
+A specification is a record of the model: formula, design (y, X, terms, weights,
+offset), the θ layout and the fixed-effects basis. The workspace (cross-products, the
+CHOLMOD factor, scratch arrays; compiled objects that cannot be pickled) is built on
+first use and dropped when the specification is pickled or copied, so a specification,
+and a fit that refers to it, is a plain picklable record. ``with_response(y)`` gives
+the same model with a new response (bootstrap, simulation, refits).
+"""
+import copy
+import dataclasses
 import time
-from functools import cached_property
+import warnings
 
 import numpy as np
 
+from ._fixed import FixedEffectsBasis
 from ._linalg._pattern import term_order
-from ._linalg.system import BlockedSystem
+from ._linalg.system import BlockedSystem, ThetaLayout
 from ._results import random_effects_matrix
 from .formula import build_design
+from .formula._design import _as_frame
 
 
 class MixedModelSpec:
@@ -19,29 +31,106 @@ class MixedModelSpec:
         y, X, the random-effects terms as the formula gave them, weights, offset.
     reterms : list of ReTerm
         The terms in decreasing order of their number of levels (θ's order, lme4's too).
-    system : BlockedSystem
-        The workspace: cross-products and their factorization at θ.
+    layout : ThetaLayout
+        How θ fills the Λ templates.
+    fixed : FixedEffectsBasis
+        X = X̃ R̃ with X̃ orthogonal: the fitting code works with X̃ and β̃ = R̃β.
+    workspace : BlockedSystem
+        Cross-products and their factorization at θ; built on demand, never pickled.
     """
 
+    # attributes rebuilt on demand, never pickled
+    _transient = ("_workspace", "_Z")
+
     def __init__(self, formula, data, *, weights=None, offset=None, contrasts=None,
-                 na_action="drop"):
+                 na_action="drop", drop_zero_weights=False):
         self._t0 = time.perf_counter()   # set-up time: the subclasses finish the clock
         self.formula = formula
-        self.design = design = build_design(formula, data, contrasts=contrasts, weights=weights,
-                                            offset=offset, na_action=na_action)
+        design = build_design(formula, data, contrasts=contrasts, weights=weights,
+                              offset=offset, na_action=na_action)
+        if drop_zero_weights and design.weights is not None and np.any(design.weights == 0):
+            design = _without_zero_weights(design, formula, data, contrasts, weights, offset,
+                                           na_action)
+        self.design = design
         if not design.reterms:
             raise ValueError(f"formula {formula!r} has no random-effects term like (1 | g); "
                              "fit a fixed-effects model with another library")
         order = term_order([t.nlevels for t in design.reterms])
         self.reterms = [design.reterms[i] for i in order]
-        self.system = BlockedSystem([t.codes for t in self.reterms], [t.z for t in self.reterms],
-                                    [t.nlevels for t in self.reterms],
-                                    [bool(t.zerocorr) for t in self.reterms])
-        self.layout = self.system.layout
+        self.layout = ThetaLayout([t.ncols for t in self.reterms],
+                                  [bool(t.zerocorr) for t in self.reterms])
+        self.fixed = FixedEffectsBasis(design.X, design.coef_names)
+        self._workspace = None
+        self._Z = None
+
+    # -- the workspace, rebuilt on demand -------------------------------------------
+    @property
+    def workspace(self):
+        """The blocked system of this model (built on first use)."""
+        if self._workspace is None:
+            self._workspace = BlockedSystem([t.codes for t in self.reterms],
+                                            [t.z for t in self.reterms],
+                                            [t.nlevels for t in self.reterms],
+                                            [bool(t.zerocorr) for t in self.reterms])
+            self._workspace_ready(self._workspace)
+        return self._workspace
+
+    # the name lme4's predictor module would use; kept for readers of older code
+    system = workspace
+
+    def _workspace_ready(self, ws):
+        """Subclasses load the per-model data into a fresh workspace."""
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        for name in self._transient:
+            state[name] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def __copy__(self):
+        new = object.__new__(type(self))
+        new.__setstate__(self.__getstate__())
+        return new
+
+    def __deepcopy__(self, memo):
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
+
+    def with_response(self, y):
+        """The same model with a new response (same X, terms, weights and offset).
+
+        Parameters
+        ----------
+        y : array_like, shape (n,)
+            One value per row used in fitting (``len(model.design.y)``).
+
+        Returns
+        -------
+        A specification of the same class, with its own workspace.
+        """
+        y = np.asarray(y, dtype=np.float64).ravel()
+        if y.shape != self.design.y.shape:
+            raise ValueError(f"the new response has {y.size} values; the model has "
+                             f"{self.design.y.size} rows")
+        if not np.isfinite(y).all():
+            raise ValueError("the new response has missing or non-finite values")
+        new = copy.copy(self)
+        new.design = dataclasses.replace(self.design, y=y)
+        new._response_changed()
+        return new
+
+    def _response_changed(self):
+        """Subclasses recompute what depends on y (checks, starting values)."""
 
     def _setup_done(self):
         """Record ``setup_seconds``: formula, design, block pattern, symbolic analysis,
         cross-products — everything before the first objective evaluation."""
+        self.workspace
         self.setup_seconds = time.perf_counter() - self._t0
 
     @property
@@ -53,20 +142,63 @@ class MixedModelSpec:
         return self.design.X.shape[1]
 
     @property
+    def X(self):
+        """The working fixed-effects matrix X̃ (orthogonal columns; see _fixed.py)."""
+        return self.fixed.X
+
+    @property
     def path(self):
         """'block-diagonal' or 'cholmod': how the random-effects block is factored."""
-        return self.system.path
+        return self.workspace.path
 
-    @cached_property
+    @property
     def Z(self):
-        return random_effects_matrix(self.reterms, self.system.pattern)
+        if self._Z is None:
+            self._Z = random_effects_matrix(self.reterms)
+        return self._Z
 
     def describe(self):
         """One line on the structure of the model and the factorization it uses."""
-        return self.system.describe()
+        return self.workspace.describe()
 
     def _check_theta(self, theta):
         theta = np.asarray(theta, dtype=float).ravel()
         if theta.shape != (self.layout.ntheta,):
             raise ValueError(f"theta has {theta.size} values; this model has {self.layout.ntheta}")
         return theta
+
+    def _check_random_effects_count(self, strict):
+        """Refuse terms with more random effects than observations, as lme4 does
+        (``check.nobs.vs.nRE``: ``<=`` for an LMM, whose residual variance also needs
+        room, ``<`` for a GLMM)."""
+        n = self.n
+        for t in self.reterms:
+            q = t.nlevels * t.ncols
+            if (q >= n) if strict else (q > n):
+                raise ValueError(
+                    f"term ({' + '.join(t.cnames)} | {t.group_name}) has {q} random effects "
+                    f"for {n} observations: the random-effects parameters are not "
+                    "identifiable (lme4 refuses this model too)")
+
+
+def _without_zero_weights(design, formula, data, contrasts, weights, offset, na_action):
+    """Rebuild the design without rows of zero weight, warning how many there were.
+
+    A zero precision weight makes a row carry no information, but left in, it enters
+    the log-likelihood as log(0); lme4 likewise fits the model without them.
+    """
+    zero = design.weights == 0
+    count = int(zero.sum())
+    warnings.warn(f"dropped {count} of {design.n} row(s) with zero weight: they carry no "
+                  "information about the model", stacklevel=4)
+    frame = _as_frame(data)
+    keep = design.rows_used[~zero]
+    sub = frame.iloc[keep].reset_index(drop=True)
+
+    def rows_of(value):
+        if value is None or isinstance(value, str):
+            return value
+        return np.asarray(value)[keep]
+
+    return build_design(formula, sub, contrasts=contrasts, weights=rows_of(weights),
+                        offset=rows_of(offset), na_action=na_action)

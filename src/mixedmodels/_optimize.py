@@ -8,8 +8,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import warnings
+
 import nlopt
 import numpy as np
+
+from ._derivs import assess_convergence
+
+
+class ConvergenceWarning(UserWarning):
+    """The optimizer's result fails lme4's convergence checks (gradient, Hessian)."""
 
 
 @dataclass
@@ -31,6 +39,7 @@ class OptSummary:
     elapsed: float = 0.0
     fitlog: list = field(default_factory=list)
     rectified: list = field(default_factory=list)
+    derivs: object = None        # a ConvergenceCheck: gradient and Hessian at the optimum
 
     def __repr__(self):
         return (f"OptSummary(optimizer={self.optimizer}, feval={self.feval}, fmin={self.fmin:.10g}, "
@@ -113,28 +122,48 @@ def minimize(objective, optsum, progress=False):
     optsum.fmin, optsum.final = best
     optsum.feval = len(optsum.fitlog)
     if optsum.returnvalue == "MAXEVAL_REACHED":
-        import warnings
-
         warnings.warn(f"the optimizer stopped after {optsum.feval} evaluations without converging")
     return optsum
 
 
-def rectify(objective, optsum, candidates, threshold=1e-5):
-    """Snap θ components that ended within ``threshold`` of their zero bound to zero.
+def rectify(objective, optsum, candidates):
+    """Put bounded components of the optimum on their bound (zero) where that is no worse.
 
-    BOBYQA approaches a boundary optimum but rarely lands on it; a singular fit should
-    report θ = 0 exactly, which is kept only if the objective is no worse there.
+    BOBYQA approaches a boundary optimum but rarely lands on it: a variance component
+    left at 1e-4 prints a correlation of 1.0 while the fit does not count as singular.
+    Each bounded component, smallest first, is tried at zero, and the trial is kept
+    whenever the objective there is no larger than the best value so far (lme4's
+    ``isSingular`` then sees the boundary the fit is really on).
     """
     x = optsum.final.copy()
-    for i in candidates:
-        if 0.0 < x[i] < threshold:
-            trial = x.copy()
-            trial[i] = 0.0
-            val = float(objective(trial))
-            optsum.fitlog.append((trial.copy(), val))
-            if val <= optsum.fmin:
-                x, optsum.fmin = trial, val
-                optsum.rectified.append(int(i))
+    order = sorted((i for i in candidates if x[i] > 0.0), key=lambda i: x[i])
+    for i in order:
+        trial = x.copy()
+        trial[i] = 0.0
+        val = float(objective(trial))
+        optsum.fitlog.append((trial.copy(), val))
+        if val <= optsum.fmin:
+            x, optsum.fmin = trial, val
+            optsum.rectified.append(int(i))
     optsum.final = x
     optsum.feval = len(optsum.fitlog)
     return optsum
+
+
+def check_optimum(objective, optsum, warn=True):
+    """lme4's ``check.conv``: derivatives of the objective at the optimum, and warnings.
+
+    The gradient and Hessian over the optimized parameters come from central finite
+    differences (one-sided at a bound); parameters sitting on their bound (a variance
+    component at zero) are left out of the checks, since the gradient need not vanish
+    there. The record goes to ``optsum.derivs``; each message is also a warning.
+    """
+    x = np.asarray(optsum.final, dtype=float)
+    lower = np.asarray(optsum.lowerbd, dtype=float)
+    boundary = np.isfinite(lower) & (x <= lower)
+    record = assess_convergence(objective, x, lower=lower, fx=optsum.fmin, boundary=boundary)
+    optsum.derivs = record
+    if warn:
+        for msg in record.messages:
+            warnings.warn(msg, ConvergenceWarning, stacklevel=3)
+    return record

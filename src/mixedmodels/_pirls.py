@@ -9,7 +9,9 @@ penalized deviance is halved until it does not.
 
 Convergence is judged on the penalized deviance, tightly (relative 1e-13): PIRLS is a
 Newton iteration, so that costs about one more pass, and the outer optimizer needs an
-objective whose noise is well below the 1e-9 changes that fix β to four digits. The
+objective whose noise is well below the 1e-9 changes that fix β to four digits. Where
+the deviance's own rounding noise exceeds that (binomial counts of 10^5 trials), a
+full Newton step below STEP_TOL ends the iteration instead. The
 factorization of the last pass is
 the one at the modes, so log det(L) for the Laplace approximation comes from it.
 """
@@ -19,6 +21,11 @@ import numpy as np
 
 from ._kernels import _glm
 from ._linalg._blocked import matvec, upper_solve
+
+
+# A Newton step below this (relative to the modes' size) ends PIRLS: the next one would
+# change the modes by its square, far below anything the objective resolves.
+STEP_TOL = 1e-9
 
 
 class PirlsState:
@@ -42,34 +49,38 @@ class PirlsState:
                              self.wrkresid, self.devresid)
 
 
-def _pirls_compiled(model, theta, beta, u, tol, maxiter, max_halving):
+def _pirls_compiled(model, theta, beta, u, pw, tol, maxiter, max_halving):
     """One term, β fixed: the whole loop in _kernels._glm.pirls_blockdiag."""
-    system, st, fam, term = model.system, model.state, model.family, model.reterms[0]
-    matvec(model.design.X, beta, model.offset_or_zero, st.fixed)
+    system, st, fam, term = model.workspace, model.state, model.family, model.reterms[0]
+    matvec(model.X, beta, model.offset_or_zero, st.fixed)
     logdet, dev, iters, converged = _glm.pirls_blockdiag(
-        fam.code, fam.link.code, st.fixed, term.z, term.codes, model.y, model.prior_w,
+        fam.code, fam.link.code, st.fixed, term.z, term.codes, model.y, pw,
         system.layout.lam(theta), u, system.blockdiag_diagonal(), st.eta, st.mu, st.mu_eta,
-        st.wrkwt, st.wrkresid, st.devresid, tol, maxiter, max_halving)
+        st.wrkwt, st.wrkresid, st.devresid, tol, maxiter, max_halving, STEP_TOL)
     if not converged:
         warnings.warn(f"PIRLS did not converge in {maxiter} iterations at theta={np.round(theta, 6).tolist()}; "
                       "the conditional modes may be inaccurate", RuntimeWarning)
     return u, beta, logdet, dev, converged
 
 
-def pirls(model, theta, beta, u, vary_beta=False, tol=1e-13, maxiter=100, max_halving=30):
+def pirls(model, theta, beta, u, vary_beta=False, prior_w=None, tol=1e-13, maxiter=100,
+          max_halving=30):
     """Run PIRLS; return (u, beta, logdet_l, sum of deviance residuals, converged).
 
-    ``model`` supplies: family, y, prior_w, offset_or_zero, design.X, system, state.
-    With ``vary_beta`` the blocked system carries the columns [X, working response] and
-    β is re-solved with u; otherwise only the working response relative to Xβ.
+    ``model`` supplies: family, y, prior_w, offset_or_zero, X (the working fixed-effects
+    matrix; β is in its coordinates), workspace, state. ``prior_w`` overrides the
+    model's prior weights (the dispersion families iterate with w/φ). With
+    ``vary_beta`` the blocked system carries the columns [X, working response] and β
+    is re-solved with u; otherwise only the working response relative to Xβ.
     """
-    system, st, fam = model.system, model.state, model.family
-    X, y, pw, off = model.design.X, model.y, model.prior_w, model.offset_or_zero
+    system, st, fam = model.workspace, model.state, model.family
+    X, y, off = model.X, model.y, model.offset_or_zero
+    pw = model.prior_w if prior_w is None else prior_w
     p = X.shape[1]
     u = np.array(u, dtype=float, copy=True)
     beta = np.array(beta, dtype=float, copy=True)
     if system.path == "block-diagonal" and not vary_beta:
-        return _pirls_compiled(model, theta, beta, u, tol, maxiter, max_halving)
+        return _pirls_compiled(model, theta, beta, u, pw, tol, maxiter, max_halving)
     if vary_beta and (st.workx is None or st.workx.shape[1] != p + 1):
         st.workx = np.ascontiguousarray(np.column_stack([X, np.zeros(len(y))]))
 
@@ -106,6 +117,12 @@ def pirls(model, theta, beta, u, vary_beta=False, tol=1e-13, maxiter=100, max_ha
             new_beta = beta
             cu = system.rzxy[:, 0].copy()
         new_u = system.backward(np.asfortranarray(cu[:, None]))[:, 0].copy()
+        # the Newton step's own size: with large binomial counts the deviance carries
+        # rounding noise above the relative tolerance, and the step is what shows
+        # that the iteration has settled
+        newton_step = float(np.max(np.abs(new_u - u), initial=0.0))
+        if vary_beta:
+            newton_step = max(newton_step, float(np.max(np.abs(new_beta - beta), initial=0.0)))
         new_dev = evaluate(new_beta, new_u)
         new_pdev = new_dev + new_u @ new_u
         halvings = 0
@@ -121,7 +138,8 @@ def pirls(model, theta, beta, u, vary_beta=False, tol=1e-13, maxiter=100, max_ha
             evaluate(beta, u)
             converged = True
             continue
-        converged = abs(pdev - new_pdev) <= tol * abs(new_pdev) + tol
+        converged = (abs(pdev - new_pdev) <= tol * abs(new_pdev) + tol
+                     or (halvings == 0 and newton_step <= STEP_TOL * (1.0 + float(np.max(np.abs(u), initial=0.0)))))
         u, beta, pdev, dev = new_u, new_beta, new_pdev, new_dev
     else:
         warnings.warn(f"PIRLS did not converge in {maxiter} iterations at theta={np.round(theta, 6).tolist()}; "

@@ -1,7 +1,9 @@
 """What LMM and GLMM fits share: the accessors of a fitted mixed model.
 
-A fit is built once, at the optimum, and its numbers do not change afterwards; the
-specification it came from is ``fit.model`` (with ``objective(theta)`` for re-evaluation).
+A fit is a frozen record of numbers built once, at the optimum: assigning to one of
+its attributes raises. It refers to the specification it came from (``fit.model``,
+with ``objective(theta)`` for re-evaluation), whose compiled workspace is rebuilt on
+demand, so a fit pickles, copies and travels to other processes.
 """
 import numpy as np
 import pandas as pd
@@ -16,12 +18,39 @@ from ._varcorr import VarCorr
 
 
 class MixedModelFit:
-    """Base of fitted mixed models. Subclasses set the attributes in ``__init__``."""
+    """Base of fitted mixed models: a frozen record set once by ``_init_record``."""
 
     is_glmm = False
     family = None
     nAGQ = 1
     REML = False
+    _frozen = False
+
+    def _init_record(self, model, optimum, optsum, **extra):
+        for name, value in {**optimum, **extra}.items():
+            if isinstance(value, np.ndarray):
+                value = value.copy()
+                value.flags.writeable = False
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "model", model)
+        object.__setattr__(self, "optsum", optsum)
+        object.__setattr__(self, "_cache", {})
+        object.__setattr__(self, "_frozen", True)
+
+    def __setattr__(self, name, value):
+        if self._frozen:
+            raise AttributeError(f"a fitted model is a frozen record; cannot set {name!r} "
+                                 "(refit the specification, fit.model, instead)")
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name):
+        raise AttributeError(f"a fitted model is a frozen record; cannot delete {name!r}")
+
+    def _cached(self, key, compute):
+        """A derived value computed once on demand (the record itself never changes)."""
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
 
     # -- coefficients -------------------------------------------------------------------
     @property
@@ -110,11 +139,11 @@ class MixedModelFit:
         return out
 
     def _b_blocks(self):
-        pat = self.model.system.pattern
-        blocks = []
-        for t in range(pat.nterm):
-            k, nl, o = int(pat.kk[t]), int(pat.nlev[t]), int(pat.uoff[t])
+        blocks, o = [], 0
+        for t in self.model.reterms:
+            k, nl = t.ncols, t.nlevels
             blocks.append(self.b[o:o + k * nl].reshape(nl, k))
+            o += k * nl
         return blocks
 
     # -- model matrices and fitted values -----------------------------------------------
@@ -137,7 +166,9 @@ class MixedModelFit:
 
     def linpred(self):
         """X β + Z b (+ offset)."""
-        eta = self.X @ self.coef + self.Z @ self.b
+        # X̃β̃ rather than Xβ: the same numbers, without the cancellation an
+        # uncentred predictor causes in Xβ
+        eta = self.xbeta + self.Z @ self.b
         off = self.model.design.offset
         return eta if off is None else eta + off
 
@@ -223,16 +254,19 @@ def pvalues(coef, se):
     return 2 * norm.sf(np.abs(np.asarray(coef) / np.asarray(se)))
 
 
-def random_effects_matrix(reterms, pattern):
-    """Z as a sparse n-by-q CSC matrix from the terms' codes and columns."""
-    n = pattern.codes.shape[1]
+def random_effects_matrix(reterms):
+    """Z as a sparse n-by-q CSC matrix from the terms' codes and columns (u's order:
+    term by term, level by level, the term's columns within a level)."""
+    n = len(reterms[0].codes)
     rows, cols, vals = [], [], []
-    for t in range(pattern.nterm):
-        k = int(pattern.kk[t])
-        base = pattern.uoff[t] + pattern.codes[t].astype(np.int64) * k
+    uoff = 0
+    for t in reterms:
+        k = t.ncols
+        base = uoff + t.codes.astype(np.int64) * k
         for a in range(k):
             rows.append(np.arange(n))
             cols.append(base + a)
-            vals.append(pattern.zcat[:, pattern.zoff[t] + a])
+            vals.append(t.z[:, a])
+        uoff += k * t.nlevels
     return sp.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                         shape=(n, pattern.q))
+                         shape=(n, uoff))

@@ -2,27 +2,43 @@
 
 Notes
 -----
-The objective is the deviance of MixedModels.jl: at θ and β, PIRLS finds the modes û,
-and with nAGQ = 1 (Laplace)
+At θ and β (and φ), PIRLS finds the modes û of the random effects. For the families
+without a dispersion parameter (Bernoulli, Binomial, Poisson) the optimizer minimizes
+the deviance of MixedModels.jl, with nAGQ = 1 (Laplace)
 
     deviance(β, θ) = Σ dev_i(y_i, μ_i) + ||û||² + 2 log det(L),
 
-with nAGQ > 1 the adaptive Gauss-Hermite version (see _agq.py). The log-likelihood adds
-the saturated model's log-likelihood, a constant, so that it equals the full family log
-density that lme4's ``logLik`` reports:  loglik = -deviance/2 + Σ [ℓ_i(μ_i) + dev_i/2].
+and with nAGQ > 1 its adaptive Gauss-Hermite version (see _agq.py). The log-likelihood
+adds the saturated model's log-likelihood, a constant, so that it equals the full family
+log density that lme4's ``logLik`` reports:  loglik = -deviance/2 + Σ [ℓ_i(μ_i) + dev_i/2].
 
-By default β and θ are optimized together (as MixedModels.jl does), starting from a
-``fast`` fit in which the optimizer moves θ alone and PIRLS re-solves β with u (lme4's
-nAGQ = 0); ``fast=True`` stops after that first stage.
+For the families with a dispersion φ (Gamma, inverse Gaussian, Normal with a link other
+than the identity) φ is a parameter of the likelihood like β and θ, estimated with them
+(as glmmTMB does). The conditional density of y given u is Σ ℓ_i(y_i; μ_i, φ), so the
+modes minimize Σ dev_i/φ + ||u||² (PIRLS with prior weights w/φ), and the Laplace
+approximation of -2 log L is
+
+    -2 Σ ℓ_i(y_i; μ̂_i, φ) + ||û||² + log det(Λ'Z'W°ZΛ + I),
+
+with W° the observed information -∂²ℓ_i/∂η_i² at the modes (see _dispersion.py): the
+exact Hessian of the integrand, as in glmmTMB's Laplace, where the Fisher information
+PIRLS iterates with would differ for a non-canonical link. The optimizer moves log φ.
+
+By default β and θ (and φ) are optimized together (as MixedModels.jl does), starting
+from a ``fast`` fit in which the optimizer moves θ (and φ) alone and PIRLS re-solves β
+with u (lme4's nAGQ = 0); ``fast=True`` stops after that first stage. The fixed effects
+are handled in the orthogonal working basis of _fixed.py throughout.
 """
+import math
 import warnings
 
 import numpy as np
 
 from ._agq import agq_deviance
+from ._dispersion import observed_weights, pearson_dispersion
 from ._model import MixedModelSpec
 from .lmm import rx_inverse_crossprod
-from ._optimize import OptSummary, minimize, rectify
+from ._optimize import OptSummary, check_optimum, minimize, rectify
 from ._pirls import PirlsState, pirls
 from ._results import MixedModelFit
 from .families import get_family
@@ -34,24 +50,31 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
     Parameters
     ----------
     formula : str
-    data : pandas.DataFrame
+        ``cbind(successes, failures) ~ ...`` gives a binomial response with its trials.
+    data : pandas.DataFrame (or a polars / pyarrow table)
     family : Family, Family class or str
-        ``Bernoulli()``, ``Binomial()`` (proportions, trials as ``weights``), ``Poisson()``...
+        ``Bernoulli()``, ``Binomial()`` (proportions, trials as ``weights``), ``Poisson()``,
+        ``Gamma()``, ``InverseGaussian()``, ``Normal(link=...)``.
     weights : str or array, optional
         Prior weights (for Binomial, the number of trials).
     offset : str or array, optional
-        Added to the linear predictor.
+        Added to the linear predictor (as are ``offset(x)`` terms in the formula).
     contrasts : dict, optional
     nAGQ : int, default 1
         Quadrature points; > 1 needs a single scalar random-effects term.
     """
 
+    _transient = MixedModelSpec._transient + ("_state", "_u_warm")
+
     def __init__(self, formula, data, family, *, weights=None, offset=None, contrasts=None,
                  nAGQ=1, na_action="drop"):
         super().__init__(formula, data, weights=weights, offset=offset, contrasts=contrasts,
                          na_action=na_action)
-        self.family = get_family(family)
+        self.family = fam = get_family(family)
         d = self.design
+        if getattr(d, "binomial_counts", False) and fam.name != "Binomial":
+            raise ValueError(f"the response {d.response_name!r} is a cbind() of successes and "
+                             f"failures, which needs family=Binomial(), not {fam!r}")
         self.nAGQ = int(nAGQ)
         if self.nAGQ < 1:
             raise ValueError("nAGQ must be a positive integer (use fast=True for lme4's nAGQ=0)")
@@ -62,22 +85,70 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
                 f"{sum(t.ncols for t in self.reterms)} column(s). Use nAGQ=1 (Laplace).")
         self.success_level = None
         if d.y_levels is not None:
-            if self.family.name != "Bernoulli":
+            if fam.name != "Bernoulli":
                 raise ValueError(f"response '{d.response_name}' is a two-level factor "
                                  f"({', '.join(map(str, d.y_levels))}); use family=Bernoulli()")
             self.success_level = d.y_levels[1]
-        self.y = np.ascontiguousarray(d.y, dtype=float)
-        self.prior_w = np.ones(self.n) if d.weights is None else np.ascontiguousarray(d.weights, float)
-        self.family.validate(self.y, self.prior_w, d.response_name)
-        self.offset_or_zero = np.zeros(self.n) if d.offset is None else np.ascontiguousarray(d.offset, float)
-        self.state = PirlsState(self.n)
-        self._u = np.zeros(self.system.q)
-        self.beta0 = self._glm_start()
+        self._check_random_effects_count(strict=False)
+        self.offset_or_zero = (np.zeros(self.n) if d.offset is None
+                               else np.ascontiguousarray(d.offset, float))
+        self._response_changed()
         self._setup_done()
 
+    @property
+    def has_dispersion(self):
+        """Whether φ is estimated (Gamma, inverse Gaussian, Normal with a link)."""
+        return bool(self.family.has_dispersion)
+
+    def _response_changed(self):
+        d, fam = self.design, self.family
+        self.y = np.ascontiguousarray(d.y, dtype=float)
+        self.prior_w = (np.ones(self.n) if d.weights is None
+                        else np.ascontiguousarray(d.weights, float))
+        fam.validate(self.y, self.prior_w, d.response_name)
+        self._refuse_degenerate_response()
+        self._workspace = self._state = self._u_warm = None
+        self.beta0, self.phi0 = self._glm_start()
+
+    def _refuse_degenerate_response(self):
+        """Responses whose GLM estimates are infinite: lme4 refuses them too."""
+        fam, y, w = self.family, self.y, self.prior_w
+        used = w > 0
+        if fam.name in ("Bernoulli", "Binomial"):
+            # all failures or all successes: the intercept runs off to ∓∞
+            if np.all(y[used] == 0) or np.all(y[used] == 1):
+                which = "successes" if np.all(y[used] == 1) else "failures"
+                raise ValueError(
+                    f"response {self.design.response_name!r} is constant: every observation "
+                    f"is {which}, so the fixed effects have no finite estimate (lme4: "
+                    "'Response is constant')")
+        elif fam.name == "Poisson":
+            if np.all(y[used] == 0):
+                raise ValueError(
+                    f"response {self.design.response_name!r} is all zeros: a Poisson mean of "
+                    "zero has no finite linear predictor (lme4: 'Response is constant')")
+
+    # -- transient state: rebuilt on demand, never pickled --------------------------
+    @property
+    def state(self):
+        if self._state is None:
+            self._state = PirlsState(self.n)
+        return self._state
+
+    @property
+    def _u(self):
+        """The modes of the last PIRLS call, PIRLS's next starting point."""
+        if self._u_warm is None:
+            self._u_warm = np.zeros(self.workspace.q)
+        return self._u_warm
+
+    @_u.setter
+    def _u(self, value):
+        self._u_warm = value
+
     def _glm_start(self):
-        """β of the GLM without random effects (IRLS), the starting point of the fit."""
-        X, y, w, off, fam = self.design.X, self.y, self.prior_w, self.offset_or_zero, self.family
+        """β̃ of the GLM without random effects (IRLS), and a moment estimate of φ."""
+        X, y, w, off, fam = self.X, self.y, self.prior_w, self.offset_or_zero, self.family
         eta = fam.link.link(fam.starting_mu(y, w))
         st = self.state
         beta = np.zeros(X.shape[1])
@@ -90,131 +161,248 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
             sw = np.sqrt(st.wrkwt)
             beta = np.linalg.lstsq(X * sw[:, None], (eta - off + st.wrkresid) * sw, rcond=None)[0]
             eta = X @ beta + off
-        return beta
+        phi = pearson_dispersion(fam, y, st.mu, w, self.n - self.p) if self.has_dispersion else 1.0
+        return beta, phi
 
-    # -- objective ------------------------------------------------------------------
-    def _deviance(self, theta, beta, vary_beta=False, nAGQ=None):
+    # -- the objective ---------------------------------------------------------------
+    def _value(self, theta, beta_w, phi=1.0, vary_beta=False, nAGQ=None):
+        """PIRLS at (θ, β̃, φ), then the value the optimizer minimizes.
+
+        Returns (value, u, β̃): the deviance of MixedModels.jl for families without a
+        dispersion parameter, -2 log L (Laplace or AGQ) for those with one.
+        """
         nAGQ = self.nAGQ if nAGQ is None else nAGQ
-        u, beta, logdet, dev, ok = pirls(self, theta, beta, self._u, vary_beta=vary_beta)
+        disp = self.has_dispersion
+        pw = self.prior_w / phi if disp else self.prior_w
+        u, beta_w, logdet, dev, ok = pirls(self, theta, beta_w, self._u, vary_beta=vary_beta,
+                                           prior_w=pw)
         self._u = u
-        self._last_logdet = 2.0 * logdet
+        if not disp:
+            self._last_logdet = 2.0 * logdet
+            if nAGQ > 1:
+                return agq_deviance(self, theta, beta_w, u, nAGQ, working=True), u, beta_w
+            return dev + u @ u + 2.0 * logdet, u, beta_w
+        st, fam = self.state, self.family
+        ws = self.workspace
+        wobs = observed_weights(fam, self.y, st.mu, st.eta, self.prior_w, phi)
+        ws.set_products(np.zeros((self.n, 1)), wobs)
+        try:
+            logdet_obs, _ = ws.factorize(theta, schur=False)
+        except np.linalg.LinAlgError:
+            # the integrand is not log-concave at the modes: no Laplace approximation
+            return math.inf, u, beta_w
+        self._last_logdet = 2.0 * logdet_obs
+        loglik = float(np.sum(fam.loglik(self.y, st.mu, self.prior_w, phi)))
         if nAGQ > 1:
-            return agq_deviance(self, theta, beta, u, nAGQ), u, beta
-        return dev + u @ u + 2.0 * logdet, u, beta
+            # AGQ with weights w/φ gives Σ dev_i/φ + ...; the rest of -2ℓ_i does not
+            # depend on μ (it is the saturated part)
+            saturated = loglik + 0.5 * float(np.sum(st.devresid))
+            sd = 1.0 / ws.blockdiag_diagonal()
+            val = agq_deviance(self, theta, beta_w, u, nAGQ, working=True, prior_w=pw, sd=sd)
+            return val - 2.0 * saturated, u, beta_w
+        return -2.0 * loglik + u @ u + 2.0 * logdet_obs, u, beta_w
 
-    def objective(self, theta, beta=None):
-        """The deviance at θ and β (β from PIRLS when None, as in the fast fit)."""
+    def _deviance(self, theta, beta, vary_beta=False, nAGQ=None, phi=1.0):
+        """:meth:`_value` with β in the coefficients' own coordinates."""
+        return self._value(theta, self.fixed.to_working(beta), phi, vary_beta, nAGQ)
+
+    def objective(self, theta, beta=None, phi=None):
+        """The value the fit minimizes, at θ and β (β from PIRLS when None).
+
+        For Bernoulli, Binomial and Poisson this is MixedModels.jl's deviance; for the
+        families with a dispersion it is -2 log L at φ (default: the GLM's moment
+        estimate).
+        """
         theta = self._check_theta(theta)
+        phi = self._check_phi(phi)
         if beta is None:
-            return self._deviance(theta, self.beta0, vary_beta=True)[0]
-        return self._deviance(theta, np.asarray(beta, float))[0]
+            return self._value(theta, self.beta0, phi, vary_beta=True)[0]
+        beta_w = self.fixed.to_working(np.asarray(beta, float))
+        return self._value(theta, beta_w, phi)[0]
 
-    def fit(self, fast=False, progress=False):
-        """Fit by minimizing the deviance; return a :class:`GeneralizedLinearMixedModelFit`."""
-        layout, p = self.layout, self.p
-        self._u[:] = 0.0
+    def _check_phi(self, phi):
+        if not self.has_dispersion:
+            if phi is not None:
+                raise ValueError(f"the {self.family.name} family has no dispersion parameter")
+            return 1.0
+        phi = self.phi0 if phi is None else float(phi)
+        if not phi > 0:
+            raise ValueError(f"the dispersion φ must be positive, not {phi}")
+        return phi
+
+    # -- the parameter vectors the optimizer sees -------------------------------------
+    def _split(self, x, with_beta):
+        """(β̃ or None, θ, φ) from an optimizer vector [β̃] θ [log φ]."""
+        p, nt = self.p, self.layout.ntheta
+        o = p if with_beta else 0
+        beta_w = x[:p] if with_beta else None
+        theta = x[o:o + nt]
+        phi = math.exp(x[o + nt]) if self.has_dispersion else 1.0
+        return beta_w, theta, phi
+
+    def _joint_value(self, x):
+        beta_w, theta, phi = self._split(x, True)
+        try:
+            return self._value(theta, beta_w, phi)[0]
+        except np.linalg.LinAlgError:
+            return math.inf
+
+    def fit(self, fast=False, progress=False, check_convergence=True):
+        """Fit by maximizing the (approximate) likelihood.
+
+        Parameters
+        ----------
+        fast : bool
+            Optimize θ (and φ) only, with β from PIRLS (lme4's nAGQ = 0).
+        progress : bool
+            Show the optimizer's progress.
+        check_convergence : bool, default True
+            Gradient and Hessian of the objective over the optimized parameters at the
+            optimum (lme4's ``check.conv``); stored on ``optsum.derivs``, warnings when
+            they fail. The joint fit's Hessian also gives ``vcov_hessian``.
+
+        Returns
+        -------
+        GeneralizedLinearMixedModelFit
+        """
+        layout, p, disp = self.layout, self.p, self.has_dispersion
+        self._u = None
         beta_fast = {"beta": self.beta0.copy()}
+        extra = [math.log(self.phi0)] if disp else []
+        bounded = np.flatnonzero(np.isfinite(layout.lower))
 
-        def f_theta(theta):
-            val, _, beta = self._deviance(theta, self.beta0, vary_beta=True)
+        def f_stage1(x):
+            _, theta, phi = self._split(x, False)
+            try:
+                val, _, beta = self._value(theta, self.beta0, phi, vary_beta=True)
+            except np.linalg.LinAlgError:
+                return math.inf
             beta_fast["beta"] = beta
             return val
 
-        opt1 = OptSummary(initial=layout.initial(), lowerbd=layout.lower,
-                          initial_step=np.full(layout.ntheta, 0.75))
-        minimize(f_theta, opt1, progress=progress)
-        rectify(f_theta, opt1, np.flatnonzero(np.isfinite(layout.lower)))
-        theta = opt1.final
-        self._u[:] = 0.0
-        f_theta(theta)
+        opt1 = OptSummary(initial=np.concatenate([layout.initial(), extra]),
+                          lowerbd=np.concatenate([layout.lower, [-np.inf] * len(extra)]),
+                          initial_step=np.concatenate([np.full(layout.ntheta, 0.75),
+                                                       [0.25] * len(extra)]))
+        minimize(f_stage1, opt1, progress=progress)
+        rectify(f_stage1, opt1, bounded)
+        self._u = None
+        f_stage1(opt1.final)
         beta = beta_fast["beta"]
+        _, theta, phi = self._split(opt1.final, False)
         if fast:
-            return GeneralizedLinearMixedModelFit(self, theta, beta, opt1, fast=True)
+            if check_convergence:
+                check_optimum(f_stage1, opt1)
+            return GeneralizedLinearMixedModelFit(self, self._optimum(theta, beta, phi, opt1),
+                                                  opt1, fast=True)
 
-        se = self._stderror_at(theta, beta)
+        se = np.sqrt(np.diag(self._vcov_working(theta, beta, phi)))
         ntheta = layout.ntheta
-
-        def f_joint(x):
-            return self._deviance(x[p:], x[:p])[0]
-
         # the deviance is flat in β near the optimum: four digits of β need changes of
         # 1e-9 in the deviance resolved, so stop on a relative change of 1e-15 only
-        opt2 = OptSummary(initial=np.concatenate([beta, theta]), ftol_rel=1e-15, ftol_abs=0.0,
-                          lowerbd=np.concatenate([np.full(p, -np.inf), layout.lower]),
+        opt2 = OptSummary(initial=np.concatenate([beta, opt1.final]), ftol_rel=1e-15,
+                          ftol_abs=0.0,
+                          lowerbd=np.concatenate([np.full(p, -np.inf), opt1.lowerbd]),
                           # the fast fit lands within a fraction of a standard error of the
                           # optimum: a quarter-SE first step saved 15-20% of the evaluations
                           initial_step=np.concatenate([np.where(se > 0, 0.25 * se, 0.1),
-                                                       np.full(ntheta, 0.05)]))
-        minimize(f_joint, opt2, progress=progress)
-        rectify(f_joint, opt2, p + np.flatnonzero(np.isfinite(layout.lower)))
-        x = opt2.final
-        return GeneralizedLinearMixedModelFit(self, x[p:], x[:p], opt2, fast=False, stage1=opt1)
+                                                       np.full(ntheta, 0.05),
+                                                       [0.05] * len(extra)]))
+        minimize(self._joint_value, opt2, progress=progress)
+        rectify(self._joint_value, opt2, p + bounded)
+        if check_convergence:
+            check_optimum(self._joint_value, opt2)
+        beta_w, theta, phi = self._split(opt2.final, True)
+        return GeneralizedLinearMixedModelFit(self, self._optimum(theta, beta_w, phi, opt2),
+                                              opt2, fast=False, stage1=opt1)
 
-    def _stderror_at(self, theta, beta):
-        self._deviance(theta, beta)
-        vcov = self._vcov(theta, beta)
-        return np.sqrt(np.diag(vcov))
+    def _vcov_working(self, theta, beta_w, phi=1.0):
+        """(X̃'W X̃ - ...)⁻¹ at the modes: the covariance of β̃ given θ (and φ), with the
+        working weights of PIRLS (which carry 1/φ for the dispersion families)."""
+        self._value(theta, beta_w, phi)
+        st, X, off = self.state, self.X, self.offset_or_zero
+        ws = self.workspace
+        pw = self.prior_w / phi if self.has_dispersion else self.prior_w
+        st.evaluate(self.family, self.y, pw, st.eta)
+        ws.set_products(np.column_stack([X, st.eta - off + st.wrkresid]), st.wrkwt)
+        _, r = ws.factorize(theta)
+        return rx_inverse_crossprod(r, X.shape[1])
 
-    def _vcov(self, theta, beta, phi=1.0):
-        """φ (RX'RX)⁻¹ from the blocked system with the working weights at the modes."""
-        st, X, off = self.state, self.design.X, self.offset_or_zero
-        self.system.set_products(np.column_stack([X, st.eta - off + st.wrkresid]), st.wrkwt)
-        _, r = self.system.factorize(theta)
-        return phi * rx_inverse_crossprod(r, X.shape[1])
+    def _optimum(self, theta, beta_w, phi, optsum):
+        """The numbers of the fit at (θ, β̃, φ), as a plain record."""
+        theta = np.asarray(theta, float)
+        beta_w = np.asarray(beta_w, float)
+        fam, disp = self.family, self.has_dispersion
+        self._u = None
+        value, u, _ = self._value(theta, beta_w, phi)
+        logdet = self._last_logdet
+        st = self.state
+        mu, eta = st.mu.copy(), st.eta.copy()
+        # deviance residuals on the family's own scale (prior weights, not w/φ)
+        devresid = st.devresid * phi if disp else st.devresid.copy()
+        if disp:
+            objective = value
+            deviance = value
+        else:
+            ll_obs = fam.loglik(self.y, mu, self.prior_w, 1.0)
+            # the saturated part, constant in μ: lme4's logLik is the full family log density
+            saturated = float(np.sum(ll_obs) + 0.5 * np.sum(devresid))
+            deviance = value
+            objective = -2.0 * (-0.5 * value + saturated)
+        vcov_w = self._vcov_working(theta, beta_w, phi)
+        fixed = self.fixed
+        return dict(theta=theta, coef=fixed.from_working(beta_w), beta_w=beta_w, u=u,
+                    b=self.workspace.lambda_times(theta, u), mu=mu, eta=eta,
+                    devresid=devresid, logdet=logdet, deviance=float(deviance),
+                    objective=float(objective),
+                    dispersion=float(phi) if disp else None,
+                    sigma=float(math.sqrt(phi)) if disp else None,
+                    vcov=fixed.vcov_from_working(vcov_w), xbeta=self.X @ beta_w)
+
+    def _hessian_parameters(self, fit):
+        """The point (β̃, θ, [log φ]) of a fit, for the Hessian of the joint objective."""
+        extra = [math.log(fit.dispersion)] if self.has_dispersion else []
+        return np.concatenate([fit.beta_w, fit.theta, extra])
 
 
 class GeneralizedLinearMixedModelFit(MixedModelFit):
-    """A fitted GLMM: estimates at the optimum, fixed once built."""
+    """A fitted GLMM: a frozen record of the estimates at the optimum.
+
+    Attributes
+    ----------
+    theta, coef, u, b, mu, eta, devresid, deviance, objective, dispersion (φ, None for
+    families without one), sigma (√φ), vcov (conditional on θ and φ), optsum, model
+    """
 
     is_glmm = True
 
-    def __init__(self, model, theta, beta, optsum, fast=False, stage1=None):
-        self.model = model
-        self.family = model.family
-        self.nAGQ = model.nAGQ
-        self.fast = fast
-        self.theta = np.asarray(theta, float)
-        self.coef = np.asarray(beta, float)
-        self.optsum = optsum
-        self.optsum_fast = stage1
-        model._u[:] = 0.0
-        self.deviance, self.u, _ = model._deviance(self.theta, self.coef)
-        st = model.state
-        self.mu = st.mu.copy()
-        self.eta = st.eta.copy()
-        self.devresid = st.devresid.copy()
-        self.logdet = model._last_logdet
-        self.b = model.system.lambda_times(self.theta, self.u)
-        fam = model.family
-        self.dispersion = (float(np.sum(self.devresid) / np.sum(model.prior_w))
-                           if fam.has_dispersion else None)
-        self.sigma = None if self.dispersion is None else float(np.sqrt(self.dispersion))
-        self.vcov = model._vcov(self.theta, self.coef, 1.0 if self.dispersion is None else self.dispersion)
-        ll_obs = fam.loglik(model.y, self.mu, model.prior_w, 1.0 if self.dispersion is None else self.dispersion)
-        # the saturated part, constant in μ: lme4's logLik is the full family log density
-        self._ll_saturated = float(np.sum(ll_obs) + 0.5 * np.sum(self.devresid))
+    def __init__(self, model, optimum, optsum, fast=False, stage1=None):
+        self._init_record(model, optimum, optsum, family=model.family, nAGQ=model.nAGQ,
+                          fast=fast, optsum_fast=stage1)
         if optsum is not None and optsum.returnvalue == "MAXEVAL_REACHED":
             warnings.warn("the GLMM optimizer hit its evaluation limit; the fit may not be at the optimum")
 
     @property
-    def objective(self):
-        """-2 log-likelihood, comparable with lme4's -2 * logLik."""
-        return -2.0 * self.loglik
-
-    @property
     def loglik(self):
-        return -0.5 * self.deviance + self._ll_saturated
+        """The log-likelihood with the full family log density (lme4's ``logLik``)."""
+        return -0.5 * self.objective
 
     @property
     def success_level(self):
         return self.model.success_level
 
     def _scale(self):
+        # Λ is on the scale of the random effects themselves (b = Λu, u ~ N(0, I)),
+        # for the dispersion families too
         return 1.0
+
+    @property
+    def dof(self):
+        return len(self.coef) + len(self.theta) + (1 if self.dispersion is not None else 0)
 
     def fitted(self):
         """μ, the conditional means on the response scale."""
-        return self.mu.copy()
+        return np.array(self.mu)
 
     def residuals(self):
         return self.y - self.mu
@@ -222,3 +410,49 @@ class GeneralizedLinearMixedModelFit(MixedModelFit):
     @property
     def y(self):
         return self.model.y
+
+    # -- Hessian-based covariance -----------------------------------------------------
+    @property
+    def vcov_hessian(self):
+        """Covariance of β from the Hessian of -2 log L over (β, θ[, φ]).
+
+        The kind lme4's ``summary`` (``use.hessian = TRUE``) and glmmTMB report: θ and φ
+        are estimated, not given, so their uncertainty widens β's. The Hessian is the
+        finite-difference one of the convergence check (computed now if the fit did not
+        keep one); variance parameters on their bound (zero) are held fixed.
+        """
+        return self._cached("vcov_hessian", self._compute_vcov_hessian)
+
+    @property
+    def stderror_hessian(self):
+        return np.sqrt(np.diag(self.vcov_hessian))
+
+    def _compute_vcov_hessian(self):
+        from ._derivs import finite_difference_derivatives
+
+        model = self.model
+        x = model._hessian_parameters(self)
+        p = len(self.coef)
+        derivs = getattr(self.optsum, "derivs", None)
+        if self.fast or derivs is None or len(derivs.hessian) != len(x):
+            lower = np.concatenate([np.full(p, -np.inf), model.layout.lower,
+                                    [-np.inf] * (len(x) - p - model.layout.ntheta)])
+            _, hess = finite_difference_derivatives(model._joint_value, x, lower=lower)
+            model._u = None
+        else:
+            hess = derivs.hessian
+        # parameters on their bound are held fixed (their one-sided curvature says
+        # nothing about β's uncertainty)
+        lower = np.concatenate([np.full(p, -np.inf), model.layout.lower,
+                                [-np.inf] * (len(x) - p - model.layout.ntheta)])
+        free = ~(np.isfinite(lower) & (x <= lower))
+        h = np.asarray(hess)[np.ix_(free, free)]
+        try:
+            chol = np.linalg.cholesky(0.5 * (h + h.T))
+        except np.linalg.LinAlgError:
+            warnings.warn("the Hessian of the objective is not positive definite at the fit: "
+                          "no Hessian-based standard errors (they are reported as NaN)")
+            return np.full((p, p), np.nan)
+        inv = np.linalg.inv(chol)
+        cov = 2.0 * (inv.T @ inv)       # the objective is -2 log L
+        return model.fixed.vcov_from_working(cov[:p, :p])

@@ -18,7 +18,7 @@ import numpy as np
 from ._linalg._blocked import upper_solve
 
 from ._model import MixedModelSpec
-from ._optimize import OptSummary, minimize, rectify
+from ._optimize import OptSummary, check_optimum, minimize, rectify
 from ._results import MixedModelFit
 
 
@@ -28,53 +28,64 @@ class LinearMixedModel(MixedModelSpec):
     Parameters
     ----------
     formula : str
-        ``response ~ fixed part + (columns | group) + ...``.
-    data : pandas.DataFrame
+        ``response ~ fixed part + (columns | group) + ...``; ``offset(x)`` terms are
+        subtracted from the response, as in lme4.
+    data : pandas.DataFrame (or a polars / pyarrow table)
     REML : bool, default False
     weights : str or array, optional
-        Precision weights (the residual variance of row i is σ²/w_i).
+        Precision weights (the residual variance of row i is σ²/w_i). Rows of weight
+        zero carry no information and are dropped with a warning.
+    offset : str or array, optional
+        A known part of the mean, subtracted from the response before fitting and added
+        back to fitted values and predictions.
     contrasts : dict, optional
         Column name -> coding (``DummyCoding()``, ``EffectsCoding()``, ``HelmertCoding()``...).
     na_action : {"drop", "raise"}
     """
 
-    def __init__(self, formula, data, *, REML=False, weights=None, contrasts=None,
-                 na_action="drop"):
-        super().__init__(formula, data, weights=weights, contrasts=contrasts,
-                         na_action=na_action)
+    def __init__(self, formula, data, *, REML=False, weights=None, offset=None,
+                 contrasts=None, na_action="drop"):
+        super().__init__(formula, data, weights=weights, offset=offset, contrasts=contrasts,
+                         na_action=na_action, drop_zero_weights=True)
         self.REML = bool(REML)
         d = self.design
+        if getattr(d, "binomial_counts", False):
+            raise ValueError(f"the response {d.response_name!r} is a cbind() of counts: fit it "
+                             "with family=Binomial()")
         if d.y_levels is not None:
             raise ValueError(
                 f"response '{d.response_name}' is not numeric (levels {', '.join(map(str, d.y_levels))}); "
                 "a linear mixed model needs a numeric response (for a binary one pass family=Bernoulli())")
-        if d.offset is not None:
-            raise ValueError("offset is not supported for a linear mixed model; subtract it from the response")
-        if np.ptp(d.y) == 0:
-            raise ValueError(f"response '{d.response_name}' is constant ({d.y[0]:g}): there is no variance to partition")
-        n = self.n
-        for t in self.reterms:
-            if t.nlevels >= n or t.nlevels * t.ncols >= n:
-                raise ValueError(
-                    f"term ({' + '.join(t.cnames)} | {t.group_name}) has {t.nlevels * t.ncols} random effects "
-                    f"for {n} observations: the random-effects variances and the residual variance "
-                    "are not identifiable")
-        if self.REML and n <= self.p:
-            raise ValueError(f"REML needs more observations ({n}) than fixed effects ({self.p})")
+        self._check_random_effects_count(strict=True)
+        if self.REML and self.n <= self.p:
+            raise ValueError(f"REML needs more observations ({self.n}) than fixed effects ({self.p})")
         self._logw = 0.0 if d.weights is None else float(np.sum(np.log(d.weights)))
-        self._dfr = n - self.p if self.REML else n    # residual degrees of freedom
-        self.system.set_products(np.column_stack([d.X, d.y]), d.weights)
+        self._dfr = self.n - self.p if self.REML else self.n    # residual degrees of freedom
+        self._response_changed()
         self._setup_done()
 
+    def _response_changed(self):
+        d = self.design
+        self.y_fit = d.y if d.offset is None else d.y - d.offset
+        if np.ptp(self.y_fit) == 0:
+            what = "response" if d.offset is None else "response less its offset"
+            raise ValueError(f"{what} '{d.response_name}' is constant ({self.y_fit[0]:g}): "
+                             "there is no variance to partition")
+        self._workspace = None
+
+    def _workspace_ready(self, ws):
+        ws.set_products(np.column_stack([self.X, self.y_fit]), self.design.weights)
+
     def _evaluate(self, theta):
-        logdet, r = self.system.factorize(theta)
+        logdet, r = self.workspace.factorize(theta)
         pwrss = float(r[-1, -1]) ** 2
         dfr = self._dfr
         if pwrss <= 0.0:
             return -math.inf, logdet, r, pwrss
         val = 2.0 * logdet + dfr * (1.0 + math.log(2.0 * math.pi * pwrss / dfr)) - self._logw
         if self.REML:
-            val += 2.0 * float(np.sum(np.log(np.diag(r)[:-1])))
+            # log det(X'WX) of the original columns: the working basis differs by R̃
+            val += 2.0 * (float(np.sum(np.log(np.diag(r)[:-1]))) + self.fixed.logabsdet)
         return val, logdet, r, pwrss
 
     def objective(self, theta):
@@ -83,7 +94,11 @@ class LinearMixedModel(MixedModelSpec):
 
     def _objective_unchecked(self, theta):
         # the optimizer's entry: θ comes from NLopt as a float64 vector of the right length
-        return self._evaluate(theta)[0]
+        try:
+            return self._evaluate(theta)[0]
+        except np.linalg.LinAlgError:
+            # a θ where the system is numerically singular: the optimizer backs off
+            return math.inf
 
     def starting_theta(self):
         """Where the optimizer starts, and its initial steps.
@@ -100,10 +115,10 @@ class LinearMixedModel(MixedModelSpec):
         d = self.design
         theta = self.layout.initial()
         step = np.full(self.layout.ntheta, 0.75)
-        # OLS residuals; X has full column rank (aliased columns were dropped), so the
-        # normal equations suffice for a starting point
-        beta = np.linalg.solve(d.X.T @ d.X, d.X.T @ d.y) if self.p else np.zeros(0)
-        r = d.y - d.X @ beta
+        # OLS residuals, in the orthogonal working basis
+        X, y = self.X, self.y_fit
+        beta = np.linalg.lstsq(X, y, rcond=None)[0] if self.p else np.zeros(0)
+        r = y - X @ beta
         pos = 0
         for t in self.reterms:
             k = t.ncols
@@ -120,10 +135,19 @@ class LinearMixedModel(MixedModelSpec):
             pos += npar
         return theta, step
 
-    def fit(self, progress=False, initial=None):
+    def fit(self, progress=False, initial=None, check_convergence=True):
         """Minimize the objective over θ with BOBYQA; return a :class:`LinearMixedModelFit`.
 
-        ``initial`` overrides the starting θ (see :meth:`starting_theta`).
+        Parameters
+        ----------
+        progress : bool
+            Show the optimizer's progress on stderr.
+        initial : array_like, optional
+            The starting θ (default: :meth:`starting_theta`).
+        check_convergence : bool, default True
+            Compute the gradient and Hessian of the objective over θ at the optimum by
+            finite differences (lme4's ``check.conv``), store them on ``optsum`` and warn
+            when the scaled gradient is large or the Hessian is not positive definite.
         """
         theta0, step = self.starting_theta()
         if initial is not None:
@@ -131,7 +155,26 @@ class LinearMixedModel(MixedModelSpec):
         optsum = OptSummary(initial=theta0, lowerbd=self.layout.lower, initial_step=step)
         minimize(self._objective_unchecked, optsum, progress=progress)
         rectify(self._objective_unchecked, optsum, np.flatnonzero(np.isfinite(self.layout.lower)))
-        return LinearMixedModelFit(self, optsum.final, optsum)
+        if check_convergence:
+            check_optimum(self._objective_unchecked, optsum)
+        return LinearMixedModelFit(self, self._optimum(optsum.final), optsum)
+
+    def _optimum(self, theta):
+        """The numbers of the fit at θ, as a plain record (see LinearMixedModelFit)."""
+        theta = np.asarray(theta, dtype=float)
+        val, logdet, r, pwrss = self._evaluate(theta)
+        p = self.p
+        beta_w = r[:p, p].copy()
+        upper_solve(r, beta_w)
+        sigma = float(np.sqrt(pwrss / self._dfr))
+        ws = self.workspace
+        cu = np.asfortranarray((ws.rzxy[:, p] - ws.rzxy[:, :p] @ beta_w)[:, None])
+        u = ws.backward(cu)[:, 0].copy()
+        fixed = self.fixed
+        return dict(theta=theta, objective=float(val), logdet=2.0 * logdet, pwrss=float(pwrss),
+                    coef=fixed.from_working(beta_w), sigma=sigma,
+                    vcov=sigma ** 2 * fixed.vcov_from_working(rx_inverse_crossprod(r, p)),
+                    u=u, b=ws.lambda_times(theta, u), xbeta=self.X @ beta_w)
 
 
 def _relative_covariance(term, r):
@@ -186,31 +229,16 @@ def rx_inverse_crossprod(r, p):
 
 
 class LinearMixedModelFit(MixedModelFit):
-    """A fitted linear mixed model: estimates at the optimum, fixed once built.
+    """A fitted linear mixed model: a frozen record of the estimates at the optimum.
 
     Attributes
     ----------
-    theta, coef (β), b (conditional modes, u's order), u, sigma, vcov, objective, optsum
+    theta, coef (β), b (conditional modes, u's order), u, sigma, vcov, objective, optsum,
+    model (the specification, whose workspace is rebuilt on demand)
     """
 
-    def __init__(self, model, theta, optsum=None):
-        self.model = model
-        self.REML = model.REML
-        self.theta = np.asarray(theta, dtype=float)
-        self.optsum = optsum
-        val, logdet, r, pwrss = model._evaluate(self.theta)
-        p = model.p
-        self.objective = float(val)
-        self.logdet = 2.0 * logdet
-        self.pwrss = float(pwrss)
-        self.coef = r[:p, p].copy()
-        upper_solve(r, self.coef)
-        self.sigma = float(np.sqrt(pwrss / model._dfr))
-        self.vcov = self.sigma ** 2 * rx_inverse_crossprod(r, p)
-        sysm = model.system
-        cu = np.asfortranarray((sysm.rzxy[:, p] - sysm.rzxy[:, :p] @ self.coef)[:, None])
-        self.u = sysm.backward(cu)[:, 0].copy()
-        self.b = sysm.lambda_times(self.theta, self.u)
+    def __init__(self, model, optimum, optsum=None):
+        self._init_record(model, optimum, optsum, REML=model.REML)
 
     @property
     def loglik(self):
@@ -221,7 +249,7 @@ class LinearMixedModelFit(MixedModelFit):
         return self.objective
 
     def fitted(self):
-        """X β + Z b."""
+        """X β + Z b (+ offset)."""
         return self.linpred()
 
     def residuals(self):

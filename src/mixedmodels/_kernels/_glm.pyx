@@ -454,7 +454,8 @@ def pirls_blockdiag(int family, int link, const double[::1] fixed, const double[
                     const double[::1] lam, double[::1] u, double[::1] lblocks,
                     double[::1] eta, double[::1] mu, double[::1] mu_eta, double[::1] wrkwt,
                     double[::1] wrkresid, double[::1] devresid,
-                    double tol=1e-13, int maxiter=100, int max_halving=30):
+                    double tol=1e-13, int maxiter=100, int max_halving=30,
+                    double step_tol=1e-9):
     """PIRLS over u for a model with one random-effects term, β held fixed.
 
     Parameters
@@ -480,6 +481,7 @@ def pirls_blockdiag(int family, int link, const double[::1] fixed, const double[
     cdef int k = z.shape[1], it = 0, halvings, a, c
     cdef bint weighted = prior_w.shape[0] > 0, converged = False
     cdef double dev, pdev, new_dev = 0.0, new_pdev, logdet = 0.0, wi, r, zc, s
+    cdef double step = 0.0, usize = 0.0
     q = u.shape[0]
     nlev = q // k
     if lam.shape[0] != k * k or lblocks.shape[0] != nlev * k * k or codes.shape[0] != n:
@@ -528,6 +530,14 @@ def pirls_blockdiag(int family, int link, const double[::1] fixed, const double[
             blockdiag_solve_c(&lblocks[0], k, nlev, unew, True)
             for m in range(q):
                 uold[m] = u[m]
+            # the full Newton step's size, and the modes' (see _pirls.STEP_TOL)
+            step = 0.0
+            usize = 0.0
+            for m in range(q):
+                if fabs(unew[m] - uold[m]) > step:
+                    step = fabs(unew[m] - uold[m])
+                if fabs(uold[m]) > usize:
+                    usize = fabs(uold[m])
             _eta_blockdiag(fixed, z, codes, &lam[0], k, nlev, unew, b, eta)
             new_dev = _update_dispatch(family, link, eta, y, prior_w, weighted, mu, mu_eta,
                                        wrkwt, wrkresid, devresid)
@@ -548,7 +558,8 @@ def pirls_blockdiag(int family, int link, const double[::1] fixed, const double[
                                        wrkwt, wrkresid, devresid)
                 converged = True
                 continue
-            converged = fabs(pdev - new_pdev) <= tol * fabs(new_pdev) + tol
+            converged = (fabs(pdev - new_pdev) <= tol * fabs(new_pdev) + tol
+                         or (halvings == 0 and step <= step_tol * (1.0 + usize)))
             for m in range(q):
                 u[m] = unew[m]
             pdev = new_pdev
