@@ -38,7 +38,8 @@ from ._agq import agq_deviance
 from ._dispersion import observed_weights, pearson_dispersion
 from ._model import MixedModelSpec
 from .lmm import rx_inverse_crossprod
-from ._optimize import OptSummary, check_optimum, minimize, rectify
+from ._optimize import OptSummary, check_optimum, hessian_steps, minimize, rectify
+from ._derivs import finite_difference_derivatives
 from ._pirls import PirlsState, pirls
 from ._results import MixedModelFit
 from .families import get_family
@@ -310,9 +311,10 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
                                                        [0.05] * len(extra)]))
         minimize(self._joint_value, opt2, progress=progress)
         rectify(self._joint_value, opt2, p + bounded)
-        if check_convergence:
-            check_optimum(self._joint_value, opt2)
         beta_w, theta, phi = self._split(opt2.final, True)
+        if check_convergence:
+            se = np.sqrt(np.diag(self._vcov_working(theta, beta_w, phi)))
+            check_optimum(self._joint_value, opt2, step=hessian_steps(opt2.final, se))
         return GeneralizedLinearMixedModelFit(self, self._optimum(theta, beta_w, phi, opt2),
                                               opt2, fast=False, stage1=opt1)
 
@@ -428,8 +430,6 @@ class GeneralizedLinearMixedModelFit(MixedModelFit):
         return np.sqrt(np.diag(self.vcov_hessian))
 
     def _compute_vcov_hessian(self):
-        from ._derivs import finite_difference_derivatives
-
         model = self.model
         x = model._hessian_parameters(self)
         p = len(self.coef)
@@ -437,7 +437,9 @@ class GeneralizedLinearMixedModelFit(MixedModelFit):
         if self.fast or derivs is None or len(derivs.hessian) != len(x):
             lower = np.concatenate([np.full(p, -np.inf), model.layout.lower,
                                     [-np.inf] * (len(x) - p - model.layout.ntheta)])
-            _, hess = finite_difference_derivatives(model._joint_value, x, lower=lower)
+            se = np.sqrt(np.diag(model.fixed.R @ self.vcov @ model.fixed.R.T))
+            _, hess = finite_difference_derivatives(model._joint_value, x, lower=lower,
+                                                    step=hessian_steps(x, se))
             model._u = None
         else:
             hess = derivs.hessian
