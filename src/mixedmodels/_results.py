@@ -70,9 +70,25 @@ class MixedModelFit:
     def stderror(self):
         return np.sqrt(np.diag(self.vcov))
 
-    def coeftable(self):
-        """Coef., Std. Error, z and Pr(>|z|) as a DataFrame indexed by coefficient name."""
-        return _coeftable(self)
+    def coeftable(self, se="conditional"):
+        """Coef., Std. Error, z and Pr(>|z|) as a DataFrame indexed by coefficient name.
+
+        Parameters
+        ----------
+        se : {"conditional", "hessian"}
+            "conditional" (the default, MixedModels.jl's and the tutorial's): the
+            covariance of β given the variance parameters, φ(RX'RX)⁻¹. "hessian" (GLMMs):
+            from the Hessian of -2 log L over β and the variance parameters, as lme4's
+            ``summary`` and glmmTMB report (``vcov_hessian``).
+        """
+        if se == "conditional":
+            return _coeftable(self)
+        if se == "hessian":
+            if not self.is_glmm:
+                raise ValueError("se='hessian' applies to GLMMs; a linear mixed model's "
+                                 "standard errors are exact given θ (lme4 reports the same)")
+            return _coeftable(self, self.stderror_hessian)
+        raise ValueError(f"se must be 'conditional' or 'hessian', not {se!r}")
 
     def compact_table(self):
         """Est., SE, z, p and the σ of each grouping factor (MixedModels.jl's summary table)."""
@@ -185,7 +201,8 @@ class MixedModelFit:
             For a level of a grouping factor not seen in fitting (or missing): use a
             random effect of zero (the population-level prediction), or raise.
         offset : array, optional
-            Added to η for the new rows (a GLMM with an offset needs one).
+            Added to η for the new rows (a model fitted with ``offset=`` needs one;
+            ``offset(x)`` terms of the formula are evaluated on ``newdata``).
 
         Returns
         -------
@@ -208,6 +225,11 @@ class MixedModelFit:
                                      f"(e.g. {bad[:5]}); pass new_levels='population' to predict with zero random effects")
                 contrib = np.einsum("ij,ij->i", z, blk[np.where(unseen, 0, codes)])
                 eta = eta + np.where(unseen, 0.0, contrib)
+            # offset(x) terms of the formula apply to new rows as they did in fitting
+            offset_for = getattr(self.model.design, "offset_for", None)
+            formula_offset = offset_for(newdata) if offset_for is not None else None
+            if formula_offset is not None:
+                eta = eta + formula_offset
             if offset is not None:
                 eta = eta + np.asarray(offset, dtype=float)
         if type == "link" or self.family is None:

@@ -97,13 +97,15 @@ def _dropped(model) -> list:
     return [str(d) for d in (getattr(model, "dropped_coefs", None) or []) if d not in names]
 
 
-def coeftable(model) -> pd.DataFrame:
+def coeftable(model, stderror=None) -> pd.DataFrame:
     """Wald table of the fixed-effects coefficients.
 
     Parameters
     ----------
     model
         A fitted model (see the module docstring for the attributes read).
+    stderror : array_like, optional
+        The standard errors to use (default ``model.stderror``).
 
     Returns
     -------
@@ -113,7 +115,7 @@ def coeftable(model) -> pd.DataFrame:
         (``model.dropped_coefs``) follow as rows of NaN.
     """
     coef = np.asarray(model.coef, dtype=float).ravel()
-    se = np.asarray(model.stderror, dtype=float).ravel()
+    se = np.asarray(model.stderror if stderror is None else stderror, dtype=float).ravel()
     names = [str(n) for n in model.coef_names]
     if not len(coef) == len(se) == len(names):
         raise ValueError(
@@ -365,6 +367,13 @@ def format_model(model) -> str:
     lines.append("")
     lines.append("Fixed-effects parameters:" if glmm else "  Fixed-effects parameters:")
     lines.append(format_coeftable(model))
+    if glmm:
+        what = "θ and φ" if getattr(model, "dispersion", None) is not None else "θ"
+        lines.append(f"Standard errors: conditional on {what} (MixedModels.jl's); "
+                     "coeftable(se=\"hessian\") gives the Hessian-based ones of lme4 and glmmTMB.")
+    if getattr(model, "dispersion", None) is not None:
+        lines.append(f"Dispersion φ = {model.dispersion:.6g} (σ = √φ = {model.sigma:.6g}), "
+                     "estimated with β and θ by maximum likelihood.")
     if getattr(model, "singular", False):
         lines.append("The fit is singular: some variance components are zero or some "
                      "correlations are \u00b11 (a boundary estimate).")
