@@ -33,7 +33,7 @@ def fit(formula, data, family=None, *, REML=False, weights=None, offset=None, co
     formula : str
         lme4-style: ``"y ~ 1 + x + (1 + x | g)"``; ``||`` for uncorrelated terms,
         ``(1 | a/b)`` for nesting, ``(1 | a & b)`` for an interaction grouping factor.
-    data : pandas.DataFrame
+    data : pandas.DataFrame, or a polars / pyarrow table
     family : Family, str or None
         None (or ``Normal()`` with its identity link) fits a linear mixed model.
     REML : bool
@@ -41,7 +41,8 @@ def fit(formula, data, family=None, *, REML=False, weights=None, offset=None, co
     weights : str or array, optional
         LMM: precision weights. GLMM: prior weights (Binomial: the number of trials).
     offset : str or array, optional
-        GLMM only.
+        A known part of the linear predictor (LMM: of the mean), as lme4's ``offset``;
+        ``offset(x)`` terms in the formula add to it.
     contrasts : dict, optional
         Column -> ``DummyCoding()`` | ``EffectsCoding()`` | ``HelmertCoding()`` | ``Grouping()``.
     nAGQ : int
@@ -69,6 +70,6 @@ def fit(formula, data, family=None, *, REML=False, weights=None, offset=None, co
             return model.fit(fast=fast, progress=progress)
     if nAGQ != 1 or fast:
         raise ValueError("nAGQ and fast apply to generalized linear mixed models (pass a family)")
-    model = LinearMixedModel(formula, data, REML=REML, weights=weights, contrasts=contrasts,
-                             na_action=na_action)
+    model = LinearMixedModel(formula, data, REML=REML, weights=weights, offset=offset,
+                             contrasts=contrasts, na_action=na_action)
     return model.fit(progress=progress)
