@@ -113,19 +113,30 @@ class MixedModelSpec:
         -------
         A specification of the same class, with its own workspace.
         """
+        new = copy.copy(self)
+        new.replace_response(y)
+        return new
+
+    def replace_response(self, y):
+        """In place: a new response for this specification, keeping its workspace.
+
+        The block structure, the symbolic factorization and the fixed-effects basis do
+        not depend on y, so only the response's cross-products are recomputed. This is
+        the cheap path for a bootstrap worker that refits one private copy of a model
+        (``copy.copy(fit.model)``) to many responses; :meth:`with_response` is the safe
+        one that leaves the original alone.
+        """
         y = np.asarray(y, dtype=np.float64).ravel()
         if y.shape != self.design.y.shape:
             raise ValueError(f"the new response has {y.size} values; the model has "
                              f"{self.design.y.size} rows")
         if not np.isfinite(y).all():
             raise ValueError("the new response has missing or non-finite values")
-        new = copy.copy(self)
-        new.design = dataclasses.replace(self.design, y=y)
-        new._response_changed()
-        return new
+        self.design = dataclasses.replace(self.design, y=y)
+        self._response_changed()
 
     def _response_changed(self):
-        """Subclasses recompute what depends on y (checks, starting values)."""
+        """Subclasses recompute what depends on y (checks, starting values, products)."""
 
     def _setup_done(self):
         """Record ``setup_seconds``: formula, design, block pattern, symbolic analysis,

@@ -70,7 +70,49 @@ class MixedModelFit:
     def stderror(self):
         return np.sqrt(np.diag(self.vcov))
 
-    def coeftable(self, se="conditional"):
+    # -- inference (the inference/ package; each method hands the fit over) ---------------
+    def confint(self, method="wald", level=0.95, **kwargs):
+        """Confidence intervals for the variance parameters and the fixed effects.
+
+        Parameters
+        ----------
+        method : {"wald", "profile", "bootstrap"}
+        level : float
+        **kwargs
+            Passed to the method (for "bootstrap": ``n``, ``seed``, ``n_jobs``...).
+
+        Returns
+        -------
+        pandas.DataFrame
+            Indexed by parameter with lme4's names (``sd_(Intercept)|subj``,
+            ``cor_days.(Intercept)|subj``, ``sigma``, then the coefficients); columns
+            ``lower``, ``upper``.
+        """
+        from .inference.confint import confint
+        return confint(self, method=method, level=level, **kwargs)
+
+    def profile(self, **kwargs):
+        """The likelihood profile of every parameter (see inference/profile.py)."""
+        from .inference.profile import profile
+        return profile(self, **kwargs)
+
+    def simulate(self, n=1, seed=None):
+        """Responses drawn from the fitted model: an array of shape (n, nobs)."""
+        from .inference.simulate import simulate
+        return simulate(self, n=n, seed=seed)
+
+    def condvar(self):
+        """Conditional covariances of the random effects, per grouping factor: an
+        array (levels, k, k) in the order of ``ranef()[group].index``."""
+        from .inference.condvar import condvar
+        return condvar(self)
+
+    def anova(self, type=3, ddf="satterthwaite"):
+        """F tests of the fixed-effect terms (LMMs): one row per term."""
+        from .inference.ddf import anova
+        return anova(self, type=type, ddf=ddf)
+
+    def coeftable(self, se="conditional", ddf=None):
         """Coef., Std. Error, z and Pr(>|z|) as a DataFrame indexed by coefficient name.
 
         Parameters
@@ -80,7 +122,15 @@ class MixedModelFit:
             covariance of β given the variance parameters, φ(RX'RX)⁻¹. "hessian" (GLMMs):
             from the Hessian of -2 log L over β and the variance parameters, as lme4's
             ``summary`` and glmmTMB report (``vcov_hessian``).
+        ddf : {None, "satterthwaite", "kenward-roger"}
+            LMMs: add ``df``, ``t`` and ``Pr(>|t|)`` with these denominator degrees of
+            freedom (Kenward-Roger also adjusts ``Std. Error``; REML fits only).
         """
+        if ddf is not None:
+            if se != "conditional":
+                raise ValueError("ddf applies to the conditional standard errors of an LMM")
+            from .inference.ddf import coeftable_ddf
+            return coeftable_ddf(self, ddf=ddf)
         if se == "conditional":
             return _coeftable(self)
         if se == "hessian":

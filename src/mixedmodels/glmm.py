@@ -93,6 +93,7 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         self._check_random_effects_count(strict=False)
         self.offset_or_zero = (np.zeros(self.n) if d.offset is None
                                else np.ascontiguousarray(d.offset, float))
+        self._state = self._u_warm = None
         self._response_changed()
         self._setup_done()
 
@@ -108,7 +109,8 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
                         else np.ascontiguousarray(d.weights, float))
         fam.validate(self.y, self.prior_w, d.response_name)
         self._refuse_degenerate_response()
-        self._workspace = self._state = self._u_warm = None
+        # the workspace and PIRLS arrays hold nothing of y between calls; the modes do
+        self._u_warm = None
         self.beta0, self.phi0 = self._glm_start()
 
     def _refuse_degenerate_response(self):

@@ -71,7 +71,8 @@ class LinearMixedModel(MixedModelSpec):
             what = "response" if d.offset is None else "response less its offset"
             raise ValueError(f"{what} '{d.response_name}' is constant ({self.y_fit[0]:g}): "
                              "there is no variance to partition")
-        self._workspace = None
+        if self._workspace is not None:
+            self._workspace_ready(self._workspace)
 
     def _workspace_ready(self, ws):
         ws.set_products(np.column_stack([self.X, self.y_fit]), self.design.weights)
@@ -99,6 +100,65 @@ class LinearMixedModel(MixedModelSpec):
         except np.linalg.LinAlgError:
             # a θ where the system is numerically singular: the optimizer backs off
             return math.inf
+
+    # -- operations for inference: the likelihood away from the profiled optimum -------
+    def profiled_parts(self, theta):
+        """What the blocked factorization gives at θ, in the coefficients' own coordinates.
+
+        Returns
+        -------
+        dict
+            ``logdet_l`` (log det L, half that of Λ'Z'WZΛ + I), ``logdet_rx`` (log det of
+            the fixed-effects factor for the original X, half that of X'V⁻¹X / σ²),
+            ``pwrss`` (penalized weighted residual sum of squares at β̂(θ)), ``beta``
+            (β̂(θ)), ``rx_inverse_crossprod`` ((RX'RX)⁻¹ for the original X: the covariance
+            of β̂ over σ²), ``dfr`` (n for ML, n - p for REML), ``logw`` (Σ log w).
+        """
+        theta = self._check_theta(theta)
+        _, logdet, r, pwrss = self._evaluate(theta)
+        p = self.p
+        beta_w = r[:p, p].copy()
+        upper_solve(r, beta_w)
+        fixed = self.fixed
+        return dict(logdet_l=float(logdet),
+                    logdet_rx=float(np.sum(np.log(np.diag(r)[:-1]))) + fixed.logabsdet,
+                    pwrss=float(pwrss), beta=fixed.from_working(beta_w),
+                    rx_inverse_crossprod=fixed.vcov_from_working(rx_inverse_crossprod(r, p)),
+                    dfr=self._dfr, logw=self._logw)
+
+    def deviance_at(self, theta, sigma, beta=None):
+        """-2 log-likelihood (ML) or the REML criterion at θ and σ, not profiled over σ.
+
+        β is profiled out (at β̂(θ)) unless given; REML does not depend on β. At σ̂(θ) this
+        equals :meth:`objective`. The profile of σ, the Satterthwaite and Kenward-Roger
+        degrees of freedom and the Wald intervals of the variance parameters use it.
+
+        Notes
+        -----
+        With r² the penalized RSS at β̂ and d = n (ML) or n - p (REML),
+
+            deviance = d log(2πσ²) + 2 log det L [+ 2 log det RX] + (r² + ‖RX(β - β̂)‖²)/σ² - Σ log w.
+        """
+        parts = self.profiled_parts(theta)
+        sigma = float(sigma)
+        if not sigma > 0:
+            raise ValueError(f"sigma must be positive, not {sigma}")
+        rss = parts["pwrss"]
+        if beta is not None:
+            if self.REML:
+                raise ValueError("the REML criterion does not depend on β; pass beta=None")
+            delta = np.asarray(beta, dtype=float) - parts["beta"]
+            # ‖RX(β - β̂)‖² = δ'(RX'RX)δ
+            rss += float(delta @ np.linalg.solve(parts["rx_inverse_crossprod"], delta))
+        val = (parts["dfr"] * math.log(2.0 * math.pi * sigma ** 2) + 2.0 * parts["logdet_l"]
+               + rss / sigma ** 2 - parts["logw"])
+        if self.REML:
+            val += 2.0 * parts["logdet_rx"]
+        return val
+
+    def vcov_at(self, theta, sigma):
+        """σ²(RX'RX)⁻¹ at θ: the covariance of β̂ given θ and σ (original coordinates)."""
+        return float(sigma) ** 2 * self.profiled_parts(theta)["rx_inverse_crossprod"]
 
     def starting_theta(self):
         """Where the optimizer starts, and its initial steps.
