@@ -75,9 +75,6 @@ class MixedModelSpec:
             self._workspace_ready(self._workspace)
         return self._workspace
 
-    # the name lme4's predictor module would use; kept for readers of older code
-    system = workspace
-
     def _workspace_ready(self, ws):
         """Subclasses load the per-model data into a fresh workspace."""
 
