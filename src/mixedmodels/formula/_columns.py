@@ -11,7 +11,15 @@ sort order.
 Level conventions (shared with lme4 and MixedModels.jl): strings sort as strings,
 booleans as false < true, numbers numerically; a pandas ``Categorical`` keeps its
 declared category order; levels absent from the rows used are dropped.
+
+Data frames other than pandas (polars, pyarrow, anything narwhals reads) are seen
+through :func:`as_table`, which converts a column to a pandas Series when it is first
+read, so that the columns a model does not use cost nothing.  A polars ``Enum``
+keeps its declared order; a polars ``Categorical`` (which polars itself sorts as
+strings) and an Arrow dictionary column become strings.
 """
+from collections.abc import Mapping
+
 import numpy as np
 import pandas as pd
 
@@ -19,6 +27,9 @@ from ._contrasts import _label
 
 __all__ = [
     "ColumnCache",
+    "as_table",
+    "as_pandas",
+    "column",
     "is_numeric",
     "as_float",
     "missing",
@@ -27,6 +38,134 @@ __all__ = [
     "factorize",
     "encode",
 ]
+
+def column(data, name):
+    """One column of a data table as a pandas Series, checked to be there once.
+
+    Parameters
+    ----------
+    data : pandas.DataFrame or the result of :func:`as_table`
+    name : str
+
+    Returns
+    -------
+    pandas.Series
+
+    Raises
+    ------
+    ValueError
+        When ``data`` has no column ``name``, or more than one.
+    """
+    if name not in data.columns:
+        raise ValueError(f"column {name!r} not found in data")
+    series = data[name]
+    if isinstance(series, pd.DataFrame):
+        # pandas answers a repeated name with all its columns
+        raise ValueError(f"column {name!r} appears {series.shape[1]} times in data; "
+                         "rename the copies so that the formula names one column")
+    return series
+
+
+class _NarwhalsTable:
+    """A narwhals-readable data frame as the design layer reads a table: ``columns``,
+    ``len()`` and ``table[name]`` giving a pandas Series, converted on first use."""
+
+    def __init__(self, frame):
+        self._frame = frame
+        self.columns = pd.Index(frame.columns)
+        self._len = len(frame)
+        self._series = {}
+
+    def __len__(self):
+        return self._len
+
+    def __getitem__(self, name):
+        out = self._series.get(name)
+        if out is None:
+            out = self._series[name] = _to_series(self._frame.get_column(name), name)
+        return out
+
+
+def _to_series(series, name):
+    """A narwhals Series as a pandas Series with the same values and level order."""
+    import narwhals as nw
+
+    dtype = series.dtype
+    values = series.to_numpy()
+    if isinstance(dtype, nw.Enum):
+        # an Enum's declared categories are its level order, as a pandas Categorical's
+        values = pd.Categorical(values, categories=list(dtype.categories))
+    elif dtype == nw.Boolean and values.dtype == object:
+        # booleans with nulls: pandas' nullable boolean keeps false < true and the nulls
+        values = pd.array(values, dtype="boolean")
+    elif dtype.is_numeric() and values.dtype.kind not in "biufc":
+        values = series.cast(nw.Float64).to_numpy()  # e.g. Decimal
+    return pd.Series(values, name=name)
+
+
+def as_table(data):
+    """``data`` as the design layer reads it: a pandas DataFrame or a column view.
+
+    Parameters
+    ----------
+    data : pandas.DataFrame, mapping of column name to values, or a data frame
+        narwhals supports (polars, pyarrow, modin, cuDF, DuckDB, ...)
+
+    Returns
+    -------
+    pandas.DataFrame or _NarwhalsTable
+        Both give ``columns``, ``len()`` and ``table[name]`` (a pandas Series).
+
+    Raises
+    ------
+    TypeError
+        For anything else, naming its type.
+    ValueError
+        For a mapping pandas cannot make a frame of, or a frame with repeated column
+        names that narwhals refuses.
+    """
+    if isinstance(data, pd.DataFrame):
+        return data
+    if isinstance(data, Mapping):
+        try:
+            return pd.DataFrame(dict(data))
+        except Exception as err:
+            raise ValueError(f"data must be a pandas DataFrame or a mapping of columns: "
+                             f"{err}") from None
+    import narwhals as nw
+
+    try:
+        frame = nw.from_native(data)
+    except nw.exceptions.DuplicateError:
+        names = pd.Index(getattr(data, "column_names", None) or list(data.columns))
+        repeated = names[names.duplicated()].unique().tolist()
+        raise ValueError(f"column(s) {repeated} appear more than once in data; rename the "
+                         "copies so that the formula names one column") from None
+    except TypeError:
+        raise TypeError(f"data must be a pandas DataFrame, a dict of columns or a data "
+                        f"frame narwhals supports (polars, pyarrow, ...), not "
+                        f"{type(data).__module__}.{type(data).__qualname__}") from None
+    if isinstance(frame, nw.LazyFrame):
+        frame = frame.collect()
+    return _NarwhalsTable(frame)
+
+
+def as_pandas(data):
+    """``data`` (anything :func:`as_table` takes) as a pandas DataFrame.
+
+    Parameters
+    ----------
+    data : pandas.DataFrame, mapping or narwhals-supported data frame
+
+    Returns
+    -------
+    pandas.DataFrame
+    """
+    table = as_table(data)
+    if isinstance(table, pd.DataFrame):
+        return table
+    return pd.DataFrame({name: table[name] for name in table.columns},
+                        index=pd.RangeIndex(len(table)))
 
 
 def is_numeric(series):
@@ -192,7 +331,7 @@ class ColumnCache:
 
     Parameters
     ----------
-    data : pandas.DataFrame
+    data : pandas.DataFrame or the result of :func:`as_table`
 
     Notes
     -----
@@ -217,7 +356,7 @@ class ColumnCache:
         """The column as a pandas Series."""
         s = self._series.get(name)
         if s is None:
-            s = self._series[name] = self.data[name]
+            s = self._series[name] = column(self.data, name)
         return s
 
     def is_numeric(self, name):

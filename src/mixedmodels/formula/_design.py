@@ -16,6 +16,13 @@ Each model matrix is built one of two ways, with identical results:
 
 Which one a part took shows in ``type(design._fixed)`` and ``type(reterm._matrix)``.
 
+Before either sees a part, R's spelling is made explicit (``_rsyntax``): ``^`` becomes
+``**`` (power inside calls, crossing in the formula algebra, as in R), and columns
+whose names are not plain identifiers (`` `subject id` ``, ``days.n``) are written in
+backticks, which the fast path reads directly and patsy reads as ``Q("...")``.
+``offset(expr)`` terms build a one-column matrix each, summed into the offset; a
+``cbind(successes, failures)`` response gives a proportion and its trials.
+
 Two conventions shared with lme4 and MixedModels.jl decide what the matrices look like:
 
 * Level order.  Strings sort as strings, booleans as false < true, numbers
@@ -43,8 +50,9 @@ import numpy as np
 import pandas as pd
 import patsy
 import patsy.builtins
+from patsy.contrasts import code_contrast_matrix
 
-from ._columns import ColumnCache
+from ._columns import ColumnCache, as_pandas, as_table, column
 from ._columns import as_float as _as_float
 from ._columns import encode as _encode
 from ._columns import factorize as _factorize
@@ -60,6 +68,8 @@ from ._contrasts import (
 )
 from ._fast import FastMatrix, fast_plan, fast_terms, term_columns
 from ._parse import parse_formula
+from ._rsyntax import canonical, single_name, to_python
+from ._rsyntax import display as _display
 
 __all__ = ["Design", "ReTerm", "build_design", "abs2"]
 
@@ -151,6 +161,16 @@ def _need_column(name, columns):
         raise ValueError(f"column {name!r} not found in data")
 
 
+def _known(name):
+    """Whether a name that is not a data column still means something in a formula."""
+    return name in _ENV or hasattr(builtins, name) or keyword.iskeyword(name)
+
+
+def _canonical(text, columns):
+    """R formula text in the spelling both model-matrix builders read (``_rsyntax``)."""
+    return canonical(text, columns, _known)
+
+
 def _frame_values(data, specs, what):
     """The values a model matrix reads, checked: numeric arrays and level codes.
 
@@ -160,8 +180,7 @@ def _frame_values(data, specs, what):
     """
     values = {}
     for name, levels in specs.items():
-        _need_column(name, data.columns)
-        series = data[name]
+        series = column(data, name)
         if levels is None:
             if not _is_numeric(series):
                 raise ValueError(f"column {name!r} in {what} is not numeric")
@@ -217,8 +236,11 @@ def _check_finite(mat, names, what, columns=None):
 # One model matrix (the fixed part, or one random term's columns)
 # ---------------------------------------------------------------------------
 
-_Q_CALL = re.compile(r"""^Q\(\s*(["'])(.*)\1\s*\)$""")
-_C_CALL = re.compile(r"^C\(\s*([A-Za-z_][A-Za-z0-9_.]*)\s*(?:,.*)?\)$", re.S)
+# a Python string literal, as patsy keeps it in a factor's code
+_STRING = r"""(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")"""
+_Q_CALL = re.compile(rf"^Q\(\s*({_STRING})\s*\)$", re.S)
+_C_CALL = re.compile(rf"^C\(\s*([A-Za-z_][A-Za-z0-9_.]*|Q\(\s*{_STRING}\s*\))\s*(?:,.*)?\)$",
+                     re.S)
 
 
 def _bare_column(code):
@@ -227,7 +249,12 @@ def _bare_column(code):
     if code.isidentifier():
         return code
     m = _Q_CALL.match(code)
-    return m.group(2) if m else None
+    if m is None:
+        return None
+    try:
+        return ast.literal_eval(m.group(1))
+    except (ValueError, SyntaxError):
+        return None
 
 
 @functools.lru_cache(maxsize=256)
@@ -236,15 +263,19 @@ def _patsy_desc(text):
     return patsy.ModelDesc.from_formula(text)
 
 
-def _model_desc(text, formula, what, columns):
-    text = _quote_keywords(text, columns)
+def _patsy_text(text, columns):
+    """Canonical formula text as patsy reads it: ``Q("...")`` for quoted names."""
+    return _quote_keywords(to_python(text), columns)
+
+
+def _model_desc(ptext, formula, what):
     try:
-        desc = _patsy_desc(text)
+        desc = _patsy_desc(ptext)
     except patsy.PatsyError as err:
-        raise ValueError(f"cannot parse formula {formula!r}: {what} {text!r}: "
+        raise ValueError(f"cannot parse formula {formula!r}: {what} {ptext!r}: "
                          f"{err.message}") from None
     if desc.lhs_termlist:
-        raise ValueError(f"cannot parse formula {formula!r}: '~' inside {what} {text!r}")
+        raise ValueError(f"cannot parse formula {formula!r}: '~' inside {what} {ptext!r}")
     return desc
 
 
@@ -263,8 +294,8 @@ class _ModelMatrix:
 
     Parameters
     ----------
-    desc : patsy.ModelDesc
-        The part's terms (no response).
+    text : str
+        The part's terms (no response) as patsy reads them.
     specs : dict
         Column name -> level list (categorical) or None (numeric), for the columns
         this part reads.
@@ -274,11 +305,38 @@ class _ModelMatrix:
         The fitting rows, as made by :func:`_patsy_frame`.
     what : str
         What this matrix is, for messages ("the fixed-effects part").
+
+    Notes
+    -----
+    patsy's design objects refuse to be pickled.  What is pickled instead is what
+    rebuilds them exactly: the text, the specs, the codings (patsy's own contrast
+    objects as the contrast matrices they gave) and the values this part read from
+    the fitting rows, which stateful transforms such as ``center(x)`` learn from.
     """
 
-    def __init__(self, desc, specs, codings, frame, what):
+    def __init__(self, text, specs, codings, frame, what):
+        self.text = text
         self.specs = dict(specs)
         self.what = what
+        self.codings = {c: codings[c] for c in self.specs if c in codings}
+        terms, display, naming = self._terms()
+        try:
+            dm = patsy.dmatrix(patsy.ModelDesc([], terms), frame, eval_env=self._env,
+                               NA_action="raise", return_type="matrix")
+        except patsy.PatsyError as err:
+            raise ValueError(f"cannot build {what}: {err.message}") from None
+        self.design_info = dm.design_info
+        self.order, self.names = self._order_and_names(terms, display, naming)
+        self.matrix = np.ascontiguousarray(np.asarray(dm, dtype=np.float64)[:, self.order])
+        self._check_finite(self.matrix)
+        self._frame = frame
+
+    def _terms(self):
+        """patsy's terms with our codings applied, and how to name their columns.
+
+        Sets ``self._env``, the namespace the factors are evaluated in.
+        """
+        desc = _patsy_desc(self.text)
         env = dict(_ENV)
         # How each factor's contrast columns get their level names: "levels" when
         # patsy's default treatment coding is used on our level list, "labels" when
@@ -293,7 +351,7 @@ class _ModelMatrix:
                 new = factor
                 if col is not None and self.specs.get(col) is not None:
                     display[new] = col
-                    coding = codings.get(col)
+                    coding = self.codings.get(col)
                     if coding is None or (type(coding) is DummyCoding and coding.base is None):
                         # patsy's Treatment equals DummyCoding() here, and a plain
                         # pandas Categorical keeps patsy on its fast vectorised path;
@@ -308,21 +366,38 @@ class _ModelMatrix:
                                        None)
                 else:
                     m = _C_CALL.match(factor.code)
+                    inner = None if m is None else (_bare_column(m.group(1)) or m.group(1))
                     display[new] = col if col is not None else (
-                        m.group(1) if m and m.group(1) in self.specs else factor.name())
+                        inner if inner in self.specs else _display(factor.name()))
                     naming[new] = ("patsy", None)
                 mapped[factor] = new
-        terms = [patsy.Term([mapped[f] for f in t.factors]) for t in desc.rhs_termlist]
         self._env = patsy.EvalEnvironment([env])
-        try:
-            dm = patsy.dmatrix(patsy.ModelDesc([], terms), frame, eval_env=self._env,
-                               NA_action="raise", return_type="matrix")
-        except patsy.PatsyError as err:
-            raise ValueError(f"cannot build {what}: {err.message}") from None
-        self.design_info = dm.design_info
-        self.order, self.names = self._order_and_names(terms, display, naming)
-        self.matrix = np.ascontiguousarray(np.asarray(dm, dtype=np.float64)[:, self.order])
-        self._check_finite(self.matrix)
+        terms = [patsy.Term([mapped[f] for f in t.factors]) for t in desc.rhs_termlist]
+        return terms, display, naming
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        del state["design_info"], state["_env"]
+        frame = state.pop("_frame")
+        state["_values"] = {c: (frame[c].to_numpy() if levels is None
+                                else frame[c].cat.codes.to_numpy())
+                            for c, levels in self.specs.items()}
+        state["_n"] = len(frame)
+        state["codings"] = {c: coding if isinstance(coding, (_Coding, np.ndarray))
+                            else _FrozenCoding(coding, self.specs[c])
+                            for c, coding in self.codings.items()}
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        values, n = state.pop("_values"), state.pop("_n")
+        self.__dict__.update(state)
+        frame = _as_patsy_frame(values, self.specs, n)
+        terms, _, _ = self._terms()
+        # dmatrix's own call, without building the matrix again
+        self.design_info = patsy.design_matrix_builders(
+            [[], terms], lambda: iter([frame]), self._env, NA_action="raise")[1]
+        self._frame = frame
 
     def _order_and_names(self, terms, display, naming):
         info = self.design_info
@@ -371,7 +446,7 @@ class _ModelMatrix:
 
         Parameters
         ----------
-        data : pandas.DataFrame
+        data : pandas.DataFrame or the result of :func:`_columns.as_table`
 
         Returns
         -------
@@ -386,6 +461,40 @@ class _ModelMatrix:
         mat = np.ascontiguousarray(np.asarray(dm, dtype=np.float64)[:, self.order])
         self._check_finite(mat)
         return mat
+
+
+class _FrozenCoding:
+    """A coding that cannot be pickled (patsy's contrast objects, a ContrastMatrix),
+    kept as the full- and reduced-rank contrast matrices it gives one column's levels.
+
+    Parameters
+    ----------
+    coding : object
+        Anything :func:`patsy.contrasts.code_contrast_matrix` accepts.
+    levels : list of str
+        The column's levels in model order.
+    """
+
+    def __init__(self, coding, levels):
+        self._matrices = {}
+        for full in (True, False):
+            try:
+                cm = code_contrast_matrix(full, tuple(levels), coding)
+            except Exception:
+                continue  # a coding that only offers one of the two; patsy asked for that one
+            self._matrices[full] = (np.asarray(cm.matrix), list(cm.column_suffixes))
+
+    def _matrix(self, full):
+        matrix, suffixes = self._matrices[full]
+        return patsy.ContrastMatrix(matrix, suffixes)
+
+    def code_with_intercept(self, levels):
+        """The full-rank contrast matrix (see :class:`patsy.ContrastMatrix`)."""
+        return self._matrix(True)
+
+    def code_without_intercept(self, levels):
+        """The reduced-rank contrast matrix (see :class:`patsy.ContrastMatrix`)."""
+        return self._matrix(False)
 
 
 def _aliased_columns(X, rtol=RANK_RTOL, gram=None):
@@ -550,7 +659,7 @@ class ReTerm:
 
         Parameters
         ----------
-        newdata : pandas.DataFrame
+        newdata : pandas.DataFrame, dict of columns, or a data frame narwhals supports
 
         Returns
         -------
@@ -559,13 +668,11 @@ class ReTerm:
             or a missing grouping value.
         z : numpy.ndarray of float64, shape (m, k)
         """
-        data = _as_frame(newdata)
-        for name in self._grouping:
-            _need_column(name, data.columns)
-        codes, _ = _encode(data[self._grouping[0]], self._components[0])
-        for name, levels, (width, keys) in zip(self._grouping[1:], self._components[1:],
-                                               self._steps):
-            c2, _ = _encode(data[name], levels)
+        data = as_table(newdata)
+        series = [column(data, name) for name in self._grouping]
+        codes, _ = _encode(series[0], self._components[0])
+        for s2, levels, (width, keys) in zip(series[1:], self._components[1:], self._steps):
+            c2, _ = _encode(s2, levels)
             key = codes * width + c2
             pos = np.clip(np.searchsorted(keys, key), 0, max(len(keys) - 1, 0))
             found = (codes >= 0) & (c2 >= 0) & (keys[pos] == key)
@@ -586,8 +693,12 @@ class Design:
     ----------
     formula : str
     response_name : str
-        The left-hand side as written, e.g. ``"incid / hsz"``.
+        The left-hand side as written, e.g. ``"incid / hsz"`` or
+        ``"cbind(incid, hsz - incid)"``; a single column's bare name (``my y`` for
+        `` `my y` ``).
     y : numpy.ndarray of float64, shape (n,)
+        For a ``cbind(successes, failures)`` response, the proportion
+        ``successes / (successes + failures)``, 0 where there are no trials.
     y_levels : tuple of str or None
         ``(failure, success)`` for a two-level non-numeric response (y is 1.0 for the
         second); None for a numeric response.
@@ -599,11 +710,19 @@ class Design:
         Names of aliased columns removed from `X`.
     reterms : list of ReTerm
         Random-effects terms in the order written (nesting expanded).
-    weights, offset : numpy.ndarray of float64 or None
+    weights : numpy.ndarray of float64 or None
+        The ``weights`` argument; for a ``cbind()`` response, the numbers of trials
+        ``successes + failures`` (0 allowed).
+    offset : numpy.ndarray of float64 or None
+        The ``offset`` argument plus every ``offset(expr)`` term of the formula, in
+        that order, as R's ``model.offset`` sums them; None when there is neither.
     n : int
         Number of rows used.
     rows_used : numpy.ndarray of int64
         Positions of the rows of ``data`` that were used.
+    binomial_counts : bool
+        True when the response is ``cbind(successes, failures)``: y and weights are
+        a binomial proportion and its trials, for a Binomial family only.
     parsed : ParsedFormula
     """
 
@@ -619,9 +738,11 @@ class Design:
     offset: np.ndarray
     n: int
     rows_used: np.ndarray
+    binomial_counts: bool = False
     parsed: object = field(default=None, repr=False)
     _fixed: object = field(default=None, repr=False)
     _keep: np.ndarray = field(default=None, repr=False)
+    _offsets: list = field(default_factory=list, repr=False)
 
     def fixed_matrix(self, newdata):
         """The fixed-effects model matrix for new data.
@@ -631,30 +752,49 @@ class Design:
 
         Parameters
         ----------
-        newdata : pandas.DataFrame
+        newdata : pandas.DataFrame, dict of columns, or a data frame narwhals supports
 
         Returns
         -------
         numpy.ndarray of float64, shape (m, p)
         """
-        mat = self._fixed.build(_as_frame(newdata))
+        mat = self._fixed.build(as_table(newdata))
         return np.ascontiguousarray(mat[:, self._keep])
+
+    def offset_for(self, newdata):
+        """The formula's ``offset(expr)`` terms evaluated on new data, summed.
+
+        The ``offset`` argument given when fitting is not part of it: its values for
+        new rows are the caller's to add.
+
+        Parameters
+        ----------
+        newdata : pandas.DataFrame, dict of columns, or a data frame narwhals supports
+
+        Returns
+        -------
+        numpy.ndarray of float64, shape (m,), or None
+            None when the formula has no ``offset()`` term.
+        """
+        if not self._offsets:
+            return None
+        data = as_table(newdata)
+        total = None
+        for mat in self._offsets:
+            values = mat.build(data)[:, 0]
+            total = np.array(values) if total is None else total + values
+        return total
 
 
 def _as_frame(data):
-    if isinstance(data, pd.DataFrame):
-        return data
-    try:
-        return pd.DataFrame(data)
-    except Exception as err:
-        raise ValueError(f"data must be a pandas DataFrame or a mapping of columns: {err}")
+    """``data`` as a pandas DataFrame (see :func:`_columns.as_pandas`)."""
+    return as_pandas(data)
 
 
 def _side_array(value, what, data):
     """weights/offset given as a column name or an array -> (label, float array)."""
     if isinstance(value, str):
-        _need_column(value, data.columns)
-        series = data[value]
+        series = column(data, value)
         label = value
     else:
         arr = np.asarray(value)
@@ -669,6 +809,38 @@ def _side_array(value, what, data):
     return label, _as_float(series)
 
 
+def _evaluator(text, data, formula, columns):
+    """An expression of data columns, ready to evaluate over all rows as Python.
+
+    Parameters
+    ----------
+    text : str
+        The expression in canonical spelling (see ``_rsyntax``).
+    columns : list
+        Extended with the data columns the expression reads.
+
+    Returns
+    -------
+    callable
+        Evaluates the expression, giving an ndarray; it raises whatever the
+        expression raises, for the caller to name.
+    """
+    code = _patsy_text(text, data.columns).strip()
+    names = _resolve(_names_in(code, "response", formula), data.columns)
+    ns = {}
+    for name in names:
+        s = column(data, name)
+        if not _is_numeric(s):
+            ns[name] = s.to_numpy(dtype=object)
+        elif s.dtype.kind in "iuf":
+            ns[name] = s.to_numpy()
+        else:
+            ns[name] = _as_float(s)
+    columns.extend(n for n in names if n not in columns)
+    compiled = compile(code, "<response>", "eval")
+    return lambda: np.asarray(eval(compiled, {"__builtins__": builtins, **_ENV}, ns))
+
+
 def _response(lhs, data, columns, formula, cache):
     """Evaluate the left-hand side over all rows.
 
@@ -681,32 +853,74 @@ def _response(lhs, data, columns, formula, cache):
         The data column when the response is one, else None.
     """
     name = lhs.strip()
-    if name in data.columns:
+    if name not in data.columns:
+        name = single_name(lhs)
+    if name is not None and name in data.columns:
         columns.extend(n for n in [name] if n not in columns)
         return cache.series(name), cache.missing(name), name
-    lhs = _quote_keywords(lhs, data.columns)
-    names = _resolve(_names_in(lhs, "response", formula), data.columns)
-    ns = {}
-    for name in names:
-        s = data[name]
-        if not _is_numeric(s):
-            ns[name] = s.to_numpy(dtype=object)
-        elif s.dtype.kind in "iuf":
-            ns[name] = s.to_numpy()
-        else:
-            ns[name] = _as_float(s)
+    evaluate = _evaluator(_canonical(lhs, data.columns), data, formula, columns)
     try:
-        value = eval(compile(lhs.strip(), "<response>", "eval"),
-                     {"__builtins__": builtins, **_ENV}, ns)
+        value = evaluate()
     except Exception as err:
         raise ValueError(f"cannot evaluate the response {lhs.strip()!r}: {err}") from None
-    value = np.asarray(value)
     if value.ndim != 1 or len(value) != len(data):
         raise ValueError(f"the response {lhs!r} must give one value per row; "
                          f"got shape {value.shape}")
     series = pd.Series(value, name=lhs)
-    columns.extend(n for n in names if n not in columns)
     return series, _missing(series), None
+
+
+def _counts(parsed, data, columns, formula):
+    """Successes and failures of a ``cbind(successes, failures)`` response, all rows.
+
+    Returns
+    -------
+    counts : tuple of two float64 ndarrays
+    bad : ndarray of bool
+        Rows where either count is missing or non-finite.
+    """
+    lhs = parsed.response
+    counts = []
+    for arg, which in zip(parsed.counts, ("successes", "failures")):
+        name = single_name(arg)
+        if name is not None and name in data.columns:
+            series = column(data, name)
+            columns.extend(n for n in [name] if n not in columns)
+            if not _is_numeric(series):
+                raise ValueError(f"the {which} {arg!r} of the response {lhs!r} are not "
+                                 "numeric")
+            counts.append(_as_float(series))
+            continue
+        evaluate = _evaluator(_canonical(arg, data.columns), data, formula, columns)
+        try:
+            value = evaluate()
+        except Exception as err:
+            raise ValueError(f"cannot evaluate the {which} {arg!r} of the response "
+                             f"{lhs!r}: {err}") from None
+        if value.ndim == 0:
+            value = np.full(len(data), value)  # R's cbind recycles a single number
+        if value.shape != (len(data),):
+            raise ValueError(f"the {which} {arg!r} of the response {lhs!r} must give one "
+                             f"value per row; got shape {value.shape}")
+        if value.dtype.kind not in "biuf":
+            raise ValueError(f"the {which} {arg!r} of the response {lhs!r} are not numeric")
+        counts.append(value.astype(np.float64))
+    bad = ~(np.isfinite(counts[0]) & np.isfinite(counts[1]))
+    return tuple(counts), bad
+
+
+def _binomial(counts, rows, lhs):
+    """y (the proportion of successes, 0 without trials) and the trials, rows used."""
+    successes, failures = (c[rows] for c in counts)
+    negative = (successes < 0) | (failures < 0)
+    if negative.any():
+        where = rows[negative][:5].tolist()
+        raise ValueError(f"the response {lhs!r} has {int(negative.sum())} row(s) with "
+                         f"negative counts, e.g. at rows {where}")
+    trials = successes + failures
+    y = np.zeros_like(trials)
+    np.divide(successes, trials, out=y, where=trials > 0)
+    return y, trials
 
 
 def _y_from(series, lhs, factorized=None):
@@ -743,17 +957,27 @@ def _parse(formula):
 class _Part:
     """One model matrix to build: its text, the columns it reads, and how.
 
-    ``terms`` holds the fast path's terms when the text is in its grammar and reads
-    only data columns, else None and ``desc`` holds patsy's description.
+    ``text`` is in canonical spelling (see ``_rsyntax``).  ``terms`` holds the fast
+    path's terms when the text is in its grammar and reads only data columns, else
+    None, and ``ptext`` holds the text as patsy reads it, ``desc`` patsy's
+    description of it.
     """
 
-    __slots__ = ("text", "what", "cols", "terms", "desc")
+    __slots__ = ("text", "what", "cols", "terms", "ptext", "desc")
 
-    def __init__(self, text, what, cols, terms, desc):
-        self.text, self.what, self.cols, self.terms, self.desc = text, what, cols, terms, desc
+    def __init__(self, text, what, cols, terms, ptext=None, desc=None):
+        self.text, self.what, self.cols, self.terms = text, what, cols, terms
+        self.ptext, self.desc = ptext, desc
+
+    def for_patsy(self, formula, columns):
+        """Fill in ``ptext`` and ``desc`` (the fast path declined this part)."""
+        if self.desc is None:
+            self.ptext = _patsy_text(self.text, columns)
+            self.desc = _model_desc(self.ptext, formula, self.what)
 
 
 def _part(text, formula, what, columns, fast):
+    text = _canonical(text, columns)
     if fast:
         terms = fast_terms(text)
         if terms is not None:
@@ -762,9 +986,30 @@ def _part(text, formula, what, columns, fast):
             # names that are not columns (and a column shadowing abs2) are patsy's to
             # resolve or report
             if all(c in columns for c in cols) and not (squares and "abs2" in columns):
-                return _Part(text, what, cols, terms, None)
-    desc = _model_desc(text, formula, what, columns)
-    return _Part(text, what, _desc_columns(desc, columns, formula, what), None, desc)
+                return _Part(text, what, cols, terms)
+    part = _Part(text, what, None, None)
+    part.for_patsy(formula, columns)
+    part.cols = _desc_columns(part.desc, columns, formula, what)
+    return part
+
+
+def _offset_part(expr, formula, columns, fast):
+    """The one-column model matrix of an ``offset(expr)`` term, to build."""
+    # I() keeps an expression such as a + b one column, summed as R sums it
+    text = expr if single_name(expr) is not None else f"I({expr})"
+    return _part(f"0 + {text}", formula, f"offset({expr})", columns, fast)
+
+
+def _offset_column(mat):
+    """The values of an offset's one-column matrix; an error unless numeric."""
+    if isinstance(mat, FastMatrix):
+        categorical = any(levels is not None for levels in mat.specs.values())
+    else:
+        categorical = any(info.type == "categorical"
+                          for info in mat.design_info.factor_infos.values())
+    if categorical or mat.matrix.shape[1] != 1:
+        raise ValueError(f"{mat.what} is not numeric: it gives the column(s) {mat.names}")
+    return mat.matrix[:, 0]
 
 
 def build_design(formula, data, contrasts=None, weights=None, offset=None,
@@ -775,17 +1020,24 @@ def build_design(formula, data, contrasts=None, weights=None, offset=None,
     ----------
     formula : str
         lme4-style formula, e.g. ``"reaction ~ 1 + days + (1 + days | subj)"``.  The
-        fixed part is patsy syntax (plus ``abs2(x)`` for ``x**2``); random terms are
-        ``(expr | g)``, ``(expr || g)`` (uncorrelated), with ``g`` a column, an
-        interaction ``a & b`` / ``a:b`` or a nesting ``a/b``.
-    data : pandas.DataFrame
+        fixed part is patsy syntax (plus ``abs2(x)`` for ``x**2``) read as R reads
+        it: ``^`` is a power inside a call (``I(x^2)``) and crossing outside
+        (``(a + b)^2``), names may hold dots (``days.n``) or be quoted in backticks
+        (`` `my col` ``), and ``offset(expr)`` terms go to the offset, not to X.
+        Random terms are ``(expr | g)``, ``(expr || g)`` (uncorrelated), with ``g`` a
+        column, an interaction ``a & b`` / ``a:b`` or a nesting ``a/b``.  The
+        response may be ``cbind(successes, failures)`` (a binomial response: see
+        :class:`Design`).
+    data : pandas.DataFrame, dict of columns, or a data frame narwhals supports
+        (polars, pyarrow, ...)
     contrasts : dict, optional
         Column name -> coding (:class:`DummyCoding`, :class:`EffectsCoding`,
         :class:`HelmertCoding`, :class:`Grouping`, a patsy contrast or a contrast
         matrix).  A coding given for a numeric column makes it categorical.  Entries
         for columns not in the formula are ignored.
     weights, offset : str or array_like, optional
-        A column name or one value per row of ``data``.
+        A column name or one value per row of ``data``.  ``weights`` cannot be given
+        with a ``cbind()`` response, which gives its own (the numbers of trials).
     na_action : {"drop", "raise"}
         What to do with rows holding missing or non-finite values in any column the
         model uses: drop them with a warning, or raise ``ValueError``.
@@ -797,9 +1049,13 @@ def build_design(formula, data, contrasts=None, weights=None, offset=None,
     Raises
     ------
     ValueError
-        For an unparseable formula, a column not in ``data``, missing values with
-        ``na_action="raise"``, a single-level grouping factor, a non-numeric response
-        without exactly two levels, or negative or non-finite weights.
+        For an unparseable formula, a column not in ``data`` (or in it more than
+        once), missing values with ``na_action="raise"``, a single-level grouping
+        factor, a non-numeric response without exactly two levels, negative or
+        non-finite weights, negative counts in a ``cbind()`` response, or a
+        non-numeric offset.
+    TypeError
+        When ``data`` is not a data frame or a dict of columns.
 
     Examples
     --------
@@ -817,8 +1073,12 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
     """:func:`build_design`; ``fast=False`` builds every model matrix with patsy."""
     if na_action not in ("drop", "raise"):
         raise ValueError(f"na_action must be 'drop' or 'raise', not {na_action!r}")
-    data = _as_frame(data)
+    data = as_table(data)
     parsed = _parse(formula)
+    if parsed.counts is not None and weights is not None:
+        raise ValueError(f"weights cannot be given with the response {parsed.response!r}: "
+                         "a cbind(successes, failures) response sets the weights to the "
+                         "numbers of trials, successes + failures")
     codings = {}
     for name, coding in (contrasts or {}).items():
         codings[name] = normalize_coding(coding)
@@ -827,22 +1087,28 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
 
     # Which columns each part reads; unknown names fail here, before any work.
     used = []
-    resp_series, resp_bad, resp_col = _response(parsed.response, data, used, formula, cache)
+    if parsed.counts is None:
+        resp_series, resp_bad, resp_col = _response(parsed.response, data, used, formula,
+                                                    cache)
+        counts = None
+    else:
+        counts, resp_bad = _counts(parsed, data, used, formula)
+        resp_col = None
     fixed_part = _part(parsed.fixed, formula, "the fixed-effects part", columns, fast)
+    offset_parts = [_offset_part(expr, formula, columns, fast) for expr in parsed.offsets]
     random_parts = []
     for term in parsed.random:
         random_parts.append(_part(term.expr, formula, f"random-effects term {term.text}",
                                   columns, fast))
         for g in term.grouping:
             _need_column(g, columns)
-    for part in [fixed_part] + random_parts:
+    parts = [fixed_part] + offset_parts + random_parts
+    for part in parts:
         for name in part.cols:
             if is_grouping(codings.get(name)):
-                where = ("the fixed-effects part" if part is fixed_part else part.what)
                 raise ValueError(f"column {name!r} has the Grouping() contrast and cannot "
-                                 f"appear in {where}")
-    matrix_cols = list(dict.fromkeys(c for part in [fixed_part] + random_parts
-                                     for c in part.cols))
+                                 f"appear in {part.what}")
+    matrix_cols = list(dict.fromkeys(c for part in parts for c in part.cols))
     group_cols = list(dict.fromkeys(g for t in parsed.random for g in t.grouping))
     w_label, w_all = _side_array(weights, "weights", data) if weights is not None else (None, None)
     o_label, o_all = _side_array(offset, "offset", data) if offset is not None else (None, None)
@@ -883,7 +1149,10 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
         cache.keep(None)
     n = len(rows)
 
-    if resp_col is None:
+    w = None
+    if counts is not None:
+        (y, w), y_levels = _binomial(counts, rows, parsed.response), None
+    elif resp_col is None:
         y, y_levels = _y_from(resp_series.iloc[rows].reset_index(drop=True), parsed.response)
     elif cache.is_numeric(resp_col):
         y, y_levels = np.array(cache.take(_float_values(resp_series)), dtype=np.float64), None
@@ -921,10 +1190,10 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
             if plan is not None:
                 return FastMatrix(plan, part_specs, codings, {c: values(c) for c in part.cols},
                                   n, what, _check_finite, keep_cells=tall and part is fixed_part)
-            part.desc = _model_desc(part.text, formula, part.what, columns)
+            part.for_patsy(formula, columns)
         if frame is None:
             frame = _as_patsy_frame({c: values(c) for c in matrix_cols}, specs, n)
-        return _ModelMatrix(part.desc, part_specs, codings, frame, what)
+        return _ModelMatrix(part.ptext, part_specs, codings, frame, what)
 
     fixed = model_matrix(fixed_part, "the fixed-effects model matrix")
     gram = None
@@ -955,7 +1224,8 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
                               zmat.matrix, term.zerocorr, tuple(term.grouping),
                               components, steps, zmat))
 
-    w = o = None
+    offsets = [model_matrix(part, part.what) for part in offset_parts]
+    o = None
     if w_all is not None:
         w = np.array(cache.take(w_all), dtype=np.float64)
         invalid = ~np.isfinite(w) | (w < 0)
@@ -964,13 +1234,19 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
             name = "weights" if w_label == "weights" else f"weights column {w_label!r}"
             raise ValueError(f"{name} must be finite and non-negative; {int(invalid.sum())} "
                              f"value(s) are not, e.g. {w[invalid][:5].tolist()} at rows {where}")
+    # R's model.offset: the offset argument, then each offset() term in turn
     if o_all is not None:
         o = np.array(cache.take(o_all), dtype=np.float64)
+    for mat in offsets:
+        term_offset = _offset_column(mat)
+        o = np.array(term_offset) if o is None else o + term_offset
 
-    return Design(formula=formula, response_name=parsed.response, y=y, y_levels=y_levels,
-                  X=X, coef_names=[fixed.names[j] for j in keep], dropped=dropped,
+    return Design(formula=formula, response_name=parsed.response if resp_col is None
+                  else resp_col, y=y, y_levels=y_levels, X=X,
+                  coef_names=[fixed.names[j] for j in keep], dropped=dropped,
                   reterms=reterms, weights=w, offset=o, n=len(y), rows_used=rows,
-                  parsed=parsed, _fixed=fixed, _keep=keep)
+                  binomial_counts=counts is not None, parsed=parsed, _fixed=fixed,
+                  _keep=keep, _offsets=offsets)
 
 
 def _or(a, b):

@@ -6,7 +6,7 @@ entries one element at a time and rebuilds its term bookkeeping on every call; f
 common fixed parts and random-term expressions without it:
 
 * an intercept (``1``, ``0``, ``-1`` and ``... - 1`` in any position),
-* data columns named directly, numeric or categorical,
+* data columns named directly (in backticks too), numeric or categorical,
 * ``abs2(col)`` of a numeric column,
 * their interactions with ``:`` and ``*`` (any depth, any mix).
 
@@ -41,16 +41,25 @@ import patsy
 from patsy.redundancy import pick_contrasts_for_term
 
 from ._contrasts import DummyCoding, _Coding
+from ._rsyntax import deparse, unquote
 
 __all__ = ["fast_terms", "fast_plan", "FastMatrix"]
 
-_TOKEN = re.compile(r"""
+# A column: a plain identifier, or any name in backticks (R's quoting, which
+# ``_rsyntax.canonical`` also gives dotted and non-ASCII column names).
+_COLUMN = r"[A-Za-z_][A-Za-z0-9_]*|`(?:[^`\\]|\\.)+`"
+
+_TOKEN = re.compile(rf"""
     \s*(?:
-        (?P<abs2>abs2\s*\(\s*(?P<arg>[A-Za-z_][A-Za-z0-9_]*)\s*\))
-      | (?P<name>[A-Za-z_][A-Za-z0-9_]*)(?![A-Za-z0-9_.(\[])
+        (?P<abs2>abs2\s*\(\s*(?P<arg>{_COLUMN})\s*\))
+      | (?P<name>{_COLUMN})(?![A-Za-z0-9_.(\[`])
       | (?P<num>[01])(?![A-Za-z0-9_.(\[])
       | (?P<op>[-+*:])
     )""", re.VERBOSE | re.ASCII)
+
+
+def _column(token):
+    return unquote(token) if token.startswith("`") else token
 
 _ONE, _ZERO = "1", "0"
 
@@ -64,9 +73,9 @@ def _tokens(text):
             return None
         pos = m.end()
         if m.group("abs2"):
-            out.append(("abs2", m.group("arg")))
+            out.append(("abs2", _column(m.group("arg"))))
         elif m.group("name"):
-            out.append(("col", m.group("name")))
+            out.append(("col", _column(m.group("name"))))
         elif m.group("num"):
             out.append(m.group("num"))
         else:
@@ -255,8 +264,9 @@ def _contrast(coding, levels, full):
 
 
 def _label(factor):
+    # patsy names abs2(Q("x y")) as the factor's code, which shows as abs2(`x y`)
     kind, col = factor
-    return col if kind == "col" else f"abs2({col})"
+    return col if kind == "col" else f"abs2({deparse(col)})"
 
 
 class FastMatrix:
