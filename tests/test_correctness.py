@@ -165,3 +165,52 @@ def test_zero_weight_rows_are_dropped_with_a_warning(sleep):
     assert fit.nobs == 170
     assert fit.objective == pytest.approx(msg["dropped"]["objective"], abs=OBJECTIVE_ABS)
     np.testing.assert_allclose(fit.coef, msg["dropped"]["coef"], rtol=OPTIMUM)
+
+
+# -- lme4's formula syntax, end to end ----------------------------------------------------
+def test_formula_offset_in_an_lmm_matches_lme4(sleep):
+    ref = FITS["sleepstudy_lmm_offset_ml"]["lme4"]
+    fit = mm.fit("reaction ~ 1 + days + offset(2 * days) + (1 | subj)", sleep)
+    assert fit.objective == pytest.approx(ref["objective"], abs=OBJECTIVE_ABS)
+    np.testing.assert_allclose(fit.coef, ref["coef"], rtol=OPTIMUM)
+    np.testing.assert_allclose(fit.stderror, ref["stderror"], rtol=OPTIMUM)
+    # predictions on new rows evaluate the offset term there (algebra: η = Xβ + Zb + 2·days)
+    new = sleep.iloc[:5]
+    expected = fit.predict(new.assign(days=0.0)) + new["days"].to_numpy() * (fit.coef[1] + 2.0)
+    np.testing.assert_allclose(fit.predict(new), expected, rtol=1e-12)
+
+
+def test_cbind_response_equals_proportion_with_trial_weights():
+    cbpp = mm.dataset("cbpp")
+    ref = mm.fit("incid / hsz ~ 1 + period + (1 | herd)", cbpp, family=mm.Binomial(),
+                 weights="hsz")
+    fit = mm.fit("cbind(incid, hsz - incid) ~ 1 + period + (1 | herd)", cbpp,
+                 family=mm.Binomial())
+    assert fit.objective == pytest.approx(ref.objective, rel=1e-10)
+    np.testing.assert_allclose(fit.coef, ref.coef, rtol=1e-8)
+    with pytest.raises(ValueError, match="cbind.*Binomial"):
+        mm.fit("cbind(incid, hsz - incid) ~ 1 + period + (1 | herd)", cbpp, family=mm.Poisson())
+    with pytest.raises(ValueError, match="cbind.*Binomial"):
+        mm.fit("cbind(incid, hsz - incid) ~ 1 + period + (1 | herd)", cbpp)
+
+
+def test_polars_and_pyarrow_frames_fit_like_pandas(sleep, unshifted):
+    import polars as pl      # test dependencies (pyproject's "test" extra)
+    import pyarrow as pa
+    for frame in (pl.from_pandas(sleep), pa.Table.from_pandas(sleep)):
+        fit = mm.fit(FORMULA, frame)
+        assert fit.objective == pytest.approx(unshifted.objective, rel=1e-12)
+        np.testing.assert_allclose(fit.predict(frame), unshifted.predict(sleep), rtol=1e-12)
+    with pytest.raises(TypeError, match="ndarray"):
+        mm.fit(FORMULA, sleep.to_numpy())
+
+
+def test_a_patsy_path_fit_pickles_and_predicts(sleep):
+    import pickle
+
+    fit = mm.fit("reaction ~ 1 + center(days) + I(days^2) + (1 | `subj`)", sleep)
+    back = pickle.loads(pickle.dumps(fit))
+    new = sleep.iloc[::11]
+    np.testing.assert_array_equal(back.predict(new), fit.predict(new))
+    # I(days^2) is the square (R), not XOR: the column equals days² (algebra)
+    np.testing.assert_array_equal(fit.X[:, 2], sleep["days"].to_numpy() ** 2)
