@@ -214,3 +214,21 @@ def test_a_patsy_path_fit_pickles_and_predicts(sleep):
     np.testing.assert_array_equal(back.predict(new), fit.predict(new))
     # I(days^2) is the square (R), not XOR: the column equals days² (algebra)
     np.testing.assert_array_equal(fit.X[:, 2], sleep["days"].to_numpy() ** 2)
+
+
+def test_rectify_puts_a_component_on_its_bound_whenever_that_is_no_worse():
+    """The issue's case: θ ended at 1.2e-4 with a printed correlation of 1.0; zero is
+    better, so the fit must land there and count as singular."""
+    from mixedmodels._optimize import rectify
+
+    data = pd.read_csv(LOCAL_REFERENCE / "data" / "ergostool_t3.csv.gz")
+    model = mm.LinearMixedModel("effort ~ 1 + type + (1 + t3 | subject)", data)
+    theta = np.array(FITS["singular_slope"]["lme4"]["theta"])
+    theta[2] = 1.2e-4
+    optsum = OptSummary(initial=theta, lowerbd=model.layout.lower)
+    optsum.final, optsum.fmin = theta.copy(), model.objective(theta)
+    assert model.objective(np.r_[theta[:2], 0.0]) <= optsum.fmin
+    rectify(model.objective, optsum, np.flatnonzero(np.isfinite(model.layout.lower)))
+    assert optsum.final[2] == 0.0 and optsum.rectified == [2]
+    # a component whose zero is worse stays where it was
+    assert optsum.final[0] == theta[0]
