@@ -14,9 +14,11 @@ __all__ = ["dataset", "datasets"]
 # Which columns hold categorical labels, per data set.
 _CATEGORICAL = {
     "cbpp": ["herd", "period"],
+    "chickweight": ["chick", "diet"],
     "contra": ["dist", "urban", "livch", "use"],
     "dyestuff": ["batch"],
     "dyestuff2": ["batch"],
+    "ergostool": ["subject", "type"],
     "grouseticks": ["index", "brood", "location", "year"],
     "insteval": ["s", "d", "dept", "studage", "lectage", "service"],
     "pastes": ["batch", "cask"],
