@@ -116,6 +116,16 @@ def test_matches_lme4_condvar(name):
         assert_condvar_close(cv[group], var)
 
 
+def test_cbpp_matches_lme4_before_profiling():
+    """lme4's cbpp values taken on a fresh fit (tests/reference/cbpp_condvar.R)."""
+    ref = json.loads((LOCAL_REFERENCE / "lme4_cbpp_condvar.json").read_text())
+    fit = fit_reference("cbpp_binomial")
+    assert list(fit.ranef()["herd"].index) == ref["levels"]
+    np.testing.assert_allclose(fit.condvar()["herd"][:, 0, 0], ref["condvar"], rtol=CONDVAR_REL)
+    np.testing.assert_allclose(fit.ranef()["herd"].to_numpy()[:, 0], ref["mode"],
+                               rtol=CONDVAR_REL)
+
+
 def test_cbpp_reference_is_lme4_after_profiling():
     """lme4's cbpp entry is not the conditional variance at its own estimates.
 
