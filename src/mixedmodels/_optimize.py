@@ -40,6 +40,7 @@ class OptSummary:
     fitlog: list = field(default_factory=list)
     rectified: list = field(default_factory=list)
     derivs: object = None        # a ConvergenceCheck: gradient and Hessian at the optimum
+    polished: bool = False       # a Newton step from those derivatives lowered the objective
 
     def __repr__(self):
         return (f"OptSummary(optimizer={self.optimizer}, feval={self.feval}, fmin={self.fmin:.10g}, "
@@ -173,13 +174,45 @@ def hessian_steps(x, beta_se=None):
     return step
 
 
+def _newton_polish(objective, optsum, record, boundary, lower):
+    """One Newton step from the optimizer's end point with the derivatives just taken.
+
+    BOBYQA stops when its trust region is small, a few 1e-8 short of the optimum on some
+    models (pastes, chickweight); that moves p-values in the far tail by 1e-3. With the
+    gradient and Hessian already at hand a Newton step costs one evaluation and lands
+    within ~1e-10; it is kept only if the objective is lower and the bounds hold.
+    """
+    free = ~boundary
+    grad, hess = record.gradient[free], record.hessian[np.ix_(free, free)]
+    if not (np.all(np.isfinite(grad)) and np.all(np.isfinite(hess))) or grad.size == 0:
+        return
+    try:
+        chol = np.linalg.cholesky(0.5 * (hess + hess.T))
+    except np.linalg.LinAlgError:
+        return
+    step = np.zeros_like(optsum.final)
+    step[free] = -np.linalg.solve(chol.T, np.linalg.solve(chol, grad))
+    trial = optsum.final + step
+    if np.any(trial < lower):
+        return
+    val = float(objective(trial))
+    optsum.fitlog.append((trial.copy(), val))
+    optsum.feval = len(optsum.fitlog)
+    if val < optsum.fmin:
+        optsum.final, optsum.fmin = trial, val
+        optsum.polished = True
+
+
 def check_optimum(objective, optsum, warn=True, step=None):
     """lme4's ``check.conv``: derivatives of the objective at the optimum, and warnings.
 
     The gradient and Hessian over the optimized parameters come from central finite
     differences (one-sided at a bound); parameters sitting on their bound (a variance
     component at zero) are left out of the checks, since the gradient need not vanish
-    there. The record goes to ``optsum.derivs``; each message is also a warning.
+    there. The record goes to ``optsum.derivs``; each message is also a warning. Then
+    one Newton step with these derivatives is tried (see ``_newton_polish``); the
+    derivatives describe the point before it, which it moves by far less than their
+    finite-difference steps.
     """
     x = np.asarray(optsum.final, dtype=float)
     lower = np.asarray(optsum.lowerbd, dtype=float)
@@ -189,6 +222,7 @@ def check_optimum(objective, optsum, warn=True, step=None):
     record = assess_convergence(objective, x, lower=lower, fx=optsum.fmin, boundary=boundary,
                                 step=step)
     optsum.derivs = record
+    _newton_polish(objective, optsum, record, boundary, lower)
     if warn:
         for msg in record.messages:
             warnings.warn(msg, ConvergenceWarning, stacklevel=3)

@@ -107,10 +107,14 @@ class MixedModelFit:
         from .inference.condvar import condvar
         return condvar(self)
 
-    def anova(self, type=3, ddf="satterthwaite"):
-        """F tests of the fixed-effect terms (LMMs): one row per term."""
+    def anova(self, type=3, ddf="satterthwaite", labels="lme4"):
+        """F tests of the fixed-effect terms (LMMs): one row per term.
+
+        ``type`` 1, 2 or 3 (lmerTest's); ``ddf`` "satterthwaite" or "kenward-roger";
+        ``labels`` "lme4" (``time:diet``) or "mixedmodels" (``time & diet``).
+        """
         from .inference.ddf import anova
-        return anova(self, type=type, ddf=ddf)
+        return anova(self, type=type, ddf=ddf, labels=labels)
 
     def coeftable(self, se="conditional", ddf=None):
         """Coef., Std. Error, z and Pr(>|z|) as a DataFrame indexed by coefficient name.

@@ -294,8 +294,11 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         beta = beta_fast["beta"]
         _, theta, phi = self._split(opt1.final, False)
         if fast:
-            if check_convergence:
-                check_optimum(f_stage1, opt1)
+            if check_convergence and check_optimum(f_stage1, opt1) and opt1.polished:
+                self._u = None
+                f_stage1(opt1.final)
+                beta = beta_fast["beta"]
+                _, theta, phi = self._split(opt1.final, False)
             return GeneralizedLinearMixedModelFit(self, self._optimum(theta, beta, phi, opt1),
                                                   opt1, fast=True)
 
@@ -313,10 +316,11 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
                                                        [0.05] * len(extra)]))
         minimize(self._joint_value, opt2, progress=progress)
         rectify(self._joint_value, opt2, p + bounded)
-        beta_w, theta, phi = self._split(opt2.final, True)
         if check_convergence:
+            beta_w, theta, phi = self._split(opt2.final, True)
             se = np.sqrt(np.diag(self._vcov_working(theta, beta_w, phi)))
             check_optimum(self._joint_value, opt2, step=hessian_steps(opt2.final, se))
+        beta_w, theta, phi = self._split(opt2.final, True)
         return GeneralizedLinearMixedModelFit(self, self._optimum(theta, beta_w, phi, opt2),
                                               opt2, fast=False, stage1=opt1)
 
