@@ -16,14 +16,12 @@ import pickle
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
+from conftest import KERNEL, LOCAL_REFERENCE, OPTIMUM, _reference_dir
 from scipy.linalg import block_diag
 
 import mixedmodels as mm
 from mixedmodels.inference.condvar import condvar
-
-from conftest import KERNEL, LOCAL_REFERENCE, OPTIMUM, _reference_dir
 
 CONDVAR_REL = 1e-4
 
@@ -36,13 +34,8 @@ EXTRA_CATEGORICAL = {"chickweight": ["chick", "diet"], "ergostool": ["subject", 
 
 
 def load_data(name):
-    if name in mm.datasets():
-        return mm.dataset(name)
-    for folder in DATA_DIRS:
-        path = folder / f"{name}.csv.gz"
-        if path.exists():
-            return pd.read_csv(path, dtype={c: str for c in EXTRA_CATEGORICAL.get(name, [])})
-    pytest.skip(f"data set {name!r} is neither bundled nor in {[str(d) for d in DATA_DIRS]}")
+    """A reference data set (all of them are bundled with the package)."""
+    return mm.dataset(name)
 
 
 _FITS = {}

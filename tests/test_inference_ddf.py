@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from conftest import LOCAL_REFERENCE, REFERENCE, _reference_dir
+from conftest import _reference_dir
 
 import mixedmodels as mm
 from mixedmodels._derivs import finite_difference_derivatives
@@ -44,17 +44,8 @@ AS_STRING = {"diet": str, "period": str, "year": str, "livch": str}
 
 
 def load(name):
-    """A reference data set: the bundled one, else the CSV beside the references."""
-    try:
-        return mm.dataset(name)
-    except ValueError:
-        pass
-    for path in (LOCAL_REFERENCE / "data" / f"{name}.csv.gz",
-                 LOCAL_REFERENCE / "data" / f"{name}_t3.csv.gz",
-                 REFERENCE.parent / "data" / f"{name}.csv.gz"):
-        if path.exists():
-            return pd.read_csv(path, dtype=AS_STRING)
-    pytest.skip(f"data set {name!r} is not available")
+    """A reference data set (all of them are bundled with the package)."""
+    return mm.dataset(name)
 
 
 def fit_of(name, **kwargs):

@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import LOCAL_REFERENCE, OBJECTIVE_ABS, _reference_dir
 
 import mixedmodels as mm
 from mixedmodels.inference.lrt import LikelihoodRatioTest, format_pvalue, lrtest
-
-from conftest import LOCAL_REFERENCE, OBJECTIVE_ABS, _reference_dir
 
 CHISQ_ABS = 1e-3
 P_REL = 1e-3
@@ -32,13 +31,8 @@ EXTRA_CATEGORICAL = {"chickweight": ["chick", "diet"], "ergostool": ["subject", 
 
 
 def load_data(name):
-    if name in mm.datasets():
-        return mm.dataset(name)
-    for folder in DATA_DIRS:
-        path = folder / f"{name}.csv.gz"
-        if path.exists():
-            return pd.read_csv(path, dtype={c: str for c in EXTRA_CATEGORICAL.get(name, [])})
-    pytest.skip(f"data set {name!r} is neither bundled nor in {[str(d) for d in DATA_DIRS]}")
+    """A reference data set (all of them are bundled with the package)."""
+    return mm.dataset(name)
 
 
 _FITS = {}
