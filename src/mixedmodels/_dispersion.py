@@ -1,4 +1,5 @@
-"""What the families with a dispersion parameter need beyond PIRLS.
+"""What the families with a dispersion parameter (or a parameter of their own) need
+beyond PIRLS.
 
 The Laplace approximation uses the curvature of the integrand at the modes. PIRLS
 iterates with the expected (Fisher) information  w μ'²/(φ V(μ));  the exact Hessian of
@@ -9,6 +10,10 @@ iterates with the expected (Fisher) information  w μ'²/(φ V(μ));  the exact 
 which equals the expected one for a canonical link and differs otherwise (Gamma with a
 log link: W° = w y/(φ μ) against w/φ). glmmTMB's Laplace approximation is built on the
 exact Hessian, and so is ours for these families.
+
+The formula holds for any family whose log density, as a function of μ, has the
+derivative w (y - μ)/(φ V(μ)); the negative binomial with its θ held fixed is such a
+family (V(μ) = μ + μ²/θ, φ = 1), so the same W° serves it at each trial θ.
 """
 import numpy as np
 
@@ -42,7 +47,7 @@ def link_derivatives(link, eta, mu):
 
 
 def variance_derivatives(family, mu):
-    """V(μ) and V'(μ) of a family."""
+    """V(μ) and V'(μ) of a family (for the negative binomial, at its current θ)."""
     name = family.name
     if name == "Gamma":
         return mu * mu, 2.0 * mu
@@ -54,6 +59,12 @@ def variance_derivatives(family, mu):
         return mu, np.ones_like(mu)
     if name in ("Bernoulli", "Binomial"):
         return mu * (1.0 - mu), 1.0 - 2.0 * mu
+    if name == "NegativeBinomial":
+        theta = family.param
+        if not (theta > 0.0 and np.isfinite(theta)):
+            raise ValueError("the negative binomial variance needs a finite positive "
+                             f"theta, got {theta} (set it with family.with_theta)")
+        return mu * (1.0 + mu / theta), 1.0 + 2.0 * mu / theta
     raise ValueError(f"no variance function known for the {name} family")
 
 

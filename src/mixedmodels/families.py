@@ -9,10 +9,15 @@ here through :meth:`Family.update`. Everything else on these objects is plain Nu
 
 The integer ``code`` on every family and link is the code the compiled kernels
 dispatch on; it is an implementation detail shared with the kernels and their NumPy
-twins (:mod:`mixedmodels._kernels._glm_numpy`).
+twins (:mod:`mixedmodels._kernels._glm_numpy`). So is ``param``, the one slot through
+which a family hands the kernels a shape parameter of its own (the negative binomial
+θ); families without one leave it NaN.
 """
 from __future__ import annotations
 
+import copy
+import math
+import numbers
 import warnings
 
 import numpy as np
@@ -24,7 +29,7 @@ __all__ = [
     "Link", "LogitLink", "ProbitLink", "CloglogLink", "LogLink", "IdentityLink",
     "InverseLink", "SqrtLink", "InverseSquareLink",
     "Family", "Bernoulli", "Binomial", "Poisson", "Gamma", "InverseGaussian", "Normal",
-    "get_family", "get_link", "logistic",
+    "NegativeBinomial", "get_family", "get_link", "logistic",
 ]
 
 
@@ -368,6 +373,18 @@ def _rows(mask, limit=5):
     return f"[{shown}{', ...' if idx.size > limit else ''}]"
 
 
+def _check_counts(y, family_name, response_name):
+    if (y < 0).any():
+        raise ValueError(
+            f"response {response_name!r} must be non-negative counts for {family_name}; "
+            f"found negative values {_show(y[y < 0])}")
+    frac = y != np.round(y)
+    if frac.any():
+        raise ValueError(
+            f"response {response_name!r} must be integer counts for {family_name}; "
+            f"found non-integer values {_show(y[frac])}")
+
+
 class Family:
     """A response distribution with its link, as used by GLMM fitting.
 
@@ -384,28 +401,65 @@ class Family:
         The link function.
     has_dispersion : bool
         Whether the family has a free dispersion parameter φ (False for Bernoulli,
-        Binomial and Poisson, whose dispersion is fixed at 1).
+        Binomial, Poisson and negative binomial, whose dispersion is fixed at 1).
     code : int
         The family code the compiled kernels dispatch on.
+    n_extra_params : int
+        How many parameters of its own the family has besides the dispersion: 0, or 1
+        for :class:`NegativeBinomial` (θ).
+    extra_param_name : str or None
+        The name of that parameter (``"theta"``), None when there is none.
+    param : float
+        Its current value, the number handed to every compiled kernel; NaN when the
+        family has no such parameter or its value is not yet known.
+    estimate_param : bool
+        Whether a fit must estimate the parameter (True when the user gave no value),
+        as opposed to holding it fixed.
 
     Notes
     -----
     For the binary and binomial families, :meth:`update` keeps μ inside
-    [ε, 1 - ε]; for Poisson, Gamma and inverse Gaussian it keeps μ ≥ ε
-    (ε = 2.22e-16, the double-precision machine epsilon), so that every logarithm in
-    the deviance stays finite however far η strays; :math:`|d\\mu/d\\eta|` is kept
-    ≥ ε (sign preserved) so that the working residual stays finite. The Normal family
-    is not clamped. These clamps only act where μ is within ε of the edge of its
-    domain (for the logit link, :math:`|\\eta| > 36`).
+    [ε, 1 - ε]; for Poisson, negative binomial, Gamma and inverse Gaussian it keeps
+    μ ≥ ε (ε = 2.22e-16, the double-precision machine epsilon), so that every
+    logarithm in the deviance stays finite however far η strays;
+    :math:`|d\\mu/d\\eta|` is kept ≥ ε (sign preserved) so that the working residual
+    stays finite. The Normal family is not clamped. These clamps only act where μ is
+    within ε of the edge of its domain (for the logit link, :math:`|\\eta| > 36`).
     """
 
     name = ""
     code = -1
     has_dispersion = True
+    n_extra_params = 0
+    extra_param_name: str | None = None
+    param = math.nan
+    estimate_param = False
     _canonical: type = Link
 
     def __init__(self, link=None):
         self.link = self._canonical() if link is None else get_link(link)
+
+    def with_param(self, value):
+        """A copy of the family with its own parameter set to `value`.
+
+        Parameters
+        ----------
+        value : float
+            The new value (negative binomial: θ > 0).
+
+        Returns
+        -------
+        Family
+            A new instance; this one is unchanged. Whether the parameter is estimated
+            (:attr:`estimate_param`) is carried over.
+
+        Raises
+        ------
+        ValueError
+            If the family has no parameter of its own, or `value` is not valid for it.
+        """
+        raise ValueError(f"the {self.name} family has no parameter besides the "
+                         "dispersion")
 
     def __repr__(self):
         return f"{self.name}(link={self.link.name})"
@@ -532,13 +586,19 @@ class Family:
             d = w \\, \\mathrm{dev}(y, \\mu),
 
         where dev is the family's unit deviance (0·log 0 taken as 0).
+
+        Raises
+        ------
+        ValueError
+            For a family whose own parameter is needed but unknown (a
+            :class:`NegativeBinomial` whose θ is still to be estimated).
         """
         return _glm.update(self.code, self.link.code,
                            np.ascontiguousarray(eta, dtype=np.float64),
                            np.ascontiguousarray(y, dtype=np.float64),
                            _EMPTY if prior_w is None
                            else np.ascontiguousarray(prior_w, dtype=np.float64),
-                           mu, mu_eta, wrkwt, wrkresid, devresid)
+                           mu, mu_eta, wrkwt, wrkresid, devresid, self.param)
 
     def loglik(self, y, mu, prior_w=None, phi=1.0, out=None):
         """Per-observation log densities (or log probabilities).
@@ -572,9 +632,12 @@ class Family:
         - Gamma: :math:`w` times the gamma log density with shape 1/φ and mean μ.
         - InverseGaussian: :math:`w` times the inverse Gaussian log density with mean
           μ and shape λ = 1/φ.
+        - NegativeBinomial: :math:`w` times the NB2 log probability with mean μ and
+          shape θ (see :class:`NegativeBinomial`).
 
         These are the conventions of R's family ``aic`` functions (precision weights
-        for the Normal, multiplicative weights for Gamma and inverse Gaussian).
+        for the Normal, multiplicative weights for Gamma, inverse Gaussian, Poisson
+        and negative binomial).
         """
         y = np.ascontiguousarray(y, dtype=np.float64)
         mu = np.ascontiguousarray(mu, dtype=np.float64)
@@ -582,7 +645,7 @@ class Family:
              else np.ascontiguousarray(prior_w, dtype=np.float64))
         if out is None:
             out = np.empty_like(y)
-        _glm.loglik(self.code, y, mu, w, float(phi), out)
+        _glm.loglik(self.code, y, mu, w, float(phi), out, self.param)
         return out
 
 
@@ -678,15 +741,7 @@ class Poisson(Family):
         return np.array(mu, dtype=np.float64)
 
     def _check_support(self, y, w, response_name):
-        if (y < 0).any():
-            raise ValueError(
-                f"response {response_name!r} must be non-negative counts for Poisson; "
-                f"found negative values {_show(y[y < 0])}")
-        frac = y != np.round(y)
-        if frac.any():
-            raise ValueError(
-                f"response {response_name!r} must be integer counts for Poisson; "
-                f"found non-integer values {_show(y[frac])}")
+        _check_counts(y, self.name, response_name)
 
     def starting_mu(self, y, weights=None):
         return _as_float(y) + 0.1
@@ -752,9 +807,186 @@ class Normal(Family):
         return np.ones_like(_as_float(mu))
 
 
-_FAMILY_CLASSES = (Bernoulli, Binomial, Poisson, Gamma, InverseGaussian, Normal)
+def _checked_theta(theta):
+    # bool is a numbers.Real, and True would otherwise pass as θ = 1
+    if isinstance(theta, (bool, np.bool_)) or not isinstance(theta, numbers.Real):
+        raise TypeError(f"theta must be a number or None, not {type(theta).__name__}")
+    value = float(theta)
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(
+            f"theta must be a finite positive number, got {value!r} (theta = inf is "
+            "the Poisson family)")
+    return value
+
+
+class NegativeBinomial(Family):
+    """Overdispersed counts, NB2: Var(y) = μ + μ²/θ; default link log; no dispersion.
+
+    Parameters
+    ----------
+    link : Link, str or None
+        ``"log"`` (the default), ``"sqrt"`` or ``"identity"``.
+    theta : float or None
+        The shape θ > 0. None (the default) means the fit estimates it; a number fixes
+        it at that value.
+
+    Attributes
+    ----------
+    theta : float or None
+        The current θ: the fixed value, or for an estimated θ the value set by
+        :meth:`with_theta` (None before that). Read-only.
+    estimate_param : bool
+        True when θ is to be estimated (the family was made with ``theta=None``).
+
+    Notes
+    -----
+    y counts the failures before the θ-th success of Bernoulli trials with success
+    probability θ/(θ+μ), θ allowed to be any positive number; equivalently y is Poisson
+    given a gamma-distributed mean with mean μ and shape θ. θ → ∞ is the Poisson
+    family. With θ fixed this is an exponential family (its canonical link,
+    log(μ/(μ+θ)), is not offered), with
+
+    .. math::
+
+        V(\\mu) = \\mu + \\mu^2/\\theta, \\qquad
+        \\mathrm{dev}(y, \\mu) = 2\\Big[y\\log\\frac{y}{\\mu}
+            - (y+\\theta)\\log\\frac{y+\\theta}{\\mu+\\theta}\\Big],
+
+    and the log probability
+
+    .. math::
+
+        \\log\\Gamma(y+\\theta) - \\log\\Gamma(\\theta) - \\log\\Gamma(y+1)
+        + \\theta\\log\\frac{\\theta}{\\theta+\\mu} + y\\log\\frac{\\mu}{\\theta+\\mu},
+
+    which equals ``scipy.stats.nbinom.logpmf(y, n=theta, p=theta/(theta+mu))`` and is
+    evaluated so that it keeps its precision for large θ. Prior weights multiply the
+    log probability and the deviance residual, as for :class:`Poisson`, so that for
+    every weight the deviance residual is twice the log probability at μ = y less
+    that at μ.
+
+    The dispersion φ is 1 (:attr:`has_dispersion` is False); θ is the family's own
+    parameter (:attr:`n_extra_params` = 1, :attr:`extra_param_name` = ``"theta"``) and
+    reaches the compiled kernels as :attr:`param`. A family with an estimated θ has to
+    be given a value through :meth:`with_theta` before :meth:`update` or
+    :meth:`loglik` can be called.
+
+    Examples
+    --------
+    >>> NegativeBinomial()
+    NegativeBinomial(link=log, theta=estimated)
+    >>> NegativeBinomial(link="sqrt", theta=2.5)
+    NegativeBinomial(link=sqrt, theta=2.5)
+    >>> NegativeBinomial().with_theta(1.75)
+    NegativeBinomial(link=log, theta=1.75 [estimated])
+    """
+
+    name = "NegativeBinomial"
+    code = _glm.FAMILY_NEGATIVE_BINOMIAL
+    has_dispersion = False
+    n_extra_params = 1
+    extra_param_name = "theta"
+    _canonical = LogLink
+    _links = (LogLink, SqrtLink, IdentityLink)
+
+    def __init__(self, link=None, theta=None):
+        super().__init__(link)
+        if type(self.link) not in self._links:
+            raise ValueError(
+                "NegativeBinomial supports the links "
+                + ", ".join(repr(c.name) for c in self._links)
+                + f"; got {self.link.name!r}")
+        # read-only through the properties: a family is a value (it is hashed, and
+        # shared between a model and its fits); with_theta makes a new one
+        self._theta = None if theta is None else _checked_theta(theta)
+        self._estimate = theta is None
+
+    @property
+    def theta(self):
+        """float or None: the current θ (None while an estimated θ has no value)."""
+        return self._theta
+
+    @property
+    def estimate_param(self):
+        """bool: whether a fit must estimate θ (the family was made with theta=None)."""
+        return self._estimate
+
+    @property
+    def param(self):
+        """float: θ, or NaN while an estimated θ has no value yet."""
+        return math.nan if self._theta is None else self._theta
+
+    def with_theta(self, theta):
+        """A copy of the family with θ set to `theta`.
+
+        Parameters
+        ----------
+        theta : float
+            The new θ, finite and > 0.
+
+        Returns
+        -------
+        NegativeBinomial
+            A new instance with the same link; whether θ is estimated is carried
+            over, so a fit can hand out its estimate without fixing it.
+
+        Raises
+        ------
+        ValueError
+            If `theta` is not finite and positive.
+        """
+        new = copy.copy(self)
+        new._theta = _checked_theta(theta)
+        return new
+
+    with_param = with_theta
+
+    def __repr__(self):
+        if self.theta is None:
+            shown = "estimated"
+        else:
+            shown = f"{self.theta:.6g}" + (" [estimated]" if self.estimate_param else "")
+        return f"{self.name}(link={self.link.name}, theta={shown})"
+
+    def __eq__(self, other):
+        return (type(self) is type(other) and self.link == other.link
+                and self.theta == other.theta
+                and self.estimate_param == other.estimate_param)
+
+    def __hash__(self):
+        return hash((type(self), type(self.link), self.theta, self.estimate_param))
+
+    def variance(self, mu):
+        """V(μ) = μ + μ²/θ (θ must be known).
+
+        Parameters
+        ----------
+        mu : array_like
+            Means.
+
+        Returns
+        -------
+        ndarray
+        """
+        if self.theta is None:
+            raise ValueError("the variance of a NegativeBinomial family needs theta; "
+                             "set it with with_theta(value)")
+        mu = _as_float(mu)
+        return mu * (1.0 + mu / self.theta)
+
+    def _check_support(self, y, w, response_name):
+        _check_counts(y, self.name, response_name)
+
+    def starting_mu(self, y, weights=None):
+        return _as_float(y) + 0.1
+
+
+_FAMILY_CLASSES = (Bernoulli, Binomial, Poisson, Gamma, InverseGaussian, Normal,
+                   NegativeBinomial)
 _FAMILIES_BY_NAME = {cls.name.lower(): cls for cls in _FAMILY_CLASSES}
-_FAMILIES_BY_NAME.update({"inverse_gaussian": InverseGaussian, "gaussian": Normal})
+_FAMILIES_BY_NAME.update({"inverse_gaussian": InverseGaussian, "gaussian": Normal,
+                          "negative_binomial": NegativeBinomial,
+                          "nbinom2": NegativeBinomial})
 _FAMILIES_BY_CODE = {cls.code: cls for cls in _FAMILY_CLASSES}
 
 
@@ -767,7 +999,9 @@ def get_family(spec):
         A family instance (returned as is), a :class:`Family` subclass (instantiated
         with its canonical link), or a case-insensitive name: ``"bernoulli"``,
         ``"binomial"``, ``"poisson"``, ``"gamma"``, ``"inversegaussian"`` /
-        ``"inverse_gaussian"``, ``"normal"`` / ``"gaussian"``.
+        ``"inverse_gaussian"``, ``"normal"`` / ``"gaussian"``,
+        ``"negativebinomial"`` / ``"negative_binomial"`` / ``"nbinom2"`` (with θ to be
+        estimated).
 
     Returns
     -------
@@ -798,7 +1032,7 @@ def get_family(spec):
             return _FAMILIES_BY_NAME[key]()
         raise ValueError(
             f"unknown family {spec!r}; expected one of 'bernoulli', 'binomial', "
-            "'poisson', 'gamma', 'inverse_gaussian', 'normal'")
+            "'poisson', 'gamma', 'inverse_gaussian', 'normal', 'negative_binomial'")
     raise TypeError(
         f"family must be a Family, a Family class or a family name, "
         f"not {type(spec).__name__}")

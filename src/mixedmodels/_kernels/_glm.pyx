@@ -15,6 +15,17 @@ prior weight w_i,
 into five caller-allocated arrays, and returns the deviance (the sum of ``devresid``).
 ``loglik`` writes the per-observation log densities and returns their sum.
 
+Parameter slot. A family may carry one shape parameter of its own that is not the
+dispersion phi: the negative binomial theta (NB2, V(mu) = mu + mu^2/theta). It reaches
+every kernel (``update``, ``loglik``, ``pirls_blockdiag``, ``agq_deviance``) as one extra
+double, ``param``, last in the argument list and defaulting to NaN, so that callers of
+the parameter-free families are unchanged; those families never read it. The
+negative binomial kernels check once per call, before the loop, that theta is finite
+and positive: a family whose theta is still to be estimated (NaN) is refused rather
+than producing NaN deviances. theta, not 1/theta, is passed so that the number in the
+kernel is the number the user reads; the one division per row it costs is lost among
+the logarithms.
+
 Dispatch. The family and the link arrive as two small integer codes and are dispatched
 inside the loop by ``switch``-like chains in inline helpers (one for the inverse link,
 one each for the clamp, the variance and the unit deviance), rather than through one
@@ -23,26 +34,31 @@ state every formula many times over and multiply what has to be read and tested.
 codes are loop-invariant, so the branches are predicted, but a measurement showed the
 dispatch still costing ~10% on the cheapest pair (Bernoulli-logit, 39 vs 35 ms per
 10^6 observations). So the loop is written once, as the inline ``_update_loop``, and
-``update`` calls it with literal codes for the three canonical pairs that dominate in
-practice (Bernoulli-logit, Binomial-logit, Poisson-log), which lets the C compiler fold
-the dispatch away there (measured: within noise of the hand-specialised loop), and with
-the runtime codes for every other pair. Costs are then dominated by exp/log/erfc.
+``update`` calls it with literal codes for the pairs that dominate in practice
+(Bernoulli-logit, Binomial-logit, Poisson-log, and negative binomial-log, the default
+of that family), which lets the C compiler fold the dispatch away there (measured:
+within noise of the hand-specialised loop), and with the runtime codes for every other
+pair. Costs are then dominated by exp/log/erfc.
 
 Clamps. The logarithms in the deviance must stay finite however far a trial eta strays
 during step-halving, so after the inverse link mu is clamped into the family's domain:
-[eps, 1 - eps] for Bernoulli and Binomial, [eps, inf) for Poisson, Gamma and inverse
-Gaussian, with eps = DBL_EPSILON; Normal is not clamped. For the logit link the clamp
-acts only for |eta| > 36. |mu_eta| is floored at DBL_EPSILON (sign kept) so that the
-working residual stays finite where the inverse link is flat (logit/probit/cloglog tails,
-log link for eta < -36, sqrt link at eta = 0). An eta outside the link's domain (eta <= 0
-for the inverse-square link) gives NaN, which the caller must treat as an invalid step.
+[eps, 1 - eps] for Bernoulli and Binomial, [eps, inf) for Poisson, negative binomial,
+Gamma and inverse Gaussian, with eps = DBL_EPSILON; Normal is not clamped. For the logit
+link the clamp acts only for |eta| > 36. |mu_eta| is floored at DBL_EPSILON (sign kept)
+so that the working residual stays finite where the inverse link is flat
+(logit/probit/cloglog tails, log link for eta < -36, sqrt link at eta = 0). An eta
+outside the link's domain (eta <= 0 for the inverse-square link) gives NaN, which the
+caller must treat as an invalid step.
 Note that mu is stored, not 1 - mu: where mu is within ~1e-13 of 1 the deviance of an
 observation with y = 0 carries the relative rounding error of 1 - mu, as in R.
 
 The NumPy twin of every kernel is in ``_glm_numpy.py``; tests/test_families.py holds the
-two together at 1e-10 for every family x link pair.
+two together at 1e-10 for every family x link pair, and
+tests/test_negative_binomial_family.py for the negative binomial (whose parameter the
+family-agnostic tests there do not set).
 """
-from libc.math cimport exp, log, log1p, expm1, sqrt, erfc, lgamma, fabs, M_PI, M_SQRT1_2
+from libc.math cimport (exp, log, log1p, expm1, sqrt, erfc, lgamma, fabs, isfinite,
+                        M_PI, M_SQRT1_2, NAN)
 from libc.float cimport DBL_EPSILON
 from libc.stdlib cimport malloc, free
 
@@ -55,7 +71,8 @@ cdef enum:
     FAM_GAMMA = 3
     FAM_INVERSE_GAUSSIAN = 4
     FAM_NORMAL = 5
-    N_FAMILIES = 6
+    FAM_NEGATIVE_BINOMIAL = 6
+    N_FAMILIES = 7
 
 cdef enum:
     LNK_LOGIT = 0
@@ -75,6 +92,7 @@ FAMILY_POISSON = FAM_POISSON
 FAMILY_GAMMA = FAM_GAMMA
 FAMILY_INVERSE_GAUSSIAN = FAM_INVERSE_GAUSSIAN
 FAMILY_NORMAL = FAM_NORMAL
+FAMILY_NEGATIVE_BINOMIAL = FAM_NEGATIVE_BINOMIAL
 LINK_LOGIT = LNK_LOGIT
 LINK_PROBIT = LNK_PROBIT
 LINK_CLOGLOG = LNK_CLOGLOG
@@ -87,6 +105,10 @@ LINK_INVERSE_SQUARE = LNK_INVERSE_SQUARE
 MU_EPS = DBL_EPSILON
 
 cdef double INV_SQRT_2PI = 0.3989422804014327   # 1 / sqrt(2 pi)
+cdef double HALF_LOG_2PI = 0.9189385332046728   # log(2 pi) / 2
+# Below this argument lgamma's Stirling remainder is computed from lgamma itself; above
+# it from its asymptotic series, whose first omitted term is then < 2.3e-16.
+cdef double STIRLING_SERIES_FROM = 15.0
 
 
 cdef inline double _linkinv(int link, double eta, double* mu_eta) noexcept nogil:
@@ -137,7 +159,7 @@ cdef inline double _clamp_mu(int family, double mu) noexcept nogil:
     return mu
 
 
-cdef inline double _variance(int family, double mu) noexcept nogil:
+cdef inline double _variance(int family, double mu, double param) noexcept nogil:
     if family == FAM_BERNOULLI or family == FAM_BINOMIAL:
         return mu * (1.0 - mu)
     elif family == FAM_POISSON:
@@ -146,6 +168,8 @@ cdef inline double _variance(int family, double mu) noexcept nogil:
         return mu * mu
     elif family == FAM_INVERSE_GAUSSIAN:
         return mu * mu * mu
+    elif family == FAM_NEGATIVE_BINOMIAL:
+        return mu * (1.0 + mu / param)
     else:  # FAM_NORMAL
         return 1.0
 
@@ -160,7 +184,8 @@ cdef inline double _bernoulli_logp(double y, double mu) noexcept nogil:
     return t
 
 
-cdef inline double _unit_deviance(int family, double y, double mu) noexcept nogil:
+cdef inline double _unit_deviance(int family, double y, double mu,
+                                 double param) noexcept nogil:
     cdef double t, r
     if family == FAM_BERNOULLI:
         return -2.0 * _bernoulli_logp(y, mu)
@@ -179,14 +204,59 @@ cdef inline double _unit_deviance(int family, double y, double mu) noexcept nogi
     elif family == FAM_INVERSE_GAUSSIAN:
         r = y - mu
         return r * r / (y * mu * mu)
+    elif family == FAM_NEGATIVE_BINOMIAL:
+        # 2 [y log(y/mu) - (y + theta) log((y + theta)/(mu + theta))]. With
+        # r = (y - mu)/(mu + theta) the second logarithm is log1p(r), which keeps its
+        # digits when theta dwarfs y and mu (the Poisson limit); near r = -1 (y + theta
+        # far below mu + theta) 1 + r would lose them, and the ratio itself is exact.
+        t = y * log(y / mu) if y != 0.0 else 0.0
+        r = (y - mu) / (mu + param)
+        r = log1p(r) if r > -0.5 else log((y + param) / (mu + param))
+        return 2.0 * (t - (y + param) * r)
     else:  # FAM_NORMAL
         r = y - mu
         return r * r
 
 
-cdef inline double _logdens_const(int family, double phi) noexcept nogil:
-    """The part of the log density that depends on phi only, computed once per call."""
-    if family == FAM_GAMMA:
+cdef inline double _stirling_rem(double x) noexcept nogil:
+    """lgamma(x) - [(x - 1/2) log x - x + log(2 pi)/2], for x > 0.
+
+    The negative binomial density needs lgamma(y + theta) - lgamma(theta), which for
+    large theta is the difference of two numbers near theta log theta; written through
+    this remainder it becomes a sum of terms of the size of the result.
+    """
+    cdef double s, s2
+    if x < STIRLING_SERIES_FROM:
+        return lgamma(x) - (x - 0.5) * log(x) + x - HALF_LOG_2PI
+    s = 1.0 / x
+    s2 = s * s
+    # 1/(12x) - 1/(360x^3) + 1/(1260x^5) - 1/(1680x^7) + 1/(1188x^9)
+    return s * (1.0 / 12.0 - s2 * (1.0 / 360.0 - s2 * (1.0 / 1260.0
+                - s2 * (1.0 / 1680.0 - s2 / 1188.0))))
+
+
+cdef inline double _nbinom_logp(double y, double mu, double theta,
+                                double c) noexcept nogil:
+    """log P(y) of NB2 with mean mu and shape theta; c = _stirling_rem(theta).
+
+    lgamma(y + theta) - lgamma(theta) - lgamma(y + 1) + theta log(theta/(theta + mu))
+    + y log(mu/(theta + mu)), with the two lgamma of theta and the log theta terms
+    cancelled by hand (see _stirling_rem), so that it keeps its precision as theta
+    grows and tends to the Poisson log probability.
+    """
+    cdef double t = (y + theta) * log1p(mu / theta)
+    if y == 0.0:
+        return -t
+    return ((y + theta - 0.5) * log1p(y / theta) - y + _stirling_rem(y + theta) - c
+            + y * log(mu) - t - lgamma(y + 1.0))
+
+
+cdef inline double _logdens_const(int family, double phi, double param) noexcept nogil:
+    """The part of the log density that depends on phi (or param) only, computed once
+    per call."""
+    if family == FAM_NEGATIVE_BINOMIAL:
+        return _stirling_rem(param)
+    elif family == FAM_GAMMA:
         return lgamma(1.0 / phi)
     elif family == FAM_INVERSE_GAUSSIAN:
         return -0.5 * log(2.0 * M_PI * phi)
@@ -196,9 +266,9 @@ cdef inline double _logdens_const(int family, double phi) noexcept nogil:
 
 
 cdef inline double _logdens(int family, double y, double mu, double w, double phi,
-                            double c) noexcept nogil:
-    """Log density of one observation with prior weight w > 0 and dispersion phi;
-    c = _logdens_const(family, phi)."""
+                            double param, double c) noexcept nogil:
+    """Log density of one observation with prior weight w > 0, dispersion phi and
+    family parameter param; c = _logdens_const(family, phi, param)."""
     cdef double t, k, nk, a, r
     if family == FAM_BERNOULLI:
         return w * _bernoulli_logp(y, mu)
@@ -224,12 +294,16 @@ cdef inline double _logdens(int family, double y, double mu, double w, double ph
         # mean mu, shape lambda = 1/phi; weight multiplies the log density
         r = y - mu
         return w * (c - 1.5 * log(y) - r * r / (2.0 * phi * mu * mu * y))
+    elif family == FAM_NEGATIVE_BINOMIAL:
+        # weight multiplies the log density, as for Poisson
+        return w * _nbinom_logp(y, mu, param, c)
     else:  # FAM_NORMAL: variance phi / w
         r = y - mu
         return -0.5 * (c - log(w) + w * r * r / phi)
 
 
-cdef inline double _update_loop(int family, int link, const double[::1] eta,
+cdef inline double _update_loop(int family, int link, double param,
+                                const double[::1] eta,
                                 const double[::1] y, const double[::1] prior_w,
                                 bint weighted, double[::1] mu, double[::1] mu_eta,
                                 double[::1] wrkwt, double[::1] wrkresid,
@@ -244,44 +318,54 @@ cdef inline double _update_loop(int family, int link, const double[::1] eta,
             me = -DBL_EPSILON if me < 0.0 else DBL_EPSILON
         mu[i] = m
         mu_eta[i] = me
-        wrkwt[i] = wi * me * me / _variance(family, m)
+        wrkwt[i] = wi * me * me / _variance(family, m, param)
         wrkresid[i] = (yi - m) / me
-        d = wi * _unit_deviance(family, yi, m)
+        d = wi * _unit_deviance(family, yi, m, param)
         devresid[i] = d
         dev += d
     return dev
 
 
-cdef inline double _update_dispatch(int family, int link, const double[::1] eta,
+cdef inline double _update_dispatch(int family, int link, double param,
+                                    const double[::1] eta,
                                     const double[::1] y, const double[::1] prior_w,
                                     bint weighted, double[::1] mu, double[::1] mu_eta,
                                     double[::1] wrkwt, double[::1] wrkresid,
                                     double[::1] devresid) noexcept nogil:
-    # the canonical pairs get a copy of the loop with the codes as constants
+    # the common pairs get a copy of the loop with the codes as constants
     if family == FAM_BERNOULLI and link == LNK_LOGIT:
-        return _update_loop(FAM_BERNOULLI, LNK_LOGIT, eta, y, prior_w, weighted,
+        return _update_loop(FAM_BERNOULLI, LNK_LOGIT, param, eta, y, prior_w, weighted,
                             mu, mu_eta, wrkwt, wrkresid, devresid)
     if family == FAM_BINOMIAL and link == LNK_LOGIT:
-        return _update_loop(FAM_BINOMIAL, LNK_LOGIT, eta, y, prior_w, weighted,
+        return _update_loop(FAM_BINOMIAL, LNK_LOGIT, param, eta, y, prior_w, weighted,
                             mu, mu_eta, wrkwt, wrkresid, devresid)
     if family == FAM_POISSON and link == LNK_LOG:
-        return _update_loop(FAM_POISSON, LNK_LOG, eta, y, prior_w, weighted,
+        return _update_loop(FAM_POISSON, LNK_LOG, param, eta, y, prior_w, weighted,
                             mu, mu_eta, wrkwt, wrkresid, devresid)
-    return _update_loop(family, link, eta, y, prior_w, weighted,
+    if family == FAM_NEGATIVE_BINOMIAL and link == LNK_LOG:
+        return _update_loop(FAM_NEGATIVE_BINOMIAL, LNK_LOG, param, eta, y, prior_w,
+                            weighted, mu, mu_eta, wrkwt, wrkresid, devresid)
+    return _update_loop(family, link, param, eta, y, prior_w, weighted,
                         mu, mu_eta, wrkwt, wrkresid, devresid)
 
 
-cdef int _check_codes(int family, int link) except -1:
+cdef int _check_codes(int family, int link, double param) except -1:
     if family < 0 or family >= N_FAMILIES:
         raise ValueError(f"unknown family code {family}")
     if link < 0 or link >= N_LINKS:
         raise ValueError(f"unknown link code {link}")
+    if family == FAM_NEGATIVE_BINOMIAL and not (param > 0.0 and isfinite(param)):
+        raise ValueError(
+            f"the negative binomial theta must be a finite positive number, got {param} "
+            "(a family whose theta is to be estimated needs family.with_theta(value) "
+            "before its kernels are called)")
     return 0
 
 
 def update(int family, int link, const double[::1] eta, const double[::1] y,
            const double[::1] prior_w, double[::1] mu, double[::1] mu_eta,
-           double[::1] wrkwt, double[::1] wrkresid, double[::1] devresid):
+           double[::1] wrkwt, double[::1] wrkresid, double[::1] devresid,
+           double param=NAN):
     """From eta to mu, mu_eta, working weights and residuals and deviance residuals.
 
     Parameters
@@ -294,6 +378,9 @@ def update(int family, int link, const double[::1] eta, const double[::1] y,
         Prior weights; an empty array means unit weights.
     mu, mu_eta, wrkwt, wrkresid, devresid : double[::1], length n
         Outputs, overwritten.
+    param : float
+        The family's own parameter (negative binomial: theta, finite and > 0);
+        ignored by the other families.
 
     Returns
     -------
@@ -311,20 +398,20 @@ def update(int family, int link, const double[::1] eta, const double[::1] y,
     cdef Py_ssize_t n = eta.shape[0]
     cdef bint weighted = prior_w.shape[0] > 0
     cdef double dev
-    _check_codes(family, link)
+    _check_codes(family, link, param)
     if (y.shape[0] != n or mu.shape[0] != n or mu_eta.shape[0] != n
             or wrkwt.shape[0] != n or wrkresid.shape[0] != n or devresid.shape[0] != n
             or (weighted and prior_w.shape[0] != n)):
         raise ValueError("update: all arrays must have the length of eta "
                          "(prior_w may be empty for unit weights)")
     with nogil:
-        dev = _update_dispatch(family, link, eta, y, prior_w, weighted,
+        dev = _update_dispatch(family, link, param, eta, y, prior_w, weighted,
                                mu, mu_eta, wrkwt, wrkresid, devresid)
     return dev
 
 
 def loglik(int family, const double[::1] y, const double[::1] mu,
-           const double[::1] prior_w, double phi, double[::1] out):
+           const double[::1] prior_w, double phi, double[::1] out, double param=NAN):
     """Per-observation log densities at mean mu and dispersion phi.
 
     Parameters
@@ -336,9 +423,11 @@ def loglik(int family, const double[::1] y, const double[::1] mu,
     prior_w : const double[::1], length n or 0
         Prior weights (Binomial: numbers of trials); empty means unit weights.
     phi : float
-        Dispersion, > 0; ignored by Bernoulli, Binomial and Poisson.
+        Dispersion, > 0; ignored by Bernoulli, Binomial, Poisson and negative binomial.
     out : double[::1], length n
         Output, overwritten.
+    param : float
+        The family's own parameter (negative binomial: theta); ignored by the others.
 
     Returns
     -------
@@ -353,18 +442,19 @@ def loglik(int family, const double[::1] y, const double[::1] mu,
     cdef Py_ssize_t n = y.shape[0], i
     cdef bint weighted = prior_w.shape[0] > 0
     cdef double wi, v, c, total = 0.0
-    _check_codes(family, 0)
-    if family != FAM_BERNOULLI and family != FAM_BINOMIAL and family != FAM_POISSON:
+    _check_codes(family, 0, param)
+    if (family != FAM_BERNOULLI and family != FAM_BINOMIAL and family != FAM_POISSON
+            and family != FAM_NEGATIVE_BINOMIAL):
         if not phi > 0.0:
             raise ValueError(f"dispersion phi must be positive, got {phi}")
     if mu.shape[0] != n or out.shape[0] != n or (weighted and prior_w.shape[0] != n):
         raise ValueError("loglik: all arrays must have the length of y "
                          "(prior_w may be empty for unit weights)")
     with nogil:
-        c = _logdens_const(family, phi)
+        c = _logdens_const(family, phi, param)
         for i in range(n):
             wi = prior_w[i] if weighted else 1.0
-            v = _logdens(family, y[i], mu[i], wi, phi, c) if wi != 0.0 else 0.0
+            v = _logdens(family, y[i], mu[i], wi, phi, param, c) if wi != 0.0 else 0.0
             out[i] = v
             total += v
     return total
@@ -374,7 +464,7 @@ def agq_deviance(int family, int link, const double[::1] fixed, const double[::1
                  const int[::1] codes, const double[::1] y, const double[::1] prior_w,
                  const double[::1] u, const double[::1] sd, const double[::1] nodes,
                  const double[::1] weights, double[::1] devc0, double[::1] devc,
-                 double[::1] mult):
+                 double[::1] mult, double param=NAN):
     """Adaptive Gauss-Hermite deviance of a model with one scalar random-effects term.
 
     Row i belongs to level codes[i]; its linear predictor at random effect v of that
@@ -382,9 +472,10 @@ def agq_deviance(int family, int link, const double[::1] fixed, const double[::1
     u, the scales sd = 1/diag(L) and the standard-normal nodes and weights, it fills
     devc0 (per level: u² + the level's deviance at the mode), mult (the quadrature sum)
     and returns  Σ devc0 - 2 Σ (log mult + log sd).  A node at 0 reuses devc0.
+    ``param`` is the family's own parameter (negative binomial theta), as in ``update``.
     See mixedmodels/_agq.py for the derivation; agq_deviance_numpy there is the twin.
     """
-    _check_codes(family, link)
+    _check_codes(family, link, param)
     cdef Py_ssize_t n = fixed.shape[0], nlev = u.shape[0], i, j, k
     cdef double me, m, z, total = 0.0
     cdef bint weighted = prior_w.shape[0] > 0
@@ -399,7 +490,8 @@ def agq_deviance(int family, int link, const double[::1] fixed, const double[::1
         for i in range(n):
             j = codes[i]
             m = _clamp_mu(family, _linkinv(link, fixed[i] + zlam[i] * u[j], &me))
-            devc0[j] += (prior_w[i] if weighted else 1.0) * _unit_deviance(family, y[i], m)
+            devc0[j] += ((prior_w[i] if weighted else 1.0)
+                         * _unit_deviance(family, y[i], m, param))
         for k in range(nodes.shape[0]):
             z = nodes[k]
             if z == 0.0:
@@ -411,7 +503,8 @@ def agq_deviance(int family, int link, const double[::1] fixed, const double[::1
             for i in range(n):
                 j = codes[i]
                 m = _clamp_mu(family, _linkinv(link, fixed[i] + zlam[i] * (u[j] + z * sd[j]), &me))
-                devc[j] += (prior_w[i] if weighted else 1.0) * _unit_deviance(family, y[i], m)
+                devc[j] += ((prior_w[i] if weighted else 1.0)
+                            * _unit_deviance(family, y[i], m, param))
             for j in range(nlev):
                 mult[j] += weights[k] * exp((z * z - devc[j] + devc0[j]) / 2.0)
         for j in range(nlev):
@@ -455,7 +548,7 @@ def pirls_blockdiag(int family, int link, const double[::1] fixed, const double[
                     double[::1] eta, double[::1] mu, double[::1] mu_eta, double[::1] wrkwt,
                     double[::1] wrkresid, double[::1] devresid,
                     double tol=1e-13, int maxiter=100, int max_halving=30,
-                    double step_tol=1e-9):
+                    double step_tol=1e-9, double param=NAN):
     """PIRLS over u for a model with one random-effects term, β held fixed.
 
     Parameters
@@ -464,7 +557,8 @@ def pirls_blockdiag(int family, int link, const double[::1] fixed, const double[
     lam : the term's template T (k-by-k, column-major).  u : start, overwritten by the
     modes.  lblocks : out, the factor chol(T'A_l T + I) per level at the modes (the
     working weights evaluated at the modes).  eta ... devresid : out, the response side
-    at the modes.
+    at the modes.  param : the family's own parameter (negative binomial theta), as in
+    ``update``.
 
     Returns
     -------
@@ -476,7 +570,7 @@ def pirls_blockdiag(int family, int link, const double[::1] fixed, const double[
     halves a step that raises the penalized deviance Σ dev_i + ||u||². The same
     algorithm as mixedmodels._pirls.pirls (its NumPy-level twin), in one compiled loop.
     """
-    _check_codes(family, link)
+    _check_codes(family, link, param)
     cdef Py_ssize_t n = fixed.shape[0], nlev, q, l, i, j, m
     cdef int k = z.shape[1], it = 0, halvings, a, c
     cdef bint weighted = prior_w.shape[0] > 0, converged = False
@@ -495,7 +589,7 @@ def pirls_blockdiag(int family, int link, const double[::1] fixed, const double[
     cdef double *tmp = b + q
     with nogil:
         _eta_blockdiag(fixed, z, codes, &lam[0], k, nlev, &u[0], b, eta)
-        dev = _update_dispatch(family, link, eta, y, prior_w, weighted, mu, mu_eta,
+        dev = _update_dispatch(family, link, param, eta, y, prior_w, weighted, mu, mu_eta,
                                wrkwt, wrkresid, devresid)
         pdev = dev + _sumsq(&u[0], q)
         while True:
@@ -539,23 +633,23 @@ def pirls_blockdiag(int family, int link, const double[::1] fixed, const double[
                 if fabs(uold[m]) > usize:
                     usize = fabs(uold[m])
             _eta_blockdiag(fixed, z, codes, &lam[0], k, nlev, unew, b, eta)
-            new_dev = _update_dispatch(family, link, eta, y, prior_w, weighted, mu, mu_eta,
-                                       wrkwt, wrkresid, devresid)
+            new_dev = _update_dispatch(family, link, param, eta, y, prior_w, weighted, mu,
+                                       mu_eta, wrkwt, wrkresid, devresid)
             new_pdev = new_dev + _sumsq(unew, q)
             halvings = 0
             while not (new_pdev <= pdev * (1.0 + 1e-12) + 1e-12) and halvings < max_halving:
                 for m in range(q):
                     unew[m] = 0.5 * (uold[m] + unew[m])
                 _eta_blockdiag(fixed, z, codes, &lam[0], k, nlev, unew, b, eta)
-                new_dev = _update_dispatch(family, link, eta, y, prior_w, weighted, mu,
+                new_dev = _update_dispatch(family, link, param, eta, y, prior_w, weighted, mu,
                                            mu_eta, wrkwt, wrkresid, devresid)
                 new_pdev = new_dev + _sumsq(unew, q)
                 halvings += 1
             if halvings == max_halving:
                 # no step lowers the penalized deviance: stay at the previous modes
                 _eta_blockdiag(fixed, z, codes, &lam[0], k, nlev, &u[0], b, eta)
-                dev = _update_dispatch(family, link, eta, y, prior_w, weighted, mu, mu_eta,
-                                       wrkwt, wrkresid, devresid)
+                dev = _update_dispatch(family, link, param, eta, y, prior_w, weighted, mu,
+                                       mu_eta, wrkwt, wrkresid, devresid)
                 converged = True
                 continue
             converged = (fabs(pdev - new_pdev) <= tol * fabs(new_pdev) + tol

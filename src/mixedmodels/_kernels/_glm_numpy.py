@@ -1,10 +1,13 @@
 """NumPy twins of the kernels in ``_glm.pyx``, held to them at 1e-10 by the tests.
 
 Same arguments, same semantics: outputs are written into the caller's arrays and the
-sum is returned. The inverse links are the public ``Link`` objects of
-:mod:`mixedmodels.families`, so the test also ties the compiled link formulas to the
+sum is returned; ``param`` is the family's own parameter (the negative binomial θ),
+NaN for the families that have none. The inverse links are the public ``Link`` objects
+of :mod:`mixedmodels.families`, so the test also ties the compiled link formulas to the
 public ones. Written for clarity, not speed.
 """
+import math
+
 import numpy as np
 from scipy.special import gammaln
 
@@ -14,6 +17,7 @@ FAMILY_POISSON = 2
 FAMILY_GAMMA = 3
 FAMILY_INVERSE_GAUSSIAN = 4
 FAMILY_NORMAL = 5
+FAMILY_NEGATIVE_BINOMIAL = 6
 LINK_LOGIT = 0
 LINK_PROBIT = 1
 LINK_CLOGLOG = 2
@@ -24,8 +28,16 @@ LINK_SQRT = 6
 LINK_INVERSE_SQUARE = 7
 
 MU_EPS = np.finfo(np.float64).eps
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+_STIRLING_SERIES_FROM = 15.0
 
 _BINARY = (FAMILY_BERNOULLI, FAMILY_BINOMIAL)
+
+
+def _check_param(family, param):
+    if family == FAMILY_NEGATIVE_BINOMIAL and not (param > 0.0 and math.isfinite(param)):
+        raise ValueError(f"the negative binomial theta must be a finite positive number, "
+                         f"got {param}")
 
 
 def _weights(prior_w, n):
@@ -64,7 +76,7 @@ def clamp_mu(family, mu):
     return mu
 
 
-def variance(family, mu):
+def variance(family, mu, param=math.nan):
     if family in _BINARY:
         return mu * (1.0 - mu)
     if family == FAMILY_POISSON:
@@ -73,10 +85,34 @@ def variance(family, mu):
         return mu * mu
     if family == FAMILY_INVERSE_GAUSSIAN:
         return mu ** 3
+    if family == FAMILY_NEGATIVE_BINOMIAL:
+        return mu * (1.0 + mu / param)
     return np.ones_like(mu)
 
 
-def unit_deviance(family, y, mu):
+def stirling_rem(x):
+    """lgamma(x) - [(x - 1/2) log x - x + log(2 pi)/2] for x > 0: from gammaln below
+    15, from the asymptotic series (five terms) above."""
+    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        direct = gammaln(x) - (x - 0.5) * np.log(x) + x - _HALF_LOG_2PI
+        s = 1.0 / x
+        s2 = s * s
+        series = s * (1 / 12 - s2 * (1 / 360 - s2 * (1 / 1260
+                      - s2 * (1 / 1680 - s2 / 1188))))
+    return np.where(x < _STIRLING_SERIES_FROM, direct, series)
+
+
+def nbinom_logp(y, mu, theta):
+    """log P(y) of NB2(mean mu, shape theta), rearranged as the kernel does."""
+    with np.errstate(all="ignore"):
+        t = (y + theta) * np.log1p(mu / theta)
+        full = ((y + theta - 0.5) * np.log1p(y / theta) - y + stirling_rem(y + theta)
+                - stirling_rem(theta) + _xlogy(y, mu) - t - gammaln(y + 1.0))
+    return np.where(y == 0.0, -t, full)
+
+
+def unit_deviance(family, y, mu, param=math.nan):
     with np.errstate(all="ignore"):
         if family == FAMILY_BERNOULLI:
             return -2.0 * (_xlogy(y, mu) + _xlog1py(1.0 - y, -mu))
@@ -88,11 +124,17 @@ def unit_deviance(family, y, mu):
             return -2.0 * (np.log(y / mu) - (y - mu) / mu)
         if family == FAMILY_INVERSE_GAUSSIAN:
             return (y - mu) ** 2 / (y * mu * mu)
+        if family == FAMILY_NEGATIVE_BINOMIAL:
+            r = (y - mu) / (mu + param)
+            lr = np.where(r > -0.5, np.log1p(r), np.log((y + param) / (mu + param)))
+            return 2.0 * (_xlogy(y, y / mu) - (y + param) * lr)
         return (y - mu) ** 2
 
 
-def update(family, link, eta, y, prior_w, mu, mu_eta, wrkwt, wrkresid, devresid):
+def update(family, link, eta, y, prior_w, mu, mu_eta, wrkwt, wrkresid, devresid,
+           param=math.nan):
     """NumPy twin of ``_glm.update``."""
+    _check_param(family, param)
     eta = np.asarray(eta, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     w = _weights(prior_w, eta.shape[0])
@@ -102,18 +144,20 @@ def update(family, link, eta, y, prior_w, mu, mu_eta, wrkwt, wrkresid, devresid)
     with np.errstate(all="ignore"):
         mu[:] = m
         mu_eta[:] = me
-        wrkwt[:] = w * me * me / variance(family, m)
+        wrkwt[:] = w * me * me / variance(family, m, param)
         wrkresid[:] = (y - m) / me
-        devresid[:] = w * unit_deviance(family, y, m)
+        devresid[:] = w * unit_deviance(family, y, m, param)
     return float(np.sum(devresid))
 
 
-def loglik(family, y, mu, prior_w, phi, out):
+def loglik(family, y, mu, prior_w, phi, out, param=math.nan):
     """NumPy twin of ``_glm.loglik``."""
+    _check_param(family, param)
     y = np.asarray(y, dtype=np.float64)
     mu = np.asarray(mu, dtype=np.float64)
     w = _weights(prior_w, y.shape[0])
-    if family not in (FAMILY_BERNOULLI, FAMILY_BINOMIAL, FAMILY_POISSON) and not phi > 0:
+    if family not in (FAMILY_BERNOULLI, FAMILY_BINOMIAL, FAMILY_POISSON,
+                      FAMILY_NEGATIVE_BINOMIAL) and not phi > 0:
         raise ValueError(f"dispersion phi must be positive, got {phi}")
     with np.errstate(all="ignore"):
         if family == FAMILY_BERNOULLI:
@@ -129,6 +173,8 @@ def loglik(family, y, mu, prior_w, phi, out):
             a = 1.0 / phi
             t = a * y / mu
             v = w * (a * np.log(t) - t - np.log(y) - gammaln(a))
+        elif family == FAMILY_NEGATIVE_BINOMIAL:
+            v = w * nbinom_logp(y, mu, param)
         elif family == FAMILY_INVERSE_GAUSSIAN:
             v = w * (-0.5 * np.log(2.0 * np.pi * phi) - 1.5 * np.log(y)
                      - (y - mu) ** 2 / (2.0 * phi * mu * mu * y))
