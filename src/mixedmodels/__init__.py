@@ -11,12 +11,13 @@ from .formula import DummyCoding, EffectsCoding, Grouping, HelmertCoding
 from .glmm import GeneralizedLinearMixedModel, GeneralizedLinearMixedModelFit
 from .lmm import LinearMixedModel, LinearMixedModelFit
 from ._varcorr import VarCorr
+from .inference.bootstrap import bootstrap
 from .inference.lrt import lrtest
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "fit", "lrtest", "dataset", "datasets", "LinearMixedModel", "LinearMixedModelFit",
+    "fit", "lrtest", "bootstrap", "dataset", "datasets", "LinearMixedModel", "LinearMixedModelFit",
     "GeneralizedLinearMixedModel", "GeneralizedLinearMixedModelFit", "VarCorr",
     "Bernoulli", "Binomial", "Poisson", "Gamma", "InverseGaussian", "Normal",
     "LogitLink", "ProbitLink", "CloglogLink", "LogLink", "IdentityLink", "InverseLink",

@@ -38,28 +38,32 @@ def _inputs(model, theta, beta, working, prior_w, sd):
     return term, fixed, zlam, np.ascontiguousarray(sd, dtype=float), pw
 
 
-def agq_deviance(model, theta, beta, u, nAGQ, working=False, prior_w=None, sd=None):
+def agq_deviance(model, theta, beta, u, nAGQ, working=False, prior_w=None, sd=None,
+                 family=None):
     """The AGQ deviance at the modes u.
 
     ``beta`` is in the coefficients' own coordinates, or in the working basis of
     _fixed.py with ``working=True``. ``sd`` are the per-level scales s_j (default: from
     the factor PIRLS has just left at the modes); ``prior_w`` overrides the prior
-    weights (w/φ for the dispersion families).
+    weights (w/φ for the dispersion families), ``family`` the model's family (the
+    negative binomial at a trial θ).
     """
     term, fixed, zlam, sd, pw = _inputs(model, theta, beta, working, prior_w, sd)
     nodes, weights = gauss_hermite_normal(nAGQ)
     nlev = term.nlevels
-    fam = model.family
+    fam = model.family if family is None else family
     return _glm.agq_deviance(fam.code, fam.link.code, fixed, zlam, term.codes, model.y,
                              pw, np.ascontiguousarray(u), sd, nodes, weights,
-                             np.empty(nlev), np.empty(nlev), np.empty(nlev))
+                             np.empty(nlev), np.empty(nlev), np.empty(nlev), fam.param)
 
 
-def agq_deviance_numpy(model, theta, beta, u, nAGQ, working=False, prior_w=None, sd=None):
+def agq_deviance_numpy(model, theta, beta, u, nAGQ, working=False, prior_w=None, sd=None,
+                       family=None):
     """NumPy twin of the compiled kernel, through the family's own ``update``."""
     term, fixed, zlam, sd, pw = _inputs(model, theta, beta, working, prior_w, sd)
     codes, nlev = term.codes, term.nlevels
-    st, fam, y = model.state, model.family, model.y
+    st, y = model.state, model.y
+    fam = model.family if family is None else family
 
     def devc_at(v):
         st.evaluate(fam, y, pw, fixed + zlam * v[codes])

@@ -49,38 +49,40 @@ class PirlsState:
                              self.wrkresid, self.devresid)
 
 
-def _pirls_compiled(model, theta, beta, u, pw, tol, maxiter, max_halving):
+def _pirls_compiled(model, fam, theta, beta, u, pw, tol, maxiter, max_halving):
     """One term, β fixed: the whole loop in _kernels._glm.pirls_blockdiag."""
-    system, st, fam, term = model.workspace, model.state, model.family, model.reterms[0]
+    system, st, term = model.workspace, model.state, model.reterms[0]
     matvec(model.X, beta, model.offset_or_zero, st.fixed)
     logdet, dev, iters, converged = _glm.pirls_blockdiag(
         fam.code, fam.link.code, st.fixed, term.z, term.codes, model.y, pw,
         system.layout.lam(theta), u, system.blockdiag_diagonal(), st.eta, st.mu, st.mu_eta,
-        st.wrkwt, st.wrkresid, st.devresid, tol, maxiter, max_halving, STEP_TOL)
+        st.wrkwt, st.wrkresid, st.devresid, tol, maxiter, max_halving, STEP_TOL, fam.param)
     if not converged:
         warnings.warn(f"PIRLS did not converge in {maxiter} iterations at theta={np.round(theta, 6).tolist()}; "
                       "the conditional modes may be inaccurate", RuntimeWarning)
     return u, beta, logdet, dev, converged
 
 
-def pirls(model, theta, beta, u, vary_beta=False, prior_w=None, tol=1e-13, maxiter=100,
-          max_halving=30):
+def pirls(model, theta, beta, u, vary_beta=False, prior_w=None, family=None, tol=1e-13,
+          maxiter=100, max_halving=30):
     """Run PIRLS; return (u, beta, logdet_l, sum of deviance residuals, converged).
 
     ``model`` supplies: family, y, prior_w, offset_or_zero, X (the working fixed-effects
     matrix; β is in its coordinates), workspace, state. ``prior_w`` overrides the
-    model's prior weights (the dispersion families iterate with w/φ). With
+    model's prior weights (the dispersion families iterate with w/φ), ``family`` the
+    model's family (the negative binomial at a trial θ). With
     ``vary_beta`` the blocked system carries the columns [X, working response] and β
     is re-solved with u; otherwise only the working response relative to Xβ.
     """
-    system, st, fam = model.workspace, model.state, model.family
+    system, st = model.workspace, model.state
+    fam = model.family if family is None else family
     X, y, off = model.X, model.y, model.offset_or_zero
     pw = model.prior_w if prior_w is None else prior_w
     p = X.shape[1]
     u = np.array(u, dtype=float, copy=True)
     beta = np.array(beta, dtype=float, copy=True)
     if system.path == "block-diagonal" and not vary_beta:
-        return _pirls_compiled(model, theta, beta, u, pw, tol, maxiter, max_halving)
+        return _pirls_compiled(model, fam, theta, beta, u, pw, tol, maxiter, max_halving)
     if vary_beta and (st.workx is None or st.workx.shape[1] != p + 1):
         st.workx = np.ascontiguousarray(np.column_stack([X, np.zeros(len(y))]))
 
