@@ -5,7 +5,7 @@
 """
 from .datasets import dataset, datasets
 from .families import (Bernoulli, Binomial, CloglogLink, Gamma, IdentityLink, InverseGaussian,
-                       InverseLink, InverseSquareLink, LogitLink, LogLink, Normal, Poisson,
+                       InverseLink, InverseSquareLink, LogitLink, LogLink, NegativeBinomial, Normal, Poisson,
                        ProbitLink, SqrtLink, logistic)
 from .formula import DummyCoding, EffectsCoding, Grouping, HelmertCoding
 from .glmm import GeneralizedLinearMixedModel, GeneralizedLinearMixedModelFit
@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "fit", "lrtest", "bootstrap", "dataset", "datasets", "LinearMixedModel", "LinearMixedModelFit",
     "GeneralizedLinearMixedModel", "GeneralizedLinearMixedModelFit", "VarCorr",
-    "Bernoulli", "Binomial", "Poisson", "Gamma", "InverseGaussian", "Normal",
+    "Bernoulli", "Binomial", "Poisson", "Gamma", "InverseGaussian", "Normal", "NegativeBinomial",
     "LogitLink", "ProbitLink", "CloglogLink", "LogLink", "IdentityLink", "InverseLink",
     "SqrtLink", "InverseSquareLink", "logistic",
     "DummyCoding", "EffectsCoding", "HelmertCoding", "Grouping",

@@ -371,6 +371,10 @@ def format_model(model) -> str:
         what = "θ and φ" if getattr(model, "dispersion", None) is not None else "θ"
         lines.append(f"Standard errors: conditional on {what} (MixedModels.jl's); "
                      "coeftable(se=\"hessian\") gives the Hessian-based ones of lme4 and glmmTMB.")
+    if getattr(model, "nb_theta", None) is not None:
+        se = model.nb_theta_stderror
+        how = f"estimated (SE {se:.4g})" if se is not None else "given"
+        lines.append(f"Negative binomial θ = {model.nb_theta:.6g}, {how}: Var(y) = μ + μ²/θ.")
     if getattr(model, "dispersion", None) is not None:
         lines.append(f"Dispersion φ = {model.dispersion:.6g} (σ = √φ = {model.sigma:.6g}), "
                      "estimated with β and θ by maximum likelihood.")

@@ -102,6 +102,17 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         """Whether φ is estimated (Gamma, inverse Gaussian, Normal with a link)."""
         return bool(self.family.has_dispersion)
 
+    @property
+    def estimates_family_param(self):
+        """Whether the family's own parameter is estimated (the negative binomial θ)."""
+        return bool(getattr(self.family, "estimate_param", False))
+
+    @property
+    def _full_loglik(self):
+        # the families whose objective must be -2 log L itself: the saturated part of the
+        # deviance depends on φ or on the negative binomial θ
+        return self.has_dispersion or getattr(self.family, "n_extra_params", 0) > 0
+
     def _response_changed(self):
         d, fam = self.design, self.family
         self.y = np.ascontiguousarray(d.y, dtype=float)
@@ -150,8 +161,11 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         self._u_warm = value
 
     def _glm_start(self):
-        """β̃ of the GLM without random effects (IRLS), and a moment estimate of φ."""
+        """β̃ of the GLM without random effects (IRLS), and a moment estimate of φ (or of
+        the negative binomial θ, from Var y = μ + μ²/θ)."""
         X, y, w, off, fam = self.X, self.y, self.prior_w, self.offset_or_zero, self.family
+        if self.estimates_family_param:
+            fam = fam.with_param(1e8)        # a Poisson-like start for β
         eta = fam.link.link(fam.starting_mu(y, w))
         st = self.state
         beta = np.zeros(X.shape[1])
@@ -164,28 +178,46 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
             sw = np.sqrt(st.wrkwt)
             beta = np.linalg.lstsq(X * sw[:, None], (eta - off + st.wrkresid) * sw, rcond=None)[0]
             eta = X @ beta + off
-        phi = pearson_dispersion(fam, y, st.mu, w, self.n - self.p) if self.has_dispersion else 1.0
-        return beta, phi
+        if self.has_dispersion:
+            return beta, pearson_dispersion(fam, y, st.mu, w, self.n - self.p)
+        if self.estimates_family_param:
+            mu = st.mu
+            excess = float(np.sum(w * ((y - mu) ** 2 - mu)))
+            size = float(np.sum(w * mu * mu)) / excess if excess > 0 else 10.0
+            return beta, min(max(size, 1e-2), 1e4)
+        return beta, 1.0
 
     # -- the objective ---------------------------------------------------------------
-    def _value(self, theta, beta_w, phi=1.0, vary_beta=False, nAGQ=None):
+    def _value(self, theta, beta_w, phi=1.0, vary_beta=False, nAGQ=None, family=None):
         """PIRLS at (θ, β̃, φ), then the value the optimizer minimizes.
 
-        Returns (value, u, β̃): the deviance of MixedModels.jl for families without a
-        dispersion parameter, -2 log L (Laplace or AGQ) for those with one.
+        Returns (value, u, β̃): the deviance of MixedModels.jl for Bernoulli, Binomial and
+        Poisson, -2 log L (Laplace or AGQ) for the families with φ or a parameter of their
+        own (``family``: the negative binomial at a trial θ).
         """
         nAGQ = self.nAGQ if nAGQ is None else nAGQ
         disp = self.has_dispersion
+        fam = self.family if family is None else family
         pw = self.prior_w / phi if disp else self.prior_w
         u, beta_w, logdet, dev, ok = pirls(self, theta, beta_w, self._u, vary_beta=vary_beta,
-                                           prior_w=pw)
+                                           prior_w=pw, family=fam)
         self._u = u
         if not disp:
             self._last_logdet = 2.0 * logdet
             if nAGQ > 1:
-                return agq_deviance(self, theta, beta_w, u, nAGQ, working=True), u, beta_w
-            return dev + u @ u + 2.0 * logdet, u, beta_w
-        st, fam = self.state, self.family
+                val = agq_deviance(self, theta, beta_w, u, nAGQ, working=True, family=fam)
+            else:
+                val = dev + u @ u + 2.0 * logdet
+            if self._full_loglik:
+                # the negative binomial: add back the saturated part, which depends on θ;
+                # its Laplace curvature is PIRLS's expected information, as in lme4's
+                # glmer.nb (whose optimum is the lower one on grouseticks)
+                st = self.state
+                saturated = float(np.sum(fam.loglik(self.y, st.mu, pw))
+                                  + 0.5 * np.sum(st.devresid))
+                val -= 2.0 * saturated
+            return val, u, beta_w
+        st = self.state
         ws = self.workspace
         wobs = observed_weights(fam, self.y, st.mu, st.eta, self.prior_w, phi)
         ws.set_products(np.zeros((self.n, 1)), wobs)
@@ -209,19 +241,20 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         """:meth:`_value` with β in the coefficients' own coordinates."""
         return self._value(theta, self.fixed.to_working(beta), phi, vary_beta, nAGQ)
 
-    def objective(self, theta, beta=None, phi=None):
+    def objective(self, theta, beta=None, phi=None, family_param=None):
         """The value the fit minimizes, at θ and β (β from PIRLS when None).
 
         For Bernoulli, Binomial and Poisson this is MixedModels.jl's deviance; for the
         families with a dispersion it is -2 log L at φ (default: the GLM's moment
-        estimate).
+        estimate), for the negative binomial -2 log L at its θ (``family_param``).
         """
         theta = self._check_theta(theta)
         phi = self._check_phi(phi)
+        fam = self._family_at(family_param)
         if beta is None:
-            return self._value(theta, self.beta0, phi, vary_beta=True)[0]
+            return self._value(theta, self.beta0, phi, vary_beta=True, family=fam)[0]
         beta_w = self.fixed.to_working(np.asarray(beta, float))
-        return self._value(theta, beta_w, phi)[0]
+        return self._value(theta, beta_w, phi, family=fam)[0]
 
     def _check_phi(self, phi):
         if not self.has_dispersion:
@@ -233,21 +266,38 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
             raise ValueError(f"the dispersion φ must be positive, not {phi}")
         return phi
 
+    def _family_at(self, value):
+        """The family with its own parameter set (the negative binomial's θ)."""
+        if not self.estimates_family_param:
+            if value is not None:
+                raise ValueError(f"{self.family!r} has no parameter to set")
+            return self.family
+        return self.family.with_param(self.phi0 if value is None else float(value))
+
     # -- the parameter vectors the optimizer sees -------------------------------------
+    @property
+    def _n_extra(self):
+        """Parameters the optimizer moves after θ: log φ, or the log negative binomial θ."""
+        return int(self.has_dispersion or self.estimates_family_param)
+
     def _split(self, x, with_beta):
-        """(β̃ or None, θ, φ) from an optimizer vector [β̃] θ [log φ]."""
+        """(β̃ or None, θ, φ, family) from an optimizer vector [β̃] θ [log φ | log θ_nb]."""
         p, nt = self.p, self.layout.ntheta
         o = p if with_beta else 0
         beta_w = x[:p] if with_beta else None
         theta = x[o:o + nt]
-        phi = math.exp(x[o + nt]) if self.has_dispersion else 1.0
-        return beta_w, theta, phi
+        phi, fam = 1.0, self.family
+        if self.has_dispersion:
+            phi = math.exp(x[o + nt])
+        elif self.estimates_family_param:
+            fam = self.family.with_param(math.exp(x[o + nt]))
+        return beta_w, theta, phi, fam
 
     def _joint_value(self, x):
-        beta_w, theta, phi = self._split(x, True)
+        beta_w, theta, phi, fam = self._split(x, True)
         try:
-            return self._value(theta, beta_w, phi)[0]
-        except np.linalg.LinAlgError:
+            return self._value(theta, beta_w, phi, family=fam)[0]
+        except (np.linalg.LinAlgError, ValueError, OverflowError):
             return math.inf
 
     def fit(self, fast=False, progress=False, check_convergence=True):
@@ -271,14 +321,14 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         layout, p, disp = self.layout, self.p, self.has_dispersion
         self._u = None
         beta_fast = {"beta": self.beta0.copy()}
-        extra = [math.log(self.phi0)] if disp else []
+        extra = [math.log(self.phi0)] if self._n_extra else []
         bounded = np.flatnonzero(np.isfinite(layout.lower))
 
         def f_stage1(x):
-            _, theta, phi = self._split(x, False)
+            _, theta, phi, fam = self._split(x, False)
             try:
-                val, _, beta = self._value(theta, self.beta0, phi, vary_beta=True)
-            except np.linalg.LinAlgError:
+                val, _, beta = self._value(theta, self.beta0, phi, vary_beta=True, family=fam)
+            except (np.linalg.LinAlgError, ValueError, OverflowError):
                 return math.inf
             beta_fast["beta"] = beta
             return val
@@ -292,17 +342,17 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         self._u = None
         f_stage1(opt1.final)
         beta = beta_fast["beta"]
-        _, theta, phi = self._split(opt1.final, False)
+        _, theta, phi, fam = self._split(opt1.final, False)
         if fast:
             if check_convergence and check_optimum(f_stage1, opt1) and opt1.polished:
                 self._u = None
                 f_stage1(opt1.final)
                 beta = beta_fast["beta"]
-                _, theta, phi = self._split(opt1.final, False)
-            return GeneralizedLinearMixedModelFit(self, self._optimum(theta, beta, phi, opt1),
+                _, theta, phi, fam = self._split(opt1.final, False)
+            return GeneralizedLinearMixedModelFit(self, self._optimum(theta, beta, phi, fam),
                                                   opt1, fast=True)
 
-        se = np.sqrt(np.diag(self._vcov_working(theta, beta, phi)))
+        se = np.sqrt(np.diag(self._vcov_working(theta, beta, phi, fam)))
         ntheta = layout.ntheta
         # the deviance is flat in β near the optimum: four digits of β need changes of
         # 1e-9 in the deviance resolved, so stop on a relative change of 1e-15 only
@@ -317,38 +367,40 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         minimize(self._joint_value, opt2, progress=progress)
         rectify(self._joint_value, opt2, p + bounded)
         if check_convergence:
-            beta_w, theta, phi = self._split(opt2.final, True)
-            se = np.sqrt(np.diag(self._vcov_working(theta, beta_w, phi)))
+            beta_w, theta, phi, fam = self._split(opt2.final, True)
+            se = np.sqrt(np.diag(self._vcov_working(theta, beta_w, phi, fam)))
             check_optimum(self._joint_value, opt2, step=hessian_steps(opt2.final, se))
-        beta_w, theta, phi = self._split(opt2.final, True)
-        return GeneralizedLinearMixedModelFit(self, self._optimum(theta, beta_w, phi, opt2),
+        beta_w, theta, phi, fam = self._split(opt2.final, True)
+        return GeneralizedLinearMixedModelFit(self, self._optimum(theta, beta_w, phi, fam),
                                               opt2, fast=False, stage1=opt1)
 
-    def _vcov_working(self, theta, beta_w, phi=1.0):
+    def _vcov_working(self, theta, beta_w, phi=1.0, family=None):
         """(X̃'W X̃ - ...)⁻¹ at the modes: the covariance of β̃ given θ (and φ), with the
         working weights of PIRLS (which carry 1/φ for the dispersion families)."""
-        self._value(theta, beta_w, phi)
+        fam = self.family if family is None else family
+        self._value(theta, beta_w, phi, family=fam)
         st, X, off = self.state, self.X, self.offset_or_zero
         ws = self.workspace
         pw = self.prior_w / phi if self.has_dispersion else self.prior_w
-        st.evaluate(self.family, self.y, pw, st.eta)
+        st.evaluate(fam, self.y, pw, st.eta)
         ws.set_products(np.column_stack([X, st.eta - off + st.wrkresid]), st.wrkwt)
         _, r = ws.factorize(theta)
         return rx_inverse_crossprod(r, X.shape[1])
 
-    def _optimum(self, theta, beta_w, phi, optsum):
-        """The numbers of the fit at (θ, β̃, φ), as a plain record."""
+    def _optimum(self, theta, beta_w, phi, fam):
+        """The numbers of the fit at (θ, β̃, φ) and the family at its parameter, as a
+        plain record."""
         theta = np.asarray(theta, float)
         beta_w = np.asarray(beta_w, float)
-        fam, disp = self.family, self.has_dispersion
+        disp = self.has_dispersion
         self._u = None
-        value, u, _ = self._value(theta, beta_w, phi)
+        value, u, _ = self._value(theta, beta_w, phi, family=fam)
         logdet = self._last_logdet
         st = self.state
         mu, eta = st.mu.copy(), st.eta.copy()
         # deviance residuals on the family's own scale (prior weights, not w/φ)
         devresid = st.devresid * phi if disp else st.devresid.copy()
-        if disp:
+        if self._full_loglik:
             objective = value
             deviance = value
         else:
@@ -357,19 +409,24 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
             saturated = float(np.sum(ll_obs) + 0.5 * np.sum(devresid))
             deviance = value
             objective = -2.0 * (-0.5 * value + saturated)
-        vcov_w = self._vcov_working(theta, beta_w, phi)
+        vcov_w = self._vcov_working(theta, beta_w, phi, fam)
         fixed = self.fixed
         return dict(theta=theta, coef=fixed.from_working(beta_w), beta_w=beta_w, u=u,
                     b=self.workspace.lambda_times(theta, u), mu=mu, eta=eta,
                     devresid=devresid, logdet=logdet, deviance=float(deviance),
                     objective=float(objective),
-                    dispersion=float(phi) if disp else None,
+                    dispersion=float(phi) if disp else None, family=fam,
                     sigma=float(math.sqrt(phi)) if disp else None,
                     vcov=fixed.vcov_from_working(vcov_w), xbeta=self.X @ beta_w)
 
     def _hessian_parameters(self, fit):
-        """The point (β̃, θ, [log φ]) of a fit, for the Hessian of the joint objective."""
-        extra = [math.log(fit.dispersion)] if self.has_dispersion else []
+        """The point (β̃, θ, [log φ | log θ_nb]) of a fit, for the Hessian of the joint
+        objective."""
+        extra = []
+        if self.has_dispersion:
+            extra = [math.log(fit.dispersion)]
+        elif self.estimates_family_param:
+            extra = [math.log(fit.family.param)]
         return np.concatenate([fit.beta_w, fit.theta, extra])
 
 
@@ -385,8 +442,8 @@ class GeneralizedLinearMixedModelFit(MixedModelFit):
     is_glmm = True
 
     def __init__(self, model, optimum, optsum, fast=False, stage1=None):
-        self._init_record(model, optimum, optsum, family=model.family, nAGQ=model.nAGQ,
-                          fast=fast, optsum_fast=stage1)
+        self._init_record(model, optimum, optsum, nAGQ=model.nAGQ, fast=fast,
+                          optsum_fast=stage1)
         if optsum is not None and optsum.returnvalue == "MAXEVAL_REACHED":
             warnings.warn("the GLMM optimizer hit its evaluation limit; the fit may not be at the optimum")
 
@@ -406,7 +463,22 @@ class GeneralizedLinearMixedModelFit(MixedModelFit):
 
     @property
     def dof(self):
-        return len(self.coef) + len(self.theta) + (1 if self.dispersion is not None else 0)
+        return len(self.coef) + len(self.theta) + self.model._n_extra
+
+    @property
+    def nb_theta(self):
+        """The negative binomial's θ (size: Var y = μ + μ²/θ), estimated or given; None
+        for other families."""
+        return self.family.param if self.family.name == "NegativeBinomial" else None
+
+    @property
+    def nb_theta_stderror(self):
+        """Standard error of the estimated θ_nb, from the Hessian over log θ_nb (delta
+        method); None when θ_nb was given or the family is another."""
+        if not self.model.estimates_family_param:
+            return None
+        return self._cached("nb_theta_se", lambda: self.nb_theta * math.sqrt(
+            self._hessian_covariance()[-1, -1]))
 
     def fitted(self):
         """μ, the conditional means on the response scale."""
@@ -436,13 +508,24 @@ class GeneralizedLinearMixedModelFit(MixedModelFit):
         return np.sqrt(np.diag(self.vcov_hessian))
 
     def _compute_vcov_hessian(self):
+        cov = self._hessian_covariance()
+        p = len(self.coef)
+        if not np.all(np.isfinite(cov[:p, :p])):
+            return np.full((p, p), np.nan)
+        return self.model.fixed.vcov_from_working(cov[:p, :p])
+
+    def _hessian_covariance(self):
+        """2 H⁻¹ over (β̃, θ, [log φ | log θ_nb]); rows of parameters on their bound NaN."""
+        return self._cached("hessian_covariance", self._compute_hessian_covariance)
+
+    def _compute_hessian_covariance(self):
         model = self.model
         x = model._hessian_parameters(self)
         p = len(self.coef)
+        lower = np.concatenate([np.full(p, -np.inf), model.layout.lower,
+                                [-np.inf] * (len(x) - p - model.layout.ntheta)])
         derivs = getattr(self.optsum, "derivs", None)
         if self.fast or derivs is None or len(derivs.hessian) != len(x):
-            lower = np.concatenate([np.full(p, -np.inf), model.layout.lower,
-                                    [-np.inf] * (len(x) - p - model.layout.ntheta)])
             se = np.sqrt(np.diag(model.fixed.R @ self.vcov @ model.fixed.R.T))
             _, hess = finite_difference_derivatives(model._joint_value, x, lower=lower,
                                                     step=hessian_steps(x, se))
@@ -451,16 +534,15 @@ class GeneralizedLinearMixedModelFit(MixedModelFit):
             hess = derivs.hessian
         # parameters on their bound are held fixed (their one-sided curvature says
         # nothing about β's uncertainty)
-        lower = np.concatenate([np.full(p, -np.inf), model.layout.lower,
-                                [-np.inf] * (len(x) - p - model.layout.ntheta)])
         free = ~(np.isfinite(lower) & (x <= lower))
         h = np.asarray(hess)[np.ix_(free, free)]
+        cov = np.full((len(x), len(x)), np.nan)
         try:
             chol = np.linalg.cholesky(0.5 * (h + h.T))
         except np.linalg.LinAlgError:
             warnings.warn("the Hessian of the objective is not positive definite at the fit: "
                           "no Hessian-based standard errors (they are reported as NaN)")
-            return np.full((p, p), np.nan)
+            return cov
         inv = np.linalg.inv(chol)
-        cov = 2.0 * (inv.T @ inv)       # the objective is -2 log L
-        return model.fixed.vcov_from_working(cov[:p, :p])
+        cov[np.ix_(free, free)] = 2.0 * (inv.T @ inv)       # the objective is -2 log L
+        return cov
