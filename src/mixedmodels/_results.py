@@ -234,6 +234,10 @@ class MixedModelFit:
     def nobs(self):
         return len(self.model.design.y)
 
+    def residuals(self):
+        """Response residuals y - fitted()."""
+        return self.y - self.fitted()
+
     def linpred(self):
         """X β + Z b (+ offset)."""
         # X̃β̃ rather than Xβ: the same numbers, without the cancellation an

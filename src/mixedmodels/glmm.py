@@ -484,9 +484,6 @@ class GeneralizedLinearMixedModelFit(MixedModelFit):
         """μ, the conditional means on the response scale."""
         return np.array(self.mu)
 
-    def residuals(self):
-        return self.y - self.mu
-
     @property
     def y(self):
         return self.model.y

@@ -311,6 +311,3 @@ class LinearMixedModelFit(MixedModelFit):
     def fitted(self):
         """X β + Z b (+ offset)."""
         return self.linpred()
-
-    def residuals(self):
-        return self.y - self.fitted()
