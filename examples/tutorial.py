@@ -66,6 +66,21 @@ def main():
     print(newdata[["children", "urban", "link", "probability"]].to_string(index=False))
     print("\nmm.logistic of the linear predictors:", np.round(mm.logistic(newdata["link"].to_numpy()), 4))
 
+    section("Likelihood-ratio tests")
+    m0 = mm.fit("reaction ~ 1 + days + (1 | subj)", mm.dataset("sleepstudy"))
+    print("Does the slope of days vary between subjects?")
+    print(mm.lrtest(m0, m1))
+    gm0 = mm.fit("use ~ 1 + age + abs2(age) + urban + (1 | dist)", contra,
+                 family=mm.Bernoulli(), nAGQ=9, contrasts=contrasts)
+    print("\nDoes the number of living children matter (gm0 against gm1)?")
+    print(mm.lrtest(gm0, gm1))
+
+    section("Profile-likelihood intervals (95%)")
+    print("sleepstudy")
+    print(m1.confint(method="profile").to_string(float_format=lambda v: f"{v:.4f}"))
+    print("\ngm1")
+    print(gm1.confint(method="profile").to_string(float_format=lambda v: f"{v:.4f}"))
+
 
 if __name__ == "__main__":
     main()
