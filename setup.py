@@ -18,21 +18,25 @@ library_dirs = [d for d in [os.environ.get("SUITESPARSE_LIBRARY_DIR")] if d]
 compile_args = ["-O3"]
 
 
-def ext(name, sources, libraries=()):
+def ext(name, sources, libraries=(), openmp=False):
+    # OpenMP only where CHOLMOD is: the shim switches CHOLMOD's OpenMP regions to one
+    # thread, which needs the same OpenMP runtime CHOLMOD was linked with (libgomp)
+    omp = ["-fopenmp"] if openmp else []
     return Extension(
         name,
         sources,
         include_dirs=include_dirs,
         library_dirs=library_dirs,
         libraries=list(libraries),
-        extra_compile_args=compile_args,
+        extra_compile_args=compile_args + omp,
+        extra_link_args=omp,
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
 
 
 extensions = [
     ext("mixedmodels._linalg._cholmod",
-        ["src/mixedmodels/_linalg/_cholmod.pyx", "csrc/mm_cholmod.c"], ["cholmod"]),
+        ["src/mixedmodels/_linalg/_cholmod.pyx", "csrc/mm_cholmod.c"], ["cholmod"], openmp=True),
     ext("mixedmodels._linalg._blocked", ["src/mixedmodels/_linalg/_blocked.pyx"]),
     ext("mixedmodels._kernels._glm", ["src/mixedmodels/_kernels/_glm.pyx"]),
 ]

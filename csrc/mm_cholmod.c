@@ -154,3 +154,25 @@ int mm_chol_is_super(const mm_chol *h) { return h->L->is_super; }
 double mm_chol_lnz(const mm_chol *h) { return h->c.lnz; }
 double mm_chol_flops(const mm_chol *h) { return h->c.fl; }
 int mm_chol_version(void) { return CHOLMOD_VERSION; }
+
+#ifdef _OPENMP
+#include <omp.h>
+static int mm_saved_levels = -1;
+#endif
+
+int mm_openmp_serial(int serial)
+{
+#ifdef _OPENMP
+    if (serial) {
+        if (mm_saved_levels < 0) mm_saved_levels = omp_get_max_active_levels();
+        omp_set_max_active_levels(0);
+    } else if (mm_saved_levels >= 0) {
+        omp_set_max_active_levels(mm_saved_levels);
+        mm_saved_levels = -1;
+    }
+    return 1;
+#else
+    (void) serial;
+    return 0;
+#endif
+}

@@ -39,4 +39,11 @@ double mm_chol_lnz(const mm_chol *h);
 double mm_chol_flops(const mm_chol *h);   /* floating-point operations of one factorization */
 int mm_chol_version(void);
 
+/* CHOLMOD's own OpenMP loops (in the supernodal numeric factorization) run on a thread
+ * count fixed when SuiteSparse was built (Debian 12: 4), whatever OMP_NUM_THREADS says.
+ * serial != 0 makes every OpenMP region of this process run on one thread (no active
+ * parallel levels); serial == 0 restores the levels in force before. Returns 1 where
+ * this shim was built with OpenMP, 0 where the call can do nothing. */
+int mm_openmp_serial(int serial);
+
 #endif

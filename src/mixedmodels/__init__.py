@@ -11,13 +11,14 @@ from .formula import DummyCoding, EffectsCoding, Grouping, HelmertCoding
 from .glmm import GeneralizedLinearMixedModel, GeneralizedLinearMixedModelFit
 from .lmm import LinearMixedModel, LinearMixedModelFit
 from ._varcorr import VarCorr
+from ._threads import get_num_threads, set_num_threads
 from .inference.bootstrap import bootstrap
 from .inference.lrt import lrtest
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "fit", "lrtest", "bootstrap", "dataset", "datasets", "LinearMixedModel", "LinearMixedModelFit",
+    "fit", "lrtest", "bootstrap", "dataset", "datasets", "set_num_threads", "get_num_threads", "LinearMixedModel", "LinearMixedModelFit",
     "GeneralizedLinearMixedModel", "GeneralizedLinearMixedModelFit", "VarCorr",
     "Bernoulli", "Binomial", "Poisson", "Gamma", "InverseGaussian", "Normal", "NegativeBinomial",
     "LogitLink", "ProbitLink", "CloglogLink", "LogLink", "IdentityLink", "InverseLink",

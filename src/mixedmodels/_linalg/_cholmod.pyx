@@ -26,6 +26,7 @@ cdef extern from "mm_cholmod.h":
     double mm_chol_lnz(const mm_chol *h)
     double mm_chol_flops(const mm_chol *h)
     int mm_chol_version()
+    int mm_openmp_serial(int serial)
 
 _MODES = {"auto": 0, "simplicial": 1, "supernodal": 2}
 
@@ -37,6 +38,14 @@ class CholmodError(RuntimeError):
 def cholmod_version():
     """CHOLMOD's version code as compiled in (major * 1000 + minor)."""
     return mm_chol_version()
+
+
+def openmp_serial(bint serial):
+    """Run CHOLMOD's OpenMP regions on one thread (True) or as built (False).
+
+    Returns False where the shim has no OpenMP to switch (see csrc/mm_cholmod.h).
+    """
+    return bool(mm_openmp_serial(serial))
 
 
 cdef class SparseCholesky:
