@@ -18,7 +18,8 @@ day -1e8). A column whose part orthogonal to the columns before it is below
 import warnings
 
 import numpy as np
-from scipy.linalg import solve_triangular
+
+from ._linalg._blocked import upper_solve
 
 # Below this fraction of its norm orthogonal to the earlier columns, a column's
 # coefficient (and those it is collinear with) loses more than six digits to the
@@ -46,6 +47,7 @@ class FixedEffectsBasis:
         if p == 0:
             self.X = np.zeros((n, 0))
             self.R = np.zeros((0, 0))
+            self.Rinv = np.zeros((0, 0))
             self.logabsdet = 0.0
             return
         q, r = np.linalg.qr(X)
@@ -54,6 +56,15 @@ class FixedEffectsBasis:
         self.X = np.ascontiguousarray(q * (signs * scale))
         self.R = (r * signs[:, None]) / scale
         self.logabsdet = float(np.sum(np.log(np.abs(np.diag(self.R)))))
+        # R̃⁻¹ once, by the plain-loop solve of _blocked: LAPACK's triangular solve
+        # cost milliseconds per call waking the BLAS threads on a busy machine
+        self.Rinv = np.empty((p, p))
+        r = np.ascontiguousarray(self.R)
+        for j in range(p):
+            col = np.zeros(p)
+            col[j] = 1.0
+            upper_solve(r, col)
+            self.Rinv[:, j] = col
         if warn:
             norms = np.linalg.norm(X, axis=0) / scale
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -76,16 +87,11 @@ class FixedEffectsBasis:
 
     def from_working(self, beta_w):
         """β = R̃⁻¹ β̃."""
-        if self.p == 0:
-            return np.zeros(0)
-        return solve_triangular(self.R, np.asarray(beta_w, dtype=np.float64))
+        return self.Rinv @ np.asarray(beta_w, dtype=np.float64)
 
     def vcov_from_working(self, v):
         """R̃⁻¹ V R̃⁻ᵀ: a covariance of β̃ as one of β."""
-        if self.p == 0:
-            return np.zeros((0, 0))
-        left = solve_triangular(self.R, v)
-        return solve_triangular(self.R, left.T).T
+        return self.Rinv @ np.asarray(v, dtype=np.float64) @ self.Rinv.T
 
     def jacobian(self):
         """dβ̃/dβ = R̃ (for transforming derivatives)."""
