@@ -172,11 +172,27 @@ def test_agq_deviance_decreases_to_a_limit_as_points_grow_on_cbpp():
 
 
 def test_nagq_with_two_terms_is_a_value_error():
-    with pytest.raises(ValueError, match="single scalar random-effects term"):
+    with pytest.raises(ValueError, match="single random-effects term.*does not factor"):
         mm.fit("r2 ~ 1 + anger + (1 | subj) + (1 | item)", mm.dataset("verbagg"),
                family=mm.Bernoulli(), nAGQ=5)
-    with pytest.raises(ValueError, match="single scalar random-effects term"):
-        mm.fit("use ~ 1 + age + (1 + age | dist)", mm.dataset("contra"), family="bernoulli", nAGQ=3)
+    contra = mm.dataset("contra").assign(a2=lambda d: d.age ** 2, a3=lambda d: d.age ** 3)
+    with pytest.raises(ValueError, match="at most 3 columns"):
+        mm.fit("use ~ 1 + age + (1 + age + a2 + a3 | dist)", contra, family="bernoulli", nAGQ=3)
+    with pytest.raises(ValueError, match="nAGQ\\^k"):
+        mm.fit("use ~ 1 + age + (1 + age + a2 | dist)", contra, family="bernoulli", nAGQ=30)
+
+
+def test_vector_agq_fits_converge_as_the_rule_grows():
+    """A vector term under quadrature: nAGQ = 1 is the Laplace fit exactly, and the
+    log-likelihood settles as the rule grows (its error falls geometrically)."""
+    contra = mm.dataset("contra")
+    formula = "use ~ 1 + age + urban + (1 + urban | dist)"
+    laplace = mm.fit(formula, contra, family=mm.Bernoulli())
+    one = mm.fit(formula, contra, family=mm.Bernoulli(), nAGQ=1)
+    assert one.objective == laplace.objective
+    objs = [mm.fit(formula, contra, family=mm.Bernoulli(), nAGQ=n).objective for n in (3, 5, 9)]
+    assert abs(objs[2] - objs[1]) < abs(objs[1] - objs[0]) < abs(objs[0] - laplace.objective)
+    assert abs(objs[2] - objs[1]) < 1e-2
 
 
 @pytest.mark.parametrize("case", ["bernoulli", "binomial", "poisson"])

@@ -35,6 +35,7 @@ import warnings
 import numpy as np
 
 from ._agq import agq_deviance
+from ._agq_vector import MAX_COLUMNS, MAX_NODES, agq_vector_deviance
 from ._dispersion import observed_weights, pearson_dispersion
 from ._model import MixedModelSpec
 from .lmm import rx_inverse_crossprod
@@ -79,11 +80,20 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         self.nAGQ = int(nAGQ)
         if self.nAGQ < 1:
             raise ValueError("nAGQ must be a positive integer (use fast=True for lme4's nAGQ=0)")
-        if self.nAGQ > 1 and not (len(self.reterms) == 1 and self.reterms[0].ncols == 1):
-            raise ValueError(
-                f"nAGQ = {self.nAGQ} needs a single scalar random-effects term such as (1 | g); "
-                f"this model has {len(self.reterms)} term(s) with "
-                f"{sum(t.ncols for t in self.reterms)} column(s). Use nAGQ=1 (Laplace).")
+        if self.nAGQ > 1:
+            k = self.reterms[0].ncols
+            if len(self.reterms) != 1 or k > MAX_COLUMNS:
+                raise ValueError(
+                    f"nAGQ = {self.nAGQ} needs a single random-effects term with at most "
+                    f"{MAX_COLUMNS} columns on one grouping factor, such as (1 | g) or "
+                    f"(1 + x | g); this model has {len(self.reterms)} term(s) with "
+                    f"{sum(t.ncols for t in self.reterms)} column(s): with several terms the "
+                    "integral does not factor into one per level. Use nAGQ=1 (Laplace).")
+            if self.nAGQ ** k > MAX_NODES:
+                raise ValueError(
+                    f"nAGQ = {self.nAGQ} with {k} random effects per level is a grid of "
+                    f"{self.nAGQ ** k} nodes per level (the cost grows as nAGQ^k); at most "
+                    f"{MAX_NODES} are allowed: use nAGQ <= {int(MAX_NODES ** (1 / k) + 1e-9)}")
         self.success_level = None
         if d.y_levels is not None:
             if fam.name != "Bernoulli":
@@ -205,7 +215,7 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         if not disp:
             self._last_logdet = 2.0 * logdet
             if nAGQ > 1:
-                val = agq_deviance(self, theta, beta_w, u, nAGQ, working=True, family=fam)
+                val = self._agq(theta, beta_w, u, nAGQ, fam, self.prior_w)
             else:
                 val = dev + u @ u + 2.0 * logdet
             if self._full_loglik:
@@ -232,10 +242,20 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
             # AGQ with weights w/φ gives Σ dev_i/φ + ...; the rest of -2ℓ_i does not
             # depend on μ (it is the saturated part)
             saturated = loglik + 0.5 * float(np.sum(st.devresid))
-            sd = 1.0 / ws.blockdiag_diagonal()
-            val = agq_deviance(self, theta, beta_w, u, nAGQ, working=True, prior_w=pw, sd=sd)
+            # the factor in the workspace is the observed-information one just computed
+            val = self._agq(theta, beta_w, u, nAGQ, fam, pw)
             return val - 2.0 * saturated, u, beta_w
         return -2.0 * loglik + u @ u + 2.0 * logdet_obs, u, beta_w
+
+    def _agq(self, theta, beta_w, u, nAGQ, fam, prior_w):
+        """The quadrature deviance at the modes, with the factor the workspace holds:
+        the compiled scalar rule for one scalar term, the tensor-product rule of
+        _agq_vector.py for a vector term."""
+        if self.reterms[0].ncols == 1:
+            sd = 1.0 / self.workspace.blockdiag_diagonal()
+            return agq_deviance(self, theta, beta_w, u, nAGQ, working=True, prior_w=prior_w,
+                                sd=sd, family=fam)
+        return agq_vector_deviance(self, theta, beta_w, u, nAGQ, family=fam, prior_w=prior_w)
 
     def _deviance(self, theta, beta, vary_beta=False, nAGQ=None, phi=1.0):
         """:meth:`_value` with β in the coefficients' own coordinates."""
