@@ -39,7 +39,9 @@ from ._agq_vector import MAX_COLUMNS, MAX_NODES, agq_vector_deviance
 from ._dispersion import observed_weights, pearson_dispersion
 from ._model import MixedModelSpec
 from .lmm import rx_inverse_crossprod
-from ._optimize import OptSummary, check_optimum, hessian_steps, minimize, rectify
+from ._gradient import laplace_value_and_gradient
+from ._optimize import (OptSummary, check_optimum, check_optimum_with_gradient, hessian_steps,
+                        minimize, minimize_with_gradient, rectify)
 from ._derivs import finite_difference_derivatives
 from ._pirls import PirlsState, pirls
 from ._results import MixedModelFit
@@ -320,7 +322,24 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         except (np.linalg.LinAlgError, ValueError, OverflowError):
             return math.inf
 
-    def fit(self, fast=False, progress=False, check_convergence=True):
+    @property
+    def has_gradient(self):
+        """Whether the exact gradient of the objective is available (_gradient.py): the
+        Laplace approximation (nAGQ = 1) for Bernoulli, Binomial and Poisson with their
+        canonical links. Elsewhere PIRLS's Fisher scoring converges only linearly and
+        the modes carry more noise than a gradient search tolerates."""
+        fam = self.family
+        return (self.nAGQ == 1 and not self._full_loglik and fam.canonical_link
+                and fam.name in ("Bernoulli", "Binomial", "Poisson"))
+
+    def _joint_value_and_grad(self, x):
+        beta_w, theta, _, fam = self._split(x, True)
+        try:
+            return laplace_value_and_gradient(self, theta, beta_w, family=fam)
+        except np.linalg.LinAlgError:
+            return math.inf, np.zeros_like(x)
+
+    def fit(self, fast=False, progress=False, check_convergence=True, optimizer="auto"):
         """Fit by maximizing the (approximate) likelihood.
 
         Parameters
@@ -333,13 +352,31 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
             Gradient and Hessian of the objective over the optimized parameters at the
             optimum (lme4's ``check.conv``); stored on ``optsum.derivs``, warnings when
             they fail. The joint fit's Hessian also gives ``vcov_hessian``.
+        optimizer : {"auto", "lbfgs", "bobyqa"}
+            The joint stage's search over (β, θ): L-BFGS-B with the exact gradient of
+            the Laplace deviance (``has_gradient``; "auto" takes it where available), or
+            NLopt's derivative-free BOBYQA. With the gradient the search is one stage from
+            the GLM's β and Λ = I; BOBYQA first moves θ alone with β from PIRLS (the
+            ``fast`` fit, ``optsum_fast``), then β and θ together. ``optsum.optimizer``
+            records which ran.
 
         Returns
         -------
         GeneralizedLinearMixedModelFit
         """
+        if optimizer not in ("auto", "lbfgs", "bobyqa"):
+            raise ValueError(f"optimizer must be 'auto', 'lbfgs' or 'bobyqa', not {optimizer!r}")
+        if optimizer == "lbfgs" and not self.has_gradient:
+            raise ValueError("the exact gradient needs nAGQ = 1 and a Bernoulli, Binomial or "
+                             "Poisson family with its canonical link; use optimizer='bobyqa'")
+        use_gradient = optimizer == "lbfgs" or (optimizer == "auto" and self.has_gradient)
         layout, p, disp = self.layout, self.p, self.has_dispersion
         self._u = None
+        if use_gradient and not fast:
+            fit = self._fit_with_gradient(progress, check_convergence)
+            if fit is not None:
+                return fit
+            self._u = None
         beta_fast = {"beta": self.beta0.copy()}
         extra = [math.log(self.phi0)] if self._n_extra else []
         bounded = np.flatnonzero(np.isfinite(layout.lower))
@@ -384,15 +421,43 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
                           initial_step=np.concatenate([np.where(se > 0, 0.25 * se, 0.1),
                                                        np.full(ntheta, 0.05),
                                                        [0.05] * len(extra)]))
-        minimize(self._joint_value, opt2, progress=progress)
+        if use_gradient:
+            minimize_with_gradient(self._joint_value_and_grad, opt2, progress=progress)
+        else:
+            minimize(self._joint_value, opt2, progress=progress)
         rectify(self._joint_value, opt2, p + bounded)
         if check_convergence:
             beta_w, theta, phi, fam = self._split(opt2.final, True)
             se = np.sqrt(np.diag(self._vcov_working(theta, beta_w, phi, fam)))
-            check_optimum(self._joint_value, opt2, step=hessian_steps(opt2.final, se))
+            steps = hessian_steps(opt2.final, se)
+            if use_gradient:
+                check_optimum_with_gradient(self._joint_value_and_grad, opt2, step=steps)
+            else:
+                check_optimum(self._joint_value, opt2, step=steps)
         beta_w, theta, phi, fam = self._split(opt2.final, True)
         return GeneralizedLinearMixedModelFit(self, self._optimum(theta, beta_w, phi, fam),
                                               opt2, fast=False, stage1=opt1)
+
+    def _fit_with_gradient(self, progress, check_convergence):
+        """One stage: L-BFGS-B over (β̃, θ) with the exact gradient, from the GLM's β and
+        Λ = I, as glmm does. Measured on verbagg, contra, cbpp and grouseticks: the same
+        optima as the two-stage BOBYQA search to 1e-11 in 17-29 evaluations instead of
+        110-165. None when L-BFGS-B does not report success (the caller falls back)."""
+        layout, p = self.layout, self.p
+        lower = np.concatenate([np.full(p, -np.inf), layout.lower])
+        opt = OptSummary(initial=np.concatenate([self.beta0, layout.initial()]), lowerbd=lower)
+        minimize_with_gradient(self._joint_value_and_grad, opt, progress=progress)
+        if opt.returnvalue != "SUCCESS" or not np.isfinite(opt.fmin):
+            return None
+        rectify(self._joint_value, opt, p + np.flatnonzero(np.isfinite(layout.lower)))
+        if check_convergence:
+            beta_w, theta, phi, fam = self._split(opt.final, True)
+            se = np.sqrt(np.diag(self._vcov_working(theta, beta_w, phi, fam)))
+            check_optimum_with_gradient(self._joint_value_and_grad, opt,
+                                        step=hessian_steps(opt.final, se))
+        beta_w, theta, phi, fam = self._split(opt.final, True)
+        return GeneralizedLinearMixedModelFit(self, self._optimum(theta, beta_w, phi, fam),
+                                              opt, fast=False)
 
     def _vcov_working(self, theta, beta_w, phi=1.0, family=None):
         """(X̃'W X̃ - ...)⁻¹ at the modes: the covariance of β̃ given θ (and φ), with the
