@@ -76,3 +76,12 @@ def fit(formula, data, family=None, *, REML=False, weights=None, offset=None, co
     model = LinearMixedModel(formula, data, REML=REML, weights=weights, offset=offset,
                              contrasts=contrasts, na_action=na_action)
     return model.fit(progress=progress)
+
+
+def __getattr__(name):
+    # mm.plots without importing matplotlib at import time (it is an optional extra)
+    if name == "plots":
+        import importlib
+
+        return importlib.import_module(".plots", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

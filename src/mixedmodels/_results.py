@@ -234,9 +234,50 @@ class MixedModelFit:
     def nobs(self):
         return len(self.model.design.y)
 
-    def residuals(self):
-        """Response residuals y - fitted()."""
-        return self.y - self.fitted()
+    def residuals(self, kind="response"):
+        """Residuals of the fit, on one of four scales.
+
+        Parameters
+        ----------
+        kind : {"response", "pearson", "deviance", "working"}
+            - ``"response"``: y - μ, with μ = ``fitted()`` (the conditional mean).
+            - ``"pearson"``: (y - μ) √(w / (φ V(μ))) with prior (precision) weights w,
+              the family's variance function V and dispersion φ: an LMM's is
+              (y - μ) √w / σ; Bernoulli, binomial and Poisson fits have φ = 1 (lme4's
+              Pearson residuals); Gamma, inverse Gaussian and Normal-with-a-link fits
+              divide by σ = √φ, which lme4 leaves out.
+            - ``"deviance"``: sign(y - μ) √d with d the observation's contribution to
+              the family deviance (prior weights in, φ not: ``devresid`` of a GLMM fit;
+              w (y - μ)² for an LMM), as lme4 and R's ``glm`` give them.
+            - ``"working"``: (y - μ) dη/dμ, the residual of PIRLS's working response
+              (the response residual for an LMM).
+
+        Returns
+        -------
+        numpy.ndarray
+            One value per observation used in the fit.
+        """
+        if kind not in ("response", "pearson", "deviance", "working"):
+            raise ValueError('kind must be "response", "pearson", "deviance" or "working", '
+                             f"not {kind!r}")
+        mu = np.asarray(self.fitted(), dtype=float)
+        r = np.asarray(self.y, dtype=float) - mu
+        if kind == "response":
+            return r
+        if not self.is_glmm:
+            if kind == "working":
+                return r
+            w = self.model.design.weights
+            if w is not None:
+                r = r * np.sqrt(np.asarray(w, dtype=float))
+            return r / self.sigma if kind == "pearson" else r
+        fam = self.family
+        if kind == "working":
+            return r / fam.link.mu_eta(np.asarray(self.eta, dtype=float))
+        if kind == "deviance":
+            return np.sign(r) * np.sqrt(np.maximum(np.asarray(self.devresid, dtype=float), 0.0))
+        phi = 1.0 if self.dispersion is None else float(self.dispersion)
+        return r * np.sqrt(np.asarray(self.model.prior_w, dtype=float) / (phi * fam.variance(mu)))
 
     def linpred(self):
         """X β + Z b (+ offset)."""
@@ -321,6 +362,68 @@ class MixedModelFit:
         """θ on its boundary: a diagonal entry of some Λ template is (near) zero."""
         lower = self.model.layout.lower
         return bool(np.any(self.theta[np.isfinite(lower)] < 1e-4))
+
+    # -- tables for notebooks and reports ------------------------------------------------
+    def tidy(self, effects=("fixed", "ran_pars"), conf_int=False, conf_level=0.95,
+             conf_method="wald", **kwargs):
+        """One row per parameter, in broom.mixed's layout (see _tidy.py for its rules).
+
+        Parameters
+        ----------
+        effects : str or sequence of {"fixed", "ran_pars", "ran_vals"}
+            Default ("fixed", "ran_pars").
+        conf_int : bool
+            Add ``conf_low`` and ``conf_high``.
+        conf_level : float
+        conf_method : {"wald", "profile", "bootstrap"}
+        **kwargs
+            ``ddf`` ("satterthwaite" or "kenward-roger", LMMs: t tests with a ``df``
+            column); the rest go to :meth:`confint` (``n``, ``seed`` for the bootstrap).
+
+        Returns
+        -------
+        pandas.DataFrame
+            Columns ``effect``, ``group``, [``level``,] ``term``, ``estimate``,
+            ``std_error``, ``statistic``, [``df``,] ``p_value``[, ``conf_low``,
+            ``conf_high``].
+        """
+        from ._tidy import tidy
+        return tidy(self, effects=effects, conf_int=conf_int, conf_level=conf_level,
+                    conf_method=conf_method, **kwargs)
+
+    def to_markdown(self, table="compact", digits=4):
+        """A table of the fit as Markdown, in MixedModels.jl's layout.
+
+        Parameters
+        ----------
+        table : {"compact", "coeftable", "varcorr"}
+            "compact" (the notebook display): Est., SE, z, p and σ per grouping factor,
+            as :meth:`format_compact_table`; "coeftable": Coef., Std. Error, z,
+            Pr(>|z|) as ``print(fit)``; "varcorr": the variance components.
+        digits : int
+            Decimals of the compact table (as :meth:`format_compact_table`).
+
+        Every number is shown as the printed table shows it.
+        """
+        from ._display import fit_table
+        return fit_table(self, table, digits).to_markdown()
+
+    def to_html(self, table="compact", digits=4):
+        """A table of the fit as HTML (see :meth:`to_markdown`); captioned with the model."""
+        from ._display import fit_table
+        return fit_table(self, table, digits).to_html()
+
+    def to_latex(self, table="compact", digits=4):
+        """A table of the fit as a LaTeX ``tabular``, to paste into a paper (see
+        :meth:`to_markdown`; no LaTeX packages needed)."""
+        from ._display import fit_table
+        return fit_table(self, table, digits).to_latex()
+
+    def _repr_markdown_(self):
+        return self.to_markdown()
+
+    def _repr_html_(self):
+        return self.to_html()
 
     def __repr__(self):
         return format_model(self)

@@ -39,7 +39,9 @@ from ._varcorr import alignment, compact, fixed
 
 __all__ = [
     "coeftable",
+    "coeftable_cells",
     "compact_table",
+    "compact_table_cells",
     "format_coeftable",
     "format_compact_table",
     "format_model",
@@ -187,6 +189,22 @@ def format_coeftable(model) -> str:
 
         Rows of dropped (aliased) coefficients are left blank.  No trailing newline.
     """
+    header, cells = coeftable_cells(model)
+    return "\n".join(_aligned_table(header, cells))
+
+
+def coeftable_cells(model):
+    """The cells of :func:`format_coeftable`, as printed.
+
+    Returns
+    -------
+    header : list of str
+        ``["", "Coef.", "Std. Error", "z", "Pr(>|z|)"]``.
+    rows : list of list of (str, str)
+        Per coefficient ``(text, kind)`` pairs, kind ``"num"`` (aligned on the decimal
+        point) or ``"text"``; the text of every number is the one printed. Dropped
+        (aliased) coefficients have empty cells.
+    """
     table = coeftable(model)
     cells = []
     for name, row in table.iterrows():
@@ -200,7 +218,7 @@ def format_coeftable(model) -> str:
             (fixed(row["z"], 2), "num"),
             (format_pvalue(row["Pr(>|z|)"]), "text"),
         ])
-    return "\n".join(_aligned_table([""] + _COEF_COLUMNS, cells))
+    return [""] + _COEF_COLUMNS, cells
 
 
 # ------------------------------------------------------------------------------------
@@ -278,6 +296,25 @@ def format_compact_table(model, digits: int = 4) -> str:
         Name column left-aligned, the others right-aligned, two spaces between
         columns, blank where a cell does not apply.  No trailing newline.
     """
+    header, body = compact_table_cells(model, digits)
+    widths = [max(len(r[j]) for r in [header] + body) for j in range(len(header))]
+    lines = []
+    for r in [header] + body:
+        cells = [r[0].ljust(widths[0])] + [r[j].rjust(widths[j]) for j in range(1, len(r))]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def compact_table_cells(model, digits: int = 4):
+    """The cells of :func:`format_compact_table`, as printed.
+
+    Returns
+    -------
+    header : list of str
+        ``""`` (the row names), then the columns of :func:`compact_table`.
+    rows : list of list of str
+        The row name, then each cell as printed (``""`` where a cell does not apply).
+    """
     tab = compact_table(model)
     header = [""] + list(tab.columns)
     body = []
@@ -294,12 +331,7 @@ def format_compact_table(model, digits: int = 4) -> str:
             else:
                 row.append(fixed(v, digits))
         body.append(row)
-    widths = [max(len(r[j]) for r in [header] + body) for j in range(len(header))]
-    lines = []
-    for r in [header] + body:
-        cells = [r[0].ljust(widths[0])] + [r[j].rjust(widths[j]) for j in range(1, len(r))]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
+    return header, body
 
 
 # ------------------------------------------------------------------------------------

@@ -252,17 +252,13 @@ class VarCorr:
         str
             The lines of the table, without a trailing newline.
         """
-        names = [t.group for t in self._terms]
-        cols = [c for t in self._terms for c in t.cnames]
-        sds = [float(s) for t in self._terms for s in t.stddevs]
-        if self._sigma is not None:
-            names.append("Residual")
-            sds.append(self._sigma)
-        if not sds:
+        rows = self.cells()
+        if not rows:
             return "Variance components:\n(no random effects)"
-        digits = print_digits(sds)
-        show_sd = [fixed(s, digits) for s in sds]
-        show_var = [fixed(s * s, digits) for s in sds]
+        names = [r[0] for r in rows]
+        cols = [r[1] for r in rows]
+        show_var = [r[2] for r in rows]
+        show_sd = [r[3] for r in rows]
 
         nmwd = max(len(n) for n in names) + 1
         cnmwd = max([len(c) for c in cols] + [len("Column")]) + 1
@@ -274,28 +270,70 @@ class VarCorr:
         head = (" " * nmwd + _cpad("Column", cnmwd) + _cpad("Variance", varwd)
                 + _cpad("Std.Dev.", stdwd) + ("  Corr." if any_corr else ""))
         lines.append(head.rstrip())
+        for name, col, var, sd, cors in rows:
+            line = name.ljust(nmwd) + col.ljust(cnmwd) + var.rjust(varwd) + sd.rjust(stdwd)
+            for c in cors:
+                line += "   .  " if c == "." else c.rjust(6)
+            lines.append(line.rstrip())
+        return "\n".join(lines)
+
+    def cells(self) -> list:
+        """The rows of the printed table, each number as :meth:`format` prints it.
+
+        Returns
+        -------
+        list of tuple
+            ``(group, column, variance, std_dev, correlations)`` per random-effects
+            column (the group name on a term's first row only), then
+            ``("Residual", "", variance, std_dev, [])`` when there is a residual.
+            ``correlations`` lists the row's correlations with the term's earlier
+            columns (``"+0.08"``; ``"."`` where a ``zerocorr`` term holds them at 0).
+            Empty when there are no random effects.
+        """
+        sds = [float(s) for t in self._terms for s in t.stddevs]
+        if self._sigma is not None:
+            sds.append(self._sigma)
+        if not sds:
+            return []
+        digits = print_digits(sds)
+        show_sd = [fixed(s, digits) for s in sds]
+        show_var = [fixed(s * s, digits) for s in sds]
+        rows = []
         ind = 0
         for t in self._terms:
             cor = t.correlation
             for j, c in enumerate(t.cnames):
-                lead = t.group if j == 0 else ""
-                line = (lead.ljust(nmwd) + c.ljust(cnmwd)
-                        + show_var[ind].rjust(varwd) + show_sd[ind].rjust(stdwd))
-                for l in range(j):
-                    if t.zerocorr:
-                        line += "   .  "
-                    else:
-                        line += _signed2(cor[j, l]).rjust(6)
-                lines.append(line.rstrip())
+                cors = ["." if t.zerocorr else _signed2(cor[j, i]) for i in range(j)]
+                rows.append((t.group if j == 0 else "", c, show_var[ind], show_sd[ind], cors))
                 ind += 1
         if self._sigma is not None:
-            line = ("Residual".ljust(nmwd) + " " * cnmwd
-                    + show_var[ind].rjust(varwd) + show_sd[ind].rjust(stdwd))
-            lines.append(line.rstrip())
-        return "\n".join(lines)
+            rows.append(("Residual", "", show_var[ind], show_sd[ind], []))
+        return rows
+
+    # -- notebook and report display (layouts in _display.py) ---------------------------
+    def to_markdown(self) -> str:
+        """The table as Markdown, in MixedModels.jl's layout (numbers as printed)."""
+        from ._display import varcorr_table
+
+        return varcorr_table(self).to_markdown()
+
+    def to_html(self) -> str:
+        """The table as an HTML ``<table>`` (numbers as printed)."""
+        from ._display import varcorr_table
+
+        return varcorr_table(self).to_html()
+
+    def to_latex(self) -> str:
+        """The table as a LaTeX ``tabular`` (numbers as printed)."""
+        from ._display import varcorr_table
+
+        return varcorr_table(self).to_latex()
+
+    def _repr_markdown_(self) -> str:
+        return self.to_markdown()
 
     def _repr_html_(self) -> str:
-        return self.to_frame().to_html(index=False, na_rep="")
+        return self.to_html()
 
 
 # ------------------------------------------------------------------------------------

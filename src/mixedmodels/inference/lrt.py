@@ -94,17 +94,9 @@ class LikelihoodRatioTest:
     def __str__(self):
         lines = ["Model Formulae"]
         lines += [f"{i}: {f}" for i, f in enumerate(self.formulas, start=1)]
-        header = ["", "model-dof", "REML crit" if self.REML else "-2 logLik", "χ²", "χ²-dof",
-                  "P(>χ²)"]
-        rows = [header]
-        for i in range(len(self.fits)):
-            row = [f"[{i + 1}]", str(self.npar[i]), f"{self.deviance[i]:.4f}"]
-            if i == 0:
-                row += ["", "", ""]
-            else:
-                row += [f"{self.chisq[i - 1]:.4f}", str(self.df[i - 1]),
-                        format_pvalue(self.pvalues[i - 1])]
-            rows.append(row)
+        header, body = self.cells()
+        header = [""] + header[1:]
+        rows = [header] + [[f"[{i + 1}]"] + r[1:] for i, r in enumerate(body)]
         widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
         rule = "─" * (sum(widths) + 2 * (len(widths) - 1))
         body = ["  ".join(cell.rjust(w) if c else cell.ljust(w)
@@ -117,6 +109,56 @@ class LikelihoodRatioTest:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+    # -- notebook and report display (layouts in _display.py) -----------------------------
+    def cells(self):
+        """The printed table's cells, each number as printed.
+
+        Returns
+        -------
+        header : list of str
+            ``["", "model-dof", "-2 logLik" (or "REML crit"), "χ²", "χ²-dof", "P(>χ²)"]``.
+        rows : list of list of str
+            Per fit, smallest first: its formula, then the cells (the test columns of
+            the first fit empty).
+        """
+        header = ["", "model-dof", "REML crit" if self.REML else "-2 logLik", "χ²", "χ²-dof",
+                  "P(>χ²)"]
+        rows = []
+        for i in range(len(self.fits)):
+            row = [self.formulas[i], str(self.npar[i]), f"{self.deviance[i]:.4f}"]
+            if i == 0:
+                row += ["", "", ""]
+            else:
+                row += [f"{self.chisq[i - 1]:.4f}", str(self.df[i - 1]),
+                        format_pvalue(self.pvalues[i - 1])]
+            rows.append(row)
+        return header, rows
+
+    def to_markdown(self):
+        """The table as Markdown, in MixedModels.jl's layout (a row per formula; the
+        numbers as printed), then the notes."""
+        from .._display import lrt_table
+
+        return lrt_table(self).to_markdown()
+
+    def to_html(self):
+        """The table as an HTML ``<table>`` (numbers as printed), then the notes."""
+        from .._display import lrt_table
+
+        return lrt_table(self).to_html()
+
+    def to_latex(self):
+        """The table as a LaTeX ``tabular`` (numbers as printed; the notes are left out)."""
+        from .._display import lrt_table
+
+        return lrt_table(self).to_latex()
+
+    def _repr_markdown_(self):
+        return self.to_markdown()
+
+    def _repr_html_(self):
+        return self.to_html()
 
 
 def format_pvalue(p):

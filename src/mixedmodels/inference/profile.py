@@ -981,7 +981,7 @@ class Profile:
                             index=pd.Index(self.names, name="parameter"))
 
 
-def profile(fit, which=None, level=0.95, *, step=0.5, max_points=60):
+def profile(fit, which=None, level=0.95, *, step=0.5, max_points=60, progress=None):
     """Profile the likelihood of a fitted model over its parameters.
 
     Parameters
@@ -1001,6 +1001,10 @@ def profile(fit, which=None, level=0.95, *, step=0.5, max_points=60):
         The spacing of the evaluated points, in ζ.
     max_points : int, default 60
         The most points one side of one walk adds at a time.
+    progress : bool or None, default None
+        A progress bar on stderr, one step per side of each parameter's walk: True
+        shows it, False never; None shows it only in an interactive session (a
+        terminal or a notebook) once the profile has taken half a second.
 
     Returns
     -------
@@ -1044,9 +1048,29 @@ def profile(fit, which=None, level=0.95, *, step=0.5, max_points=60):
     estimates = pd.Series(core.estimates, index=var_names + coef_names)
     pr = Profile(fit, walks, estimates, core.base, level, ml_refit, step, max_points)
     try:
+        _walk_all(pr, level, progress)
         pr.confint(level)
     finally:
         if fit.is_glmm:
             # PIRLS's warm start belongs to the specification: leave it as fit() does
             fit.model._u = None
     return pr
+
+
+def _walk_all(pr, level, progress):
+    """Walk every profile to the level's cut-off, lower sides first and then the upper
+    ones (the order ``Profile.confint`` takes them in), one progress step per side."""
+    from .._progress import progress_bar
+
+    bar = progress_bar(progress, total=2 * len(pr.names), desc="profile", unit="side")
+    if bar is None:
+        return
+    z = float(norm.ppf(0.5 + level / 2.0))
+    try:
+        for sign in (-1.0, 1.0):
+            for name in pr.names:
+                bar.set_postfix_str(name, refresh=False)
+                pr._crossing(name, sign * z)
+                bar.update(1)
+    finally:
+        bar.close()
