@@ -4,6 +4,7 @@ import json
 import pickle
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import mixedmodels as mm
@@ -72,3 +73,20 @@ def test_negative_binomial_fits_pickle_and_simulate(nbfit):
     sd2 = sum(s[0] ** 2 for s in nbfit.reterm_sds)
     expected = np.exp(eta_fixed + sd2 / 2).mean()
     assert sims.mean() == pytest.approx(expected, rel=0.05)
+
+
+def test_offsets_and_weights_work_as_the_likelihood_says(grouse, nbfit):
+    # a constant offset c moves only the intercept, by -c (algebra)
+    shifted = mm.fit(REF["formula"], grouse, family=mm.NegativeBinomial(),
+                     offset=np.full(len(grouse), 0.7))
+    assert shifted.objective == pytest.approx(nbfit.objective, abs=1e-6)
+    assert shifted.coef[0] == pytest.approx(nbfit.coef[0] - 0.7, abs=1e-5)
+    np.testing.assert_allclose(shifted.coef[1:], nbfit.coef[1:], rtol=1e-5)
+    # prior weight 2 on every row is each row counted twice in the log-likelihood:
+    # the same fit as the data with every row duplicated (same groups)
+    doubled = mm.fit(REF["formula"], grouse, family=mm.NegativeBinomial(),
+                     weights=np.full(len(grouse), 2.0))
+    twice = mm.fit(REF["formula"], pd.concat([grouse, grouse], ignore_index=True),
+                   family=mm.NegativeBinomial())
+    assert doubled.objective == pytest.approx(twice.objective, rel=1e-9)
+    np.testing.assert_allclose(doubled.coef, twice.coef, rtol=1e-5)
