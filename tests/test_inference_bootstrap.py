@@ -5,8 +5,8 @@ Every tolerance here is a Monte Carlo one, stated where it is used: k standard e
 the quantity's Monte Carlo distribution, with k chosen so that the chance of a false
 alarm over all the comparisons of a test (Bonferroni) is below about 1e-3. The
 expected values come from algebra (moments of the fitted model), from
-tests/reference/lme4_inference.json, or from lme4's own bootstrap (LME4_BOOT below,
-with the R script that made it).
+tests/reference/lme4_inference.json, or from lme4's own bootstrap (LME4_BOOT below, read
+from tests/reference/lme4_bootstrap.json, which tests/reference/lme4_bootstrap.R makes).
 """
 import json
 import math
@@ -318,31 +318,13 @@ def test_shortest_and_percentile_intervals_on_known_values():
 
 # -- bootstrap: 1,000 sleepstudy replicates against lme4 ------------------------------
 
-# lme4 1.1-31's bootMer of sleepstudy_ml (10,000 replicates; R 4.2.2, data from
-# src/mixedmodels/datasets/data/sleepstudy.csv.gz): the 2.5% and 97.5%
-# quantiles (R's type 7, numpy's default), their Monte Carlo s.e.
-# √(p(1-p)/N)·(Q(p+.01) - Q(p-.01))/.02, and the replicates' mean and s.d.:
-#
-#   fit <- lmer(reaction ~ 1 + days + (1 + days | subj), sleepstudy, REML = FALSE,
-#               control = lmerControl(optimizer = "bobyqa", calc.derivs = FALSE))
-#   fun <- function(m) { vc <- VarCorr(m)$subj; s <- attr(vc, "stddev")
-#     c(s[1], attr(vc, "correlation")[2, 1], s[2], sigma(m), fixef(m)) }
-#   bm <- bootMer(fit, fun, nsim = 10000, seed = 20240601)
-#   # per column x (finite values): quantile(x, p, type = 7), the s.e. above, mean, sd
-LME4_BOOT = {
-    "sd_(Intercept)|subj": {"lower": 10.61332418, "upper": 33.17665186, "se_lower": 0.17295366,
-        "se_upper": 0.16150264, "mean": 22.14079062, "sd": 5.73981262, "n": 10000},
-    "cor_days.(Intercept)|subj": {"lower": -0.48465141, "upper": 1, "se_lower": 0.00657025,
-        "se_upper": 0.00198551, "mean": 0.16281982, "sd": 0.37216115, "n": 10000},
-    "sd_days|subj": {"lower": 3.03006415, "upper": 7.76169942, "se_lower": 0.03072059,
-        "se_upper": 0.0379434, "mean": 5.39099013, "sd": 1.20965383, "n": 10000},
-    "sigma": {"lower": 22.7050173, "upper": 28.55457192, "se_lower": 0.04249508,
-        "se_upper": 0.04410219, "mean": 25.55936706, "sd": 1.4816259, "n": 10000},
-    "(Intercept)": {"lower": 238.41959223, "upper": 264.24055719, "se_lower": 0.19196718,
-        "se_upper": 0.17561032, "mean": 251.37528095, "sd": 6.60410539, "n": 10000},
-    "days": {"lower": 7.47219917, "upper": 13.43960106, "se_lower": 0.03876786,
-        "se_upper": 0.04235142, "mean": 10.47005635, "sd": 1.52894275, "n": 10000},
-}
+# lme4 1.1-31's bootMer of sleepstudy_ml (10,000 replicates, seed 20240601; R 4.2.2, data
+# from src/mixedmodels/datasets/data/sleepstudy.csv.gz), made by
+# tests/reference/lme4_bootstrap.R (`Rscript tests/reference/lme4_bootstrap.R` from the
+# repository root writes tests/reference/lme4_bootstrap.json): per column, the 2.5% and
+# 97.5% quantiles (R's type 7, numpy's default), their Monte Carlo s.e.
+# √(p(1-p)/N)·(Q(p+.01) - Q(p-.01))/.02, and the replicates' mean and s.d.
+LME4_BOOT = json.loads((LOCAL_REFERENCE / "lme4_bootstrap.json").read_text())["columns"]
 
 
 @pytest.fixture(scope="module")
