@@ -34,3 +34,35 @@ def lme4_ref():
 def jl_ref():
     d = json.loads((_reference_dir() / "mixedmodels_jl.json").read_text())
     return {m["name"]: m for m in d["models"]}
+
+
+# -- the models of lme4_inference.json, fitted once per session -------------------------
+CODINGS = {"DummyCoding": "DummyCoding", "EffectsCoding": "EffectsCoding",
+           "HelmertCoding": "HelmertCoding"}
+_INFERENCE = {}
+_INFERENCE_FITS = {}
+
+
+def inference_reference():
+    """lme4_inference.json (lme4 1.1-31, lmerTest, pbkrtest): ``models`` by name and the
+    ``comparisons``."""
+    if not _INFERENCE:
+        d = json.loads((_reference_dir() / "lme4_inference.json").read_text())
+        _INFERENCE["models"] = {m["name"]: m for m in d["models"]}
+        _INFERENCE["comparisons"] = {c["name"]: c for c in d["comparisons"]}
+    return _INFERENCE
+
+
+def fit_inference_model(name):
+    """Our fit of one ``models`` entry of lme4_inference.json (bundled data, the entry's
+    family, REML, weights, offset and MixedModels.jl contrast codings), cached."""
+    if name not in _INFERENCE_FITS:
+        import mixedmodels as mm
+
+        m = inference_reference()["models"][name]
+        family = None if m["family"] == "gaussian" else m["family"]
+        contrasts = {k: getattr(mm, CODINGS[v])() for k, v in (m["contrasts_py"] or {}).items()}
+        _INFERENCE_FITS[name] = mm.fit(m["formula"], mm.dataset(m["data"]), family=family,
+                                       REML=m["REML"], weights=m["weights"],
+                                       offset=m["offset"], contrasts=contrasts or None)
+    return _INFERENCE_FITS[name]

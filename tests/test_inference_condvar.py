@@ -13,11 +13,16 @@ nearly zero is not held to a relative precision its size cannot carry.
 """
 import json
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import KERNEL, LOCAL_REFERENCE, OPTIMUM, _reference_dir
+from conftest import (
+    KERNEL,
+    LOCAL_REFERENCE,
+    OPTIMUM,
+    _reference_dir,
+    fit_inference_model,
+)
 from scipy.linalg import block_diag
 
 import mixedmodels as mm
@@ -29,25 +34,12 @@ INFERENCE = json.loads((_reference_dir() / "lme4_inference.json").read_text())
 MODELS = {m["name"]: m for m in INFERENCE["models"]}
 WITH_CONDVAR = [name for name, m in MODELS.items() if "condvar" in m]
 JL = {m["name"]: m for m in json.loads((_reference_dir() / "mixedmodels_jl.json").read_text())["models"]}
-DATA_DIRS = [LOCAL_REFERENCE / "data", Path(__file__).resolve().parents[2] / "shared" / "data"]
-EXTRA_CATEGORICAL = {"chickweight": ["chick", "diet"], "ergostool": ["subject", "type"]}
 
 
-def load_data(name):
-    """A reference data set (all of them are bundled with the package)."""
-    return mm.dataset(name)
-
-
-_FITS = {}
 
 
 def fit_reference(name):
-    if name not in _FITS:
-        m = MODELS[name]
-        family = None if m["family"] == "gaussian" else m["family"]
-        _FITS[name] = mm.fit(m["formula"], load_data(m["data"]), family=family, REML=m["REML"],
-                             weights=m["weights"])
-    return _FITS[name]
+    return fit_inference_model(name)
 
 
 def reference_blocks(entry):

@@ -7,12 +7,11 @@ objectives at the two optima; log L by half that).
 """
 import json
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import LOCAL_REFERENCE, OBJECTIVE_ABS, _reference_dir
+from conftest import OBJECTIVE_ABS, _reference_dir, fit_inference_model
 
 import mixedmodels as mm
 from mixedmodels.inference.lrt import LikelihoodRatioTest, format_pvalue, lrtest
@@ -23,30 +22,12 @@ P_REL = 1e-3
 INFERENCE = json.loads((_reference_dir() / "lme4_inference.json").read_text())
 MODELS = {m["name"]: m for m in INFERENCE["models"]}
 COMPARISONS = {c["name"]: c for c in INFERENCE["comparisons"]}
-CODINGS = {"HelmertCoding": mm.HelmertCoding, "DummyCoding": mm.DummyCoding,
-           "EffectsCoding": mm.EffectsCoding}
-# data sets the package does not bundle: the tests' copy, else the project's shared one
-DATA_DIRS = [LOCAL_REFERENCE / "data", Path(__file__).resolve().parents[2] / "shared" / "data"]
-EXTRA_CATEGORICAL = {"chickweight": ["chick", "diet"], "ergostool": ["subject", "type"]}
 
 
-def load_data(name):
-    """A reference data set (all of them are bundled with the package)."""
-    return mm.dataset(name)
-
-
-_FITS = {}
 
 
 def fit_reference(name):
-    """The fit of one ``models`` entry (cached for the module)."""
-    if name not in _FITS:
-        m = MODELS[name]
-        family = None if m["family"] == "gaussian" else m["family"]
-        contrasts = {k: CODINGS[v]() for k, v in (m["contrasts_py"] or {}).items()}
-        _FITS[name] = mm.fit(m["formula"], load_data(m["data"]), family=family, REML=m["REML"],
-                             weights=m["weights"], contrasts=contrasts or None)
-    return _FITS[name]
+    return fit_inference_model(name)
 
 
 def _as_list(x):

@@ -20,12 +20,11 @@ import math
 import pickle
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import LOCAL_REFERENCE, OPTIMUM, _reference_dir
+from conftest import OPTIMUM, _reference_dir, fit_inference_model
 from scipy.optimize import brentq, minimize
 from scipy.stats import norm
 
@@ -40,11 +39,6 @@ Z95 = norm.ppf(0.975)
 
 INFERENCE = json.loads((_reference_dir() / "lme4_inference.json").read_text())
 MODELS = {m["name"]: m for m in INFERENCE["models"]}
-CODINGS = {"HelmertCoding": mm.HelmertCoding, "DummyCoding": mm.DummyCoding,
-           "EffectsCoding": mm.EffectsCoding}
-# data sets the package does not bundle: the tests' copy, else the project's shared one
-DATA_DIRS = [LOCAL_REFERENCE / "data", Path(__file__).resolve().parents[2] / "shared" / "data"]
-EXTRA_CATEGORICAL = {"chickweight": ["chick", "diet"], "ergostool": ["subject", "type"]}
 # lme4 names the grouping factor of (1 | batch/cask) "cask:batch"; this package "batch & cask"
 GROUP_NAMES = {"cask:batch": "batch & cask"}
 
@@ -52,24 +46,10 @@ PROFILED = [n for n, m in MODELS.items() if "profile_ci" in m]
 WALD = [n for n, m in MODELS.items() if "wald_ci" in m]
 
 
-def load_data(name):
-    """A reference data set (all of them are bundled with the package)."""
-    return mm.dataset(name)
-
-
-_FITS = {}
 
 
 def fit_reference(name):
-    """The fit of one ``models`` entry (cached for the module)."""
-    if name not in _FITS:
-        m = MODELS[name]
-        family = None if m["family"] == "gaussian" else m["family"]
-        contrasts = {k: CODINGS[v]() for k, v in (m["contrasts_py"] or {}).items()}
-        _FITS[name] = mm.fit(m["formula"], load_data(m["data"]), family=family, REML=m["REML"],
-                             weights=m["weights"], offset=m["offset"],
-                             contrasts=contrasts or None)
-    return _FITS[name]
+    return fit_inference_model(name)
 
 
 _PROFILES = {}
@@ -143,7 +123,7 @@ def test_dyestuff2_sigma_is_the_iid_normal_profile():
     # the batch sd stays at its bound 0 along σ's profile (the fit is singular and the
     # batches vary less than the residuals say they should), so the interval is that
     # of the iid normal model
-    y = load_data("dyestuff2")["yield"].to_numpy(dtype=float)
+    y = mm.dataset("dyestuff2")["yield"].to_numpy(dtype=float)
     lo, hi = iid_sigma_interval(y, Z95)
     ci = profile_reference("dyestuff2_ml").confint(0.95)
     assert ci.loc["sigma", "lower"] == pytest.approx(lo, rel=1e-6)
@@ -167,7 +147,7 @@ def test_reml_fits_are_profiled_through_their_ml_refit():
     # lme4's profile() refits a REML fit by ML first; so does ours, on the same workspace
     pr = profile_reference("pastes_reml")
     assert pr.ml_refit
-    ml = mm.fit(MODELS["pastes_reml"]["formula"], load_data("pastes"))
+    ml = mm.fit(MODELS["pastes_reml"]["formula"], mm.dataset("pastes"))
     var_names, _ = parameter_names(ml)
     sds = np.concatenate([np.atleast_1d(s) for s in ml.reterm_sds])
     np.testing.assert_allclose(pr.estimates[var_names[:-1]], sds, rtol=OPTIMUM, atol=1e-8)
@@ -339,7 +319,7 @@ def test_bad_requests_are_refused():
         confint(fit, "wald", level=1.5)
     with pytest.raises(ValueError, match="level"):
         profile(fit, level=0.0)
-    fast = mm.fit(MODELS["cbpp_binomial"]["formula"], load_data("cbpp"), family="binomial",
+    fast = mm.fit(MODELS["cbpp_binomial"]["formula"], mm.dataset("cbpp"), family="binomial",
                   weights="hsz", fast=True)
     with pytest.raises(ValueError, match="fast"):
         profile(fast)
