@@ -14,6 +14,7 @@ from ._varcorr import VarCorr
 from ._threads import get_num_threads, set_num_threads
 from .inference.bootstrap import bootstrap
 from .inference.lrt import lrtest
+from . import scale        # out-of-core fits; Dask itself is imported only when used
 
 __version__ = "0.1.0"
 
@@ -60,7 +61,25 @@ def fit(formula, data, family=None, *, REML=False, weights=None, offset=None, co
     Returns
     -------
     LinearMixedModelFit or GeneralizedLinearMixedModelFit
+
+    Notes
+    -----
+    ``data`` may be a Dask DataFrame (the ``dask`` extra): a linear mixed model is then
+    fitted out of core, from cross-products computed partition by partition
+    (:mod:`mixedmodels.scale`); weights and offset must be column names.
     """
+    if scale.is_dask_frame(data):
+        from .families import get_family
+
+        fam = None if family is None else get_family(family)
+        if fam is not None and not (fam.name == "Normal" and fam.link.name == "identity"):
+            raise NotImplementedError(
+                "out-of-core fits of a Dask DataFrame are linear mixed models; a GLMM needs a "
+                "pass over the rows per PIRLS iteration (see the README, 'Larger than memory')")
+        if nAGQ != 1 or fast:
+            raise ValueError("nAGQ and fast apply to generalized linear mixed models")
+        return scale.fit_dask(formula, data, REML=REML, weights=weights, offset=offset,
+                              contrasts=contrasts, na_action=na_action, progress=progress)
     if family is not None:
         from .families import get_family
 

@@ -234,7 +234,11 @@ class LinearMixedModel(MixedModelSpec):
         return dict(theta=theta, objective=float(val), logdet=2.0 * logdet, pwrss=float(pwrss),
                     coef=fixed.from_working(beta_w), sigma=sigma,
                     vcov=sigma ** 2 * fixed.vcov_from_working(rx_inverse_crossprod(r, p)),
-                    u=u, b=ws.lambda_times(theta, u), xbeta=self.X @ beta_w)
+                    u=u, b=ws.lambda_times(theta, u), xbeta=self._fixed_part(beta_w))
+
+    def _fixed_part(self, beta_w):
+        """X̃β̃ for every row (the fit's ``xbeta``); an out-of-core model has no rows."""
+        return self.X @ beta_w
 
 
 def _relative_covariance(term, r):

@@ -143,3 +143,168 @@ def _csc_lower(blocks, kk, uoff, nvals):
     indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     indices = rows[keep[order]].astype(np.int32)
     return indptr, indices, pos
+
+
+# -- the level-only structure (out-of-core fitting) ----------------------------------------
+@dataclass(frozen=True)
+class BlockStructure:
+    """The block structure of Z'WZ from levels alone: which level pairs share a row.
+
+    Everything :class:`BlockPattern` holds except the per-row data (``zcat``, ``codes``,
+    ``rowoff``): the per-θ code (``ThetaFactorizer``, the CHOLMOD pattern) needs only
+    this, and an out-of-core fit never holds the rows. Blocks are laid out exactly as
+    :func:`build_pattern` lays them out for the same level pairs (pairs of terms in the
+    same order, the blocks of a term pair in increasing key order), so the values
+    array, the CSC pattern and CHOLMOD's ordering are the in-memory ones.
+
+    Attributes
+    ----------
+    kk, nlev, uoff, zoff, pair_tr, pair_tc, blk_off, blk_tr, blk_tc, blk_diag, nvals,
+    indptr, indices, pos : as in :class:`BlockPattern`
+    pair_keys : list of int64 arrays
+        Per term pair, the sorted keys ``level_r * nlev[tc] + level_c`` of its blocks;
+        None for a diagonal pair (every level of the term is a block).
+    pair_start : int64 array
+        Offset in ``avals`` of each term pair's first block.
+    """
+
+    kk: np.ndarray
+    nlev: np.ndarray
+    uoff: np.ndarray
+    zoff: np.ndarray
+    pair_tr: np.ndarray
+    pair_tc: np.ndarray
+    pair_keys: list
+    pair_start: np.ndarray
+    blk_off: np.ndarray
+    blk_tr: np.ndarray
+    blk_tc: np.ndarray
+    blk_diag: np.ndarray
+    nvals: int
+    indptr: np.ndarray | None
+    indices: np.ndarray | None
+    pos: np.ndarray | None
+
+    q = BlockPattern.q
+    nterm = BlockPattern.nterm
+    blockdiagonal = BlockPattern.blockdiagonal
+
+    def for_rows(self):
+        """This structure without the per-block arrays and the CSC pattern: what a chunk of
+        rows needs to find its blocks (``row_offsets``, ``nvals``, ``q``), to ship to
+        workers (the per-block arrays are several times the size of the level pairs)."""
+        import dataclasses
+
+        return dataclasses.replace(self, blk_off=None, blk_tr=None, blk_tc=None, blk_diag=None,
+                                   indptr=None, indices=None, pos=None)
+
+    def row_offsets(self, codes):
+        """``rowoff`` for a chunk of rows: where each row adds to each term pair's blocks.
+
+        Parameters
+        ----------
+        codes : (nterm, n) int array
+            The chunk's level codes, in term order (global levels).
+
+        Returns
+        -------
+        (npair, n) int64 array, C-contiguous (what ``accumulate_blocks`` reads).
+
+        Raises
+        ------
+        ValueError
+            When a row pairs two levels this structure has no block for (the chunk is
+            not part of the data the structure was learned from).
+        """
+        codes = np.asarray(codes)
+        n = codes.shape[1]
+        out = np.empty((len(self.pair_tr), n), dtype=np.int64)
+        for p, (tr, tc) in enumerate(zip(self.pair_tr.tolist(), self.pair_tc.tolist())):
+            size = int(self.kk[tr]) * int(self.kk[tc])
+            if tr == tc:
+                out[p] = self.pair_start[p] + codes[tr].astype(np.int64) * size
+                continue
+            keys = self.pair_keys[p]
+            key = codes[tr].astype(np.int64) * int(self.nlev[tc]) + codes[tc]
+            idx = np.searchsorted(keys, key)
+            if n and (idx.max() >= len(keys) or not np.array_equal(keys[idx], key)):
+                raise ValueError("rows pair levels that the block structure has no block for; "
+                                 "it was learned from other data")
+            out[p] = self.pair_start[p] + idx * size
+        return out
+
+
+def pair_keys_of(codes, nlevels):
+    """The sorted distinct level-pair keys of every off-diagonal term pair in a chunk.
+
+    Parameters
+    ----------
+    codes : (nterm, n) int array, in term order
+    nlevels : per term
+
+    Returns
+    -------
+    dict (tr, tc) -> int64 array of ``level_r * nlevels[tc] + level_c``, for tr > tc:
+    what :func:`build_structure` needs, and what chunks unite by ``numpy.union1d``.
+    """
+    codes = np.asarray(codes)
+    out = {}
+    for tr in range(codes.shape[0]):
+        for tc in range(tr):
+            key = codes[tr].astype(np.int64) * int(nlevels[tc]) + codes[tc]
+            out[(tr, tc)] = np.unique(key)
+    return out
+
+
+def build_structure(kk, nlevels, pair_keys):
+    """The level-only block structure from the level pairs that share a row.
+
+    Parameters
+    ----------
+    kk, nlevels : per term (in term order), columns and levels
+    pair_keys : dict (tr, tc) -> sorted int64 keys, for every tr > tc
+        (:func:`pair_keys_of`, united over all chunks of the data)
+
+    Returns
+    -------
+    BlockStructure
+        The same blocks, values layout and CSC pattern as :func:`build_pattern` gives
+        for rows with these level pairs.
+    """
+    kk = np.asarray(kk, dtype=np.int32)
+    nlev = np.asarray(nlevels, dtype=np.int32)
+    nterm = len(kk)
+    uoff = np.concatenate([[0], np.cumsum(kk.astype(np.int64) * nlev)[:-1]]).astype(np.int64)
+    zoff = np.concatenate([[0], np.cumsum(kk)[:-1]]).astype(np.int32)
+    pairs, keys_out, starts, blocks = [], [], [], []
+    nvals = 0
+    for tr in range(nterm):
+        for tc in range(tr + 1):
+            if tr == tc:
+                lr = lc = np.arange(nlev[tr], dtype=np.int64)
+                keys = None
+            else:
+                keys = np.asarray(pair_keys[(tr, tc)], dtype=np.int64)
+                lr, lc = keys // nlev[tc], keys % nlev[tc]
+            size = int(kk[tr]) * int(kk[tc])
+            offsets = nvals + np.arange(len(lr), dtype=np.int64) * size
+            pairs.append((tr, tc))
+            keys_out.append(keys)
+            starts.append(nvals)
+            blocks.append((tr, tc, lr, lc, offsets))
+            nvals += len(lr) * size
+    blk_off = np.concatenate([b[4] for b in blocks])
+    blk_tr = np.concatenate([np.full(len(b[2]), b[0], np.int32) for b in blocks])
+    blk_tc = np.concatenate([np.full(len(b[2]), b[1], np.int32) for b in blocks])
+    indptr = indices = pos = None
+    if nterm > 1:
+        indptr, indices, pos = _csc_lower(blocks, kk, uoff, nvals)
+    return BlockStructure(
+        kk=kk, nlev=nlev, uoff=uoff, zoff=zoff,
+        pair_tr=np.array([p[0] for p in pairs], np.int32),
+        pair_tc=np.array([p[1] for p in pairs], np.int32),
+        pair_keys=keys_out, pair_start=np.array(starts, dtype=np.int64),
+        blk_off=blk_off, blk_tr=blk_tr, blk_tc=blk_tc,
+        blk_diag=(blk_tr == blk_tc).astype(np.int8),
+        nvals=int(nvals), indptr=indptr, indices=indices, pos=pos,
+    )

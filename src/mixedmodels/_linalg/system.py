@@ -113,7 +113,28 @@ class BlockedSystem:
     """
 
     def __init__(self, codes, z, nlevels, zerocorr):
-        self.pattern = pat = build_pattern(codes, z, nlevels)
+        self._setup(build_pattern(codes, z, nlevels), zerocorr)
+
+    @classmethod
+    def from_structure(cls, structure, zerocorr):
+        """A workspace over a level-only block structure, with no rows behind it.
+
+        Parameters
+        ----------
+        structure : _pattern.BlockStructure
+            Which level pairs share a row (learned chunk by chunk: see mixedmodels.scale).
+        zerocorr : per term, whether its Λ block is diagonal
+
+        Its cross-products come whole from :meth:`set_crossproducts` (sums over chunks
+        of rows); everything per θ is the in-memory workspace's own code. What needs the
+        rows (:meth:`set_products`, :meth:`linear_predictor`) raises.
+        """
+        self = cls.__new__(cls)
+        self._setup(structure, zerocorr)
+        return self
+
+    def _setup(self, pat, zerocorr):
+        self.pattern = pat
         self.layout = ThetaLayout(pat.kk, zerocorr)
         self.q = pat.q
         self.avals = np.zeros(pat.nvals)
@@ -139,6 +160,9 @@ class BlockedSystem:
     def set_products(self, xy, weights=None):
         """Accumulate Z'WZ, Z'W[X y] and [X y]'W[X y] for the columns ``xy`` (n-by-m)."""
         pat = self.pattern
+        if not hasattr(pat, "zcat"):
+            raise ValueError("this workspace was built from a block structure without rows; "
+                             "give it its cross-products with set_crossproducts")
         xy = np.ascontiguousarray(xy, dtype=np.float64)
         w = self._empty if weights is None else np.ascontiguousarray(weights, dtype=np.float64)
         _blocked.accumulate_blocks(pat.zcat, pat.rowoff, pat.pair_tr, pat.pair_tc,
@@ -152,6 +176,38 @@ class BlockedSystem:
             self._theta_step.bind_products(self.ztxy, self.rzxy, self.xtxy, self._r)
         _blocked.accumulate_zt(pat.zcat, pat.codes, pat.uoff, pat.zoff, pat.kk, w, xy, self.ztxy)
         _blocked.weighted_crossprod(xy, w, self.xtxy)
+
+    def set_crossproducts(self, avals, ztxy, xtxy):
+        """Take the cross-products whole: sums over chunks of rows, made elsewhere.
+
+        Parameters
+        ----------
+        avals : (nvals,) float64
+            The blocks of Z'WZ in the structure's layout (what ``accumulate_blocks``
+            writes for the rows).
+        ztxy : (q, m) float64
+            Z'W[X y].
+        xtxy : (m, m) float64
+            [X y]'W[X y].
+        """
+        avals = np.asarray(avals, dtype=np.float64)
+        if avals.shape != self.avals.shape:
+            raise ValueError(f"avals has {avals.size} values; the structure has {self.avals.size}")
+        ztxy = np.asarray(ztxy, dtype=np.float64)
+        m = ztxy.shape[1]
+        if ztxy.shape[0] != self.q or np.shape(xtxy) != (m, m):
+            raise ValueError(f"ztxy must be ({self.q}, m) and xtxy (m, m); got "
+                             f"{ztxy.shape} and {np.shape(xtxy)}")
+        # in place: the factorizer holds views of these arrays
+        self.avals[:] = avals
+        if self.ztxy is None or self.ztxy.shape[1] != m:
+            self.ztxy = np.zeros((self.q, m), order="F")
+            self.rzxy = np.zeros((self.q, m), order="F")
+            self._r = np.zeros((m, m))
+            self.xtxy = np.zeros((m, m))
+            self._theta_step.bind_products(self.ztxy, self.rzxy, self.xtxy, self._r)
+        self.ztxy[:, :] = ztxy
+        self.xtxy[:, :] = xtxy
 
     # -- factorization at θ -----------------------------------------------------------
     def factorize(self, theta, schur=True):
@@ -253,6 +309,8 @@ class BlockedSystem:
     def linear_predictor(self, theta, u, base, out):
         """out <- base + Z Λ u."""
         pat = self.pattern
+        if not hasattr(pat, "zcat"):
+            raise ValueError("this workspace was built from a block structure without rows")
         b = self.lambda_times(theta, u)
         _blocked.z_times(pat.zcat, pat.codes, pat.uoff, pat.zoff, pat.kk, b, base, out)
         return out

@@ -30,6 +30,7 @@ import contextlib
 import copy
 import math
 import os
+import threading
 import uuid
 import warnings
 from collections import Counter
@@ -44,7 +45,7 @@ class BootstrapWarning(UserWarning):
     """Some bootstrap refits failed, or warned (the warnings are counted, not shown)."""
 
 
-def bootstrap(fit, n, seed=None, n_jobs=1, progress=False):
+def bootstrap(fit, n, seed=None, n_jobs=1, progress=False, client=None):
     """The parametric bootstrap of a fitted mixed model.
 
     Parameters
@@ -63,6 +64,11 @@ def bootstrap(fit, n, seed=None, n_jobs=1, progress=False):
         1 refits in this process.
     progress : bool, default False
         Show a tqdm progress bar.
+    client : dask.distributed.Client, optional
+        Refit on the client's workers instead: the fit is sent to every worker once
+        (``client.scatter(..., broadcast=True)``) and each task refits a batch of
+        replicates on a private copy of the model kept per worker thread. The table is
+        the one a local run gives for the same seed. Leave ``n_jobs`` at 1.
 
     Returns
     -------
@@ -98,10 +104,15 @@ def bootstrap(fit, n, seed=None, n_jobs=1, progress=False):
         raise ValueError("n must be at least 1")
     streams, entropy = replicate_streams(seed, n)
     jobs = _effective_jobs(n_jobs, n)
+    if client is not None and jobs != 1:
+        raise ValueError("give n_jobs (local worker processes) or client (Dask workers), "
+                         "not both")
     names = _Names(fit)
     bar = _progress_bar(n, progress)
     try:
-        if jobs == 1:
+        if client is not None:
+            chunks = _run_dask(fit, streams, client, bar)
+        elif jobs == 1:
             worker = _Worker(fit)
             tick = bar.update if bar is not None else None
             with worker.blas_limit():
@@ -435,6 +446,59 @@ def _run_parallel(fit, streams, jobs, bar):
         out.append(res)
         if bar is not None:
             bar.update(res[0].shape[0])
+    return out
+
+
+# -- running on Dask workers ----------------------------------------------------------------
+
+# (run key, thread) -> _Worker: a Dask worker runs tasks in several threads of one process
+# (and a LocalCluster with processes=False runs them in the client's), so each thread
+# refits on its own copy of the model
+_DASK_WORKERS = {}
+_DASK_LOCK = threading.Lock()
+
+
+def _dask_chunk(fit, key, indices, streams):
+    """A Dask task: refit a batch of replicates on this thread's copy of the model."""
+    ident = (key, threading.get_ident())
+    with _DASK_LOCK:
+        for other in [k for k in _DASK_WORKERS if k[0] != key]:
+            del _DASK_WORKERS[other]        # copies left by earlier runs
+        worker = _DASK_WORKERS.get(ident)
+    if worker is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            worker = _Worker(fit)
+        with _DASK_LOCK:
+            _DASK_WORKERS[ident] = worker
+    with worker.blas_limit():
+        return worker.run(indices, streams)
+
+
+def _run_dask(fit, streams, client, bar):
+    try:
+        from distributed import as_completed
+    except ImportError as exc:   # pragma: no cover - a client implies distributed
+        raise ImportError('client= needs the dask extra: pip install "mixedmodels[dask]"') from exc
+    Simulator(fit)            # its warnings once, here, and its errors before any task
+    n = len(streams)
+    threads = max(1, sum(client.nthreads().values()))
+    size = max(1, min(250, math.ceil(n / (4 * threads))))
+    key = uuid.uuid4().hex
+    [shipped] = client.scatter([fit], broadcast=True, hash=False)
+    batches = _chunks(n, size)
+    futures = [client.submit(_dask_chunk, shipped, key, idx, [streams[i] for i in idx],
+                             pure=False) for idx in batches]
+    where = {f.key: j for j, f in enumerate(futures)}
+    out = [None] * len(futures)
+    try:
+        for future in as_completed(futures):
+            res = future.result()
+            out[where[future.key]] = res
+            if bar is not None:
+                bar.update(res[0].shape[0])
+    finally:
+        client.cancel(futures + [shipped])
     return out
 
 
