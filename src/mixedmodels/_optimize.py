@@ -206,6 +206,11 @@ def check_optimum_with_gradient(value_and_grad, optsum, warn=True, step=None):
     record = ConvergenceCheck.from_derivatives(grad, hess, nfeval=nfeval + 1, boundary=boundary)
     optsum.derivs = record
     _newton_polish(lambda v: value_and_grad(v)[0], optsum, record, boundary, lower)
+    if optsum.polished and not record.converged:
+        grad = np.asarray(value_and_grad(optsum.final)[1], dtype=float)
+        record = ConvergenceCheck.from_derivatives(grad, hess, nfeval=record.nfeval + 1,
+                                                   boundary=boundary)
+        optsum.derivs = record
     if warn:
         for msg in record.messages:
             warnings.warn(msg, ConvergenceWarning, stacklevel=3)
@@ -288,6 +293,25 @@ def _newton_polish(objective, optsum, record, boundary, lower):
         optsum.polished = True
 
 
+def _central_gradient(objective, x, step, lower):
+    """Central differences (forward, second order, within h of a lower bound)."""
+    x = np.asarray(x, dtype=float)
+    f0 = None
+    grad = np.empty(len(x))
+    for i in range(len(x)):
+        e = np.zeros(len(x))
+        e[i] = step[i]
+        if np.isfinite(lower[i]) and x[i] - step[i] < lower[i]:
+            if f0 is None:
+                f0 = float(objective(x))
+            f1, f2 = float(objective(x + e)), float(objective(x + 2 * e))
+            grad[i] = (-3 * f0 + 4 * f1 - f2) / (2 * step[i])
+        else:
+            grad[i] = (float(objective(x + e)) - float(objective(x - e))) / (2 * step[i])
+    objective(x)        # leave the model's state at the optimum
+    return grad
+
+
 def check_optimum(objective, optsum, warn=True, step=None):
     """lme4's ``check.conv``: derivatives of the objective at the optimum, and warnings.
 
@@ -308,6 +332,14 @@ def check_optimum(objective, optsum, warn=True, step=None):
                                 step=step)
     optsum.derivs = record
     _newton_polish(objective, optsum, record, boundary, lower)
+    if optsum.polished and not record.converged:
+        # the warning must speak of the point the fit reports: take the gradient again
+        # there (2n values) and judge it with the Hessian already in hand
+        grad = _central_gradient(objective, optsum.final, step, lower)
+        record = ConvergenceCheck.from_derivatives(grad, record.hessian,
+                                                   nfeval=record.nfeval + 2 * len(grad),
+                                                   boundary=boundary)
+        optsum.derivs = record
     if warn:
         for msg in record.messages:
             warnings.warn(msg, ConvergenceWarning, stacklevel=3)
