@@ -600,7 +600,7 @@ class Family:
                            else np.ascontiguousarray(prior_w, dtype=np.float64),
                            mu, mu_eta, wrkwt, wrkresid, devresid, self.param)
 
-    def loglik(self, y, mu, prior_w=None, phi=1.0, out=None):
+    def loglik(self, y, mu, prior_w=None, phi=1.0, out=None, eta=None):
         """Per-observation log densities (or log probabilities).
 
         Parameters
@@ -613,6 +613,9 @@ class Family:
             The dispersion φ (ignored by families without one); must be > 0.
         out : ndarray of float64, shape (n,), optional
             Where to write the result (C-contiguous, writable).
+        eta : array_like, shape (n,), optional
+            The linear predictor; Bernoulli and Binomial then compute their log
+            probabilities from η (accurate in the tails) and ignore ``mu``.
 
         Returns
         -------
@@ -645,7 +648,13 @@ class Family:
              else np.ascontiguousarray(prior_w, dtype=np.float64))
         if out is None:
             out = np.empty_like(y)
-        _glm.loglik(self.code, y, mu, w, float(phi), out, self.param)
+        if eta is None:
+            _glm.loglik(self.code, y, mu, w, float(phi), out, self.param)
+        else:
+            # Bernoulli and Binomial take log μ and log(1 - μ) from η itself: from μ they
+            # lose every digit where μ rounds to 1
+            _glm.loglik(self.code, y, mu, w, float(phi), out, self.param, self.link.code,
+                        np.ascontiguousarray(eta, dtype=np.float64))
         return out
 
 

@@ -489,7 +489,7 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
             objective = value
             deviance = value
         else:
-            ll_obs = fam.loglik(self.y, mu, self.prior_w, 1.0)
+            ll_obs = fam.loglik(self.y, mu, self.prior_w, 1.0, eta=eta)
             # the saturated part, constant in μ: lme4's logLik is the full family log density
             saturated = float(np.sum(ll_obs) + 0.5 * np.sum(devresid))
             deviance = value

@@ -9,7 +9,8 @@ prior weight w_i,
     mu_eta   = d mu / d eta                      (|mu_eta| floored at DBL_EPSILON)
     wrkwt    = w * mu_eta^2 / V(mu)
     wrkresid = (y - mu) / mu_eta
-    devresid = w * unit deviance(y, mu)          (0 log 0 taken as 0)
+    devresid = w * unit deviance(y, mu)          (0 log 0 taken as 0; Bernoulli and
+                                                  Binomial: from eta, see below)
 
 ``update`` does this in a single pass over typed memoryviews without the GIL, writing
 into five caller-allocated arrays, and returns the deviance (the sum of ``devresid``).
@@ -38,19 +39,46 @@ dispatch still costing ~10% on the cheapest pair (Bernoulli-logit, 39 vs 35 ms p
 (Bernoulli-logit, Binomial-logit, Poisson-log, and negative binomial-log, the default
 of that family), which lets the C compiler fold the dispatch away there (measured:
 within noise of the hand-specialised loop), and with the runtime codes for every other
-pair. Costs are then dominated by exp/log/erfc.
+pair. Costs are then dominated by exp/log/erfc. Whether the deviance is taken from eta
+(Bernoulli and Binomial under logit, probit, cloglog; see below) is a third literal
+argument, decided once per call, so that the runtime-code copy the continuous families
+run carries none of the binary families' code (with it inside, the cheapest of those
+pairs measured up to ~25% slower).
 
-Clamps. The logarithms in the deviance must stay finite however far a trial eta strays
-during step-halving, so after the inverse link mu is clamped into the family's domain:
-[eps, 1 - eps] for Bernoulli and Binomial, [eps, inf) for Poisson, negative binomial,
-Gamma and inverse Gaussian, with eps = DBL_EPSILON; Normal is not clamped. For the logit
-link the clamp acts only for |eta| > 36. |mu_eta| is floored at DBL_EPSILON (sign kept)
-so that the working residual stays finite where the inverse link is flat
+Binary log probabilities from eta. mu is stored, not 1 - mu, so near 1 it is rounded
+(relative error of 1 - mu about 1e-16 / (1 - mu)): log(1 - mu) taken from it would be
+off by 7e-8 at logit eta = 20, 2e-3 at 30 and 0.1 at 35, and then capped by the clamp
+at log(eps) = -36 where the truth falls like -eta. So for Bernoulli and Binomial with
+the logit, probit and cloglog links the deviance and the log density take log(mu) and
+log(1 - mu) straight from eta, in forms that keep their relative precision in both
+tails (_binary_nlogp: softplus with the |eta| split for logit, log Phi through erfc
+and its asymptotic series for probit, -exp(eta) for cloglog), reusing the exponential
+or erfc the inverse link has just computed, so that the logit pair still costs one exp
+and one log per row, and probit one erfc. The Binomial's y log(y/mu) + (1-y)
+log((1-y)/(1-mu)) is y log y + (1-y) log(1-y) - [y log mu + (1-y) log(1-mu)], except
+for a proportion strictly inside (0, 1) under the logit link, where the ratios y/mu
+and (1-y)/(1-mu) are formed from exp(-|eta|) directly (two logarithms, as before). The
+other links of these families (identity, log, inverse, sqrt, inverse square: no tail
+along which mu creeps to 1, only the edge of the link's domain) keep the mu-based
+forms. ``loglik`` receives mu, not eta: it takes the log probabilities from eta only
+when given ``eta`` and ``link``.
+
+Clamps. After the inverse link mu is clamped into the family's domain: [eps, 1 - eps]
+for Bernoulli and Binomial, [eps, inf) for Poisson, negative binomial, Gamma and inverse
+Gaussian, with eps = DBL_EPSILON; Normal is not clamped. The clamped mu is what is
+stored and what the working weights and residuals are computed from (V(mu) = mu(1 - mu)
+must stay positive); the logarithms of the Poisson, negative binomial, Gamma and inverse
+Gaussian deviances, and of the binary families under the links that take no tail forms,
+are taken from it too, and so stay finite however far a trial eta strays during
+step-halving. The binary deviances under logit, probit and cloglog do not read the
+clamped mu: they stay finite by their own construction (logit: 2|eta| for large |eta|;
+probit: eta^2 for large |eta|, with |eta| floored at 1e150 inside the series; cloglog: y
+= 0 rows at 2 exp(eta), with eta capped at 700, so 2.0e304 at most). For the logit link
+the clamp acts only for |eta| > 36. |mu_eta| is floored at DBL_EPSILON (sign kept) so
+that the working residual stays finite where the inverse link is flat
 (logit/probit/cloglog tails, log link for eta < -36, sqrt link at eta = 0). An eta
 outside the link's domain (eta <= 0 for the inverse-square link) gives NaN, which the
 caller must treat as an invalid step.
-Note that mu is stored, not 1 - mu: where mu is within ~1e-13 of 1 the deviance of an
-observation with y = 0 carries the relative rounding error of 1 - mu, as in R.
 
 The NumPy twin of every kernel is in ``_glm_numpy.py``; tests/test_families.py holds the
 two together at 1e-10 for every family x link pair, and
@@ -109,22 +137,41 @@ cdef double HALF_LOG_2PI = 0.9189385332046728   # log(2 pi) / 2
 # Below this argument lgamma's Stirling remainder is computed from lgamma itself; above
 # it from its asymptotic series, whose first omitted term is then < 2.3e-16.
 cdef double STIRLING_SERIES_FROM = 15.0
+# log Phi(x) from its asymptotic series below this x (erfc's value there, ~5e-198, is
+# still far from the subnormal range it reaches near x = -37.5); x^2 is kept finite by
+# flooring x at -PROBIT_X_FLOOR.
+cdef double PROBIT_SERIES_BELOW = -30.0
+cdef double PROBIT_X_FLOOR = 1e150
+# cloglog: log mu = eta - exp(eta)/2 below this eta; log(1 - mu) = -exp(eta) is held at
+# its value at this cap above it (-1.0e304; exp overflows from eta = 709.8 on).
+cdef double CLOGLOG_SERIES_BELOW = -30.0
+cdef double CLOGLOG_ETA_CAP = 700.0
 
 
-cdef inline double _linkinv(int link, double eta, double* mu_eta) noexcept nogil:
-    """mu = g^{-1}(eta); writes d mu / d eta (unclamped) into mu_eta."""
+cdef inline double _linkinv(int link, double eta, double* mu_eta,
+                            double* aux) noexcept nogil:
+    """mu = g^{-1}(eta); writes d mu / d eta (unclamped) into mu_eta, and into aux what
+    the binary log probabilities reuse (see _binary_nlogp): exp(-|eta|) for logit, the
+    smaller tail Phi(-|eta|) for probit, exp(eta) for cloglog; aux is not written for
+    the other links."""
     cdef double e, t
     if link == LNK_LOGIT:
         # e = exp(-|eta|) <= 1 never overflows
         e = exp(-fabs(eta))
+        aux[0] = e
         t = 1.0 + e
         mu_eta[0] = e / (t * t)
         return 1.0 / t if eta >= 0.0 else e / t
     elif link == LNK_PROBIT:
         mu_eta[0] = INV_SQRT_2PI * exp(-0.5 * eta * eta)
-        return 0.5 * erfc(-eta * M_SQRT1_2)
+        # one erfc, for the smaller tail, which keeps its relative precision (aux); mu =
+        # 1 - t above 0 is within an eps or so, as erfc(-eta/sqrt 2)/2 was
+        t = 0.5 * erfc(fabs(eta) * M_SQRT1_2)
+        aux[0] = t
+        return t if eta <= 0.0 else 1.0 - t
     elif link == LNK_CLOGLOG:
         e = exp(eta)
+        aux[0] = e
         mu_eta[0] = exp(eta - e)
         return -expm1(-e)
     elif link == LNK_LOG:
@@ -184,6 +231,107 @@ cdef inline double _bernoulli_logp(double y, double mu) noexcept nogil:
     return t
 
 
+cdef inline bint _tail_link(int link) noexcept nogil:
+    """The links whose binary log probabilities are taken from eta (_binary_nlogp)."""
+    return link == LNK_LOGIT or link == LNK_PROBIT or link == LNK_CLOGLOG
+
+
+cdef inline double _log_ndtr_lower(double x, double p) noexcept nogil:
+    """log Phi(x) for x <= 0, given p = Phi(x) (computed through erfc, to full relative
+    precision until it nears the subnormal range at x = -37.5)."""
+    cdef double t
+    if x >= PROBIT_SERIES_BELOW:
+        return log(p)
+    # Phi(x) = phi(x) / (-x) * (1 - t + 3t^2 - 15t^3 + ...), t = 1/x^2 <= 1/900, whose
+    # terms (2k-1)!! t^k are below 1e-19 after the eighth; x is floored so that x^2
+    # stays finite (the value is then -5e299 instead of the true -x^2/2).
+    if x < -PROBIT_X_FLOOR:
+        x = -PROBIT_X_FLOOR
+    t = 1.0 / (x * x)
+    t = t * (-1.0 + t * (3.0 + t * (-15.0 + t * (105.0 + t * (-945.0 + t * (10395.0
+            + t * (-135135.0 + t * 2027025.0)))))))
+    return -0.5 * x * x - log(-x) - HALF_LOG_2PI + log1p(t)
+
+
+cdef inline double _logit_nlogp(double a, double b, double eta, double e) noexcept nogil:
+    """_binary_nlogp of the logit link; e = exp(-|eta|)."""
+    # a (L + max(-eta, 0)) + b (L + max(eta, 0)), L = log1p(e): one of the maxima is 0
+    # and the other |eta|, so this is (a + b) L + (b if eta > 0 else a) |eta|, written
+    # with selects rather than branches on a and b (which follow y, unpredictably); a
+    # zero factor contributes 0 even at an infinite eta
+    cdef double x = b if eta > 0.0 else a
+    return (a + b) * log1p(e) + (x * fabs(eta) if x != 0.0 else 0.0)
+
+
+cdef inline double _probit_nlogp(double a, double b, double eta, double p) noexcept nogil:
+    """_binary_nlogp of the probit link; p = Phi(-|eta|), the probability of the
+    outcome that eta makes unlikely."""
+    # branches on whether that outcome has a weight (for a fitted model, mostly not)
+    # rather than on a and b, which follow y
+    cdef double x = b if eta > 0.0 else a       # the unlikely outcome's weight
+    cdef double g = a if eta > 0.0 else b       # the likely one's
+    cdef double t = 0.0
+    if g != 0.0:
+        t -= g * log1p(-p)
+    if x != 0.0:
+        t -= x * _log_ndtr_lower(-fabs(eta), p)
+    return t
+
+
+cdef inline double _cloglog_nlogp(double a, double b, double eta, double mu,
+                                  double x) noexcept nogil:
+    """_binary_nlogp of the cloglog link; x = exp(eta), mu the unclamped inverse link."""
+    cdef double t = 0.0, lp
+    if a != 0.0:
+        if eta > 0.0:
+            lp = log1p(-exp(-x))
+        elif eta >= CLOGLOG_SERIES_BELOW:
+            lp = log(mu)
+        else:
+            lp = eta - 0.5 * x
+        t -= a * lp
+    if b != 0.0:
+        if eta > CLOGLOG_ETA_CAP:
+            x = exp(CLOGLOG_ETA_CAP)
+        t += b * x
+    return t
+
+
+cdef inline double _binary_nlogp(int link, double a, double b, double eta, double mu,
+                                 double aux) noexcept nogil:
+    """-[a log(mu) + b log(1 - mu)] straight from eta, a term left out where its factor
+    is 0 (a sum of terms >= 0 for a, b >= 0, so a zero deviance is +0).
+
+    For the links of _tail_link; mu is the unclamped inverse link at eta and aux what
+    _linkinv leaves there (both reused only where no rounding near 1 has touched them).
+    Every logarithm keeps its relative precision however far eta goes:
+
+    - logit: with L = log1p(exp(-|eta|)), log mu = -(L + max(-eta, 0)) and
+      log(1 - mu) = -(L + max(eta, 0)) (softplus, split at eta = 0). One log1p per row,
+      as the mu-based form had one log.
+    - probit: with aux = Phi(-|eta|), the smaller of mu and 1 - mu, the smaller one's
+      logarithm is log(aux) (for |eta| > -PROBIT_SERIES_BELOW the asymptotic series:
+      _log_ndtr_lower) and the larger one's is log1p(-aux). No erfc beyond the inverse
+      link's.
+    - cloglog: log(1 - mu) = -exp(eta) exactly, with eta capped at CLOGLOG_ETA_CAP so
+      that it stays finite; log mu = log1p(-exp(-exp(eta))) above eta = 0, log(mu) for
+      CLOGLOG_SERIES_BELOW <= eta <= 0, and eta - exp(eta)/2 below (the next term,
+      exp(2 eta)/24, is below 1e-27).
+    """
+    if link == LNK_LOGIT:
+        return _logit_nlogp(a, b, eta, aux)
+    elif link == LNK_PROBIT:
+        return _probit_nlogp(a, b, eta, aux)
+    return _cloglog_nlogp(a, b, eta, mu, aux)
+
+
+cdef inline double _binary_sat(double y) noexcept nogil:
+    """y log y + (1 - y) log(1 - y), 0 log 0 = 0: the Binomial's saturated part."""
+    if y == 0.0 or y == 1.0:
+        return 0.0
+    return y * log(y) + (1.0 - y) * log1p(-y)
+
+
 cdef inline double _unit_deviance(int family, double y, double mu,
                                  double param) noexcept nogil:
     cdef double t, r
@@ -216,6 +364,30 @@ cdef inline double _unit_deviance(int family, double y, double mu,
     else:  # FAM_NORMAL
         r = y - mu
         return r * r
+
+
+cdef inline bint _from_eta(int family, int link) noexcept nogil:
+    """Whether the unit deviance is taken from eta (_binary_deviance_eta): Bernoulli
+    and Binomial with a link of _tail_link. Loop-invariant: callers decide it once."""
+    return (family == FAM_BERNOULLI or family == FAM_BINOMIAL) and _tail_link(link)
+
+
+cdef inline double _binary_deviance_eta(int family, int link, double y, double eta,
+                                        double mu_raw, double aux) noexcept nogil:
+    """The unit deviance of Bernoulli or Binomial at eta, for a link of _tail_link,
+    from the log probabilities of _binary_nlogp (mu_raw, aux: _linkinv's output at
+    eta, unclamped)."""
+    if family == FAM_BERNOULLI:
+        return 2.0 * _binary_nlogp(link, y, 1.0 - y, eta, mu_raw, aux)
+    if link == LNK_LOGIT and y != 0.0 and y != 1.0:
+        # y log(y/mu) + (1-y) log((1-y)/(1-mu)) with 1/mu = (1 + e) exp(max(-eta, 0))
+        # and 1/(1-mu) = (1 + e) exp(max(eta, 0)), e = exp(-|eta|): two logarithms per
+        # row, as the mu-based form, each of a ratio computed to full relative precision
+        return 2.0 * (y * (log(y * (1.0 + aux)) + (-eta if eta < 0.0 else 0.0))
+                      + (1.0 - y) * (log((1.0 - y) * (1.0 + aux))
+                                     + (eta if eta > 0.0 else 0.0)))
+    # split into the saturated part and the log probabilities
+    return 2.0 * (_binary_sat(y) + _binary_nlogp(link, y, 1.0 - y, eta, mu_raw, aux))
 
 
 cdef inline double _stirling_rem(double x) noexcept nogil:
@@ -302,25 +474,31 @@ cdef inline double _logdens(int family, double y, double mu, double w, double ph
         return -0.5 * (c - log(w) + w * r * r / phi)
 
 
-cdef inline double _update_loop(int family, int link, double param,
+cdef inline double _update_loop(int family, int link, bint from_eta, double param,
                                 const double[::1] eta,
                                 const double[::1] y, const double[::1] prior_w,
                                 bint weighted, double[::1] mu, double[::1] mu_eta,
                                 double[::1] wrkwt, double[::1] wrkresid,
                                 double[::1] devresid) noexcept nogil:
     cdef Py_ssize_t n = eta.shape[0], i
-    cdef double m, me, wi, yi, d, dev = 0.0
+    cdef double m, mr, me, aux, wi, yi, ei, d, dev = 0.0
     for i in range(n):
         yi = y[i]
+        ei = eta[i]
+        aux = 0.0   # (written by _linkinv for some links only: no value across rows)
         wi = prior_w[i] if weighted else 1.0
-        m = _clamp_mu(family, _linkinv(link, eta[i], &me))
+        mr = _linkinv(link, ei, &me, &aux)
+        m = _clamp_mu(family, mr)
         if fabs(me) < DBL_EPSILON:
             me = -DBL_EPSILON if me < 0.0 else DBL_EPSILON
         mu[i] = m
         mu_eta[i] = me
         wrkwt[i] = wi * me * me / _variance(family, m, param)
         wrkresid[i] = (yi - m) / me
-        d = wi * _unit_deviance(family, yi, m, param)
+        if from_eta:
+            d = wi * _binary_deviance_eta(family, link, yi, ei, mr, aux)
+        else:
+            d = wi * _unit_deviance(family, yi, m, param)
         devresid[i] = d
         dev += d
     return dev
@@ -332,20 +510,25 @@ cdef inline double _update_dispatch(int family, int link, double param,
                                     bint weighted, double[::1] mu, double[::1] mu_eta,
                                     double[::1] wrkwt, double[::1] wrkresid,
                                     double[::1] devresid) noexcept nogil:
-    # the common pairs get a copy of the loop with the codes as constants
+    # the common pairs get a copy of the loop with the codes as constants; the others
+    # one of two copies, with and without the binary deviances from eta, so that the
+    # copy the continuous families run holds no code of the binary ones
     if family == FAM_BERNOULLI and link == LNK_LOGIT:
-        return _update_loop(FAM_BERNOULLI, LNK_LOGIT, param, eta, y, prior_w, weighted,
-                            mu, mu_eta, wrkwt, wrkresid, devresid)
-    if family == FAM_BINOMIAL and link == LNK_LOGIT:
-        return _update_loop(FAM_BINOMIAL, LNK_LOGIT, param, eta, y, prior_w, weighted,
-                            mu, mu_eta, wrkwt, wrkresid, devresid)
-    if family == FAM_POISSON and link == LNK_LOG:
-        return _update_loop(FAM_POISSON, LNK_LOG, param, eta, y, prior_w, weighted,
-                            mu, mu_eta, wrkwt, wrkresid, devresid)
-    if family == FAM_NEGATIVE_BINOMIAL and link == LNK_LOG:
-        return _update_loop(FAM_NEGATIVE_BINOMIAL, LNK_LOG, param, eta, y, prior_w,
+        return _update_loop(FAM_BERNOULLI, LNK_LOGIT, True, param, eta, y, prior_w,
                             weighted, mu, mu_eta, wrkwt, wrkresid, devresid)
-    return _update_loop(family, link, param, eta, y, prior_w, weighted,
+    if family == FAM_BINOMIAL and link == LNK_LOGIT:
+        return _update_loop(FAM_BINOMIAL, LNK_LOGIT, True, param, eta, y, prior_w,
+                            weighted, mu, mu_eta, wrkwt, wrkresid, devresid)
+    if family == FAM_POISSON and link == LNK_LOG:
+        return _update_loop(FAM_POISSON, LNK_LOG, False, param, eta, y, prior_w,
+                            weighted, mu, mu_eta, wrkwt, wrkresid, devresid)
+    if family == FAM_NEGATIVE_BINOMIAL and link == LNK_LOG:
+        return _update_loop(FAM_NEGATIVE_BINOMIAL, LNK_LOG, False, param, eta, y, prior_w,
+                            weighted, mu, mu_eta, wrkwt, wrkresid, devresid)
+    if _from_eta(family, link):
+        return _update_loop(family, link, True, param, eta, y, prior_w, weighted,
+                            mu, mu_eta, wrkwt, wrkresid, devresid)
+    return _update_loop(family, link, False, param, eta, y, prior_w, weighted,
                         mu, mu_eta, wrkwt, wrkresid, devresid)
 
 
@@ -393,7 +576,8 @@ def update(int family, int link, const double[::1] eta, const double[::1] y,
 
         mu = clamp(ginv(eta)); me = floor_abs(dmu_deta(eta), eps)
         wrkwt = w * me**2 / V(mu); wrkresid = (y - mu) / me
-        devresid = w * unit_deviance(y, mu)
+        devresid = w * unit_deviance(y, mu)    (binary families, logit/probit/cloglog:
+                                                from eta, see the module docstring)
     """
     cdef Py_ssize_t n = eta.shape[0]
     cdef bint weighted = prior_w.shape[0] > 0
@@ -410,8 +594,22 @@ def update(int family, int link, const double[::1] eta, const double[::1] y,
     return dev
 
 
+cdef inline double _binary_logdens_eta(int family, int link, double y, double w,
+                                      double eta) noexcept nogil:
+    """_logdens of Bernoulli or Binomial with the log probabilities taken from eta (a
+    link of _tail_link), not from a mean rounded near 0 or 1."""
+    cdef double me, aux = 0.0, m, k
+    m = _linkinv(link, eta, &me, &aux)
+    if family == FAM_BERNOULLI:
+        return -w * _binary_nlogp(link, y, 1.0 - y, eta, m, aux)
+    k = w * y
+    return (lgamma(w + 1.0) - lgamma(k + 1.0) - lgamma(w - k + 1.0)
+            - _binary_nlogp(link, k, w - k, eta, m, aux))
+
+
 def loglik(int family, const double[::1] y, const double[::1] mu,
-           const double[::1] prior_w, double phi, double[::1] out, double param=NAN):
+           const double[::1] prior_w, double phi, double[::1] out, double param=NAN,
+           int link=-1, const double[::1] eta=None):
     """Per-observation log densities at mean mu and dispersion phi.
 
     Parameters
@@ -428,6 +626,15 @@ def loglik(int family, const double[::1] y, const double[::1] mu,
         Output, overwritten.
     param : float
         The family's own parameter (negative binomial: theta); ignored by the others.
+    link : int, optional
+        Link code, read only with `eta`.
+    eta : const double[::1], length n, optional
+        The linear predictor at which mu was computed. For Bernoulli and Binomial with
+        the logit, probit or cloglog link, the log probabilities log(mu) and log(1 - mu)
+        are then taken from eta in their stable forms (see ``_binary_nlogp``), and
+        `mu` is not read: a mean rounded near 1 (or clamped at eps or 1 - eps by
+        ``update``) would otherwise cap log(1 - mu) at about -36 where the truth falls
+        like -eta. Ignored by every other family and link.
 
     Returns
     -------
@@ -441,8 +648,15 @@ def loglik(int family, const double[::1] y, const double[::1] mu,
     """
     cdef Py_ssize_t n = y.shape[0], i
     cdef bint weighted = prior_w.shape[0] > 0
+    cdef bint from_eta = False
     cdef double wi, v, c, total = 0.0
     _check_codes(family, 0, param)
+    if eta is not None:
+        _check_codes(family, link, param)
+        if eta.shape[0] != n:
+            raise ValueError("loglik: eta must have the length of y")
+        from_eta = ((family == FAM_BERNOULLI or family == FAM_BINOMIAL)
+                    and _tail_link(link))
     if (family != FAM_BERNOULLI and family != FAM_BINOMIAL and family != FAM_POISSON
             and family != FAM_NEGATIVE_BINOMIAL):
         if not phi > 0.0:
@@ -454,7 +668,12 @@ def loglik(int family, const double[::1] y, const double[::1] mu,
         c = _logdens_const(family, phi, param)
         for i in range(n):
             wi = prior_w[i] if weighted else 1.0
-            v = _logdens(family, y[i], mu[i], wi, phi, param, c) if wi != 0.0 else 0.0
+            if wi == 0.0:
+                v = 0.0
+            elif from_eta:
+                v = _binary_logdens_eta(family, link, y[i], wi, eta[i])
+            else:
+                v = _logdens(family, y[i], mu[i], wi, phi, param, c)
             out[i] = v
             total += v
     return total
@@ -477,8 +696,9 @@ def agq_deviance(int family, int link, const double[::1] fixed, const double[::1
     """
     _check_codes(family, link, param)
     cdef Py_ssize_t n = fixed.shape[0], nlev = u.shape[0], i, j, k
-    cdef double me, m, z, total = 0.0
+    cdef double me, m, e, aux = 0.0, z, total = 0.0
     cdef bint weighted = prior_w.shape[0] > 0
+    cdef bint from_eta = _from_eta(family, link)
     if zlam.shape[0] != n or codes.shape[0] != n or y.shape[0] != n:
         raise ValueError("agq_deviance: per-observation arrays differ in length")
     if sd.shape[0] != nlev or devc0.shape[0] != nlev or devc.shape[0] != nlev or mult.shape[0] != nlev:
@@ -489,9 +709,11 @@ def agq_deviance(int family, int link, const double[::1] fixed, const double[::1
             mult[j] = 0.0
         for i in range(n):
             j = codes[i]
-            m = _clamp_mu(family, _linkinv(link, fixed[i] + zlam[i] * u[j], &me))
+            e = fixed[i] + zlam[i] * u[j]
+            m = _linkinv(link, e, &me, &aux)
             devc0[j] += ((prior_w[i] if weighted else 1.0)
-                         * _unit_deviance(family, y[i], m, param))
+                         * (_binary_deviance_eta(family, link, y[i], e, m, aux) if from_eta
+                            else _unit_deviance(family, y[i], _clamp_mu(family, m), param)))
         for k in range(nodes.shape[0]):
             z = nodes[k]
             if z == 0.0:
@@ -502,9 +724,13 @@ def agq_deviance(int family, int link, const double[::1] fixed, const double[::1
                 devc[j] = (u[j] + z * sd[j]) * (u[j] + z * sd[j])
             for i in range(n):
                 j = codes[i]
-                m = _clamp_mu(family, _linkinv(link, fixed[i] + zlam[i] * (u[j] + z * sd[j]), &me))
+                e = fixed[i] + zlam[i] * (u[j] + z * sd[j])
+                m = _linkinv(link, e, &me, &aux)
                 devc[j] += ((prior_w[i] if weighted else 1.0)
-                            * _unit_deviance(family, y[i], m, param))
+                            * (_binary_deviance_eta(family, link, y[i], e, m, aux)
+                               if from_eta
+                               else _unit_deviance(family, y[i], _clamp_mu(family, m),
+                                                   param)))
             for j in range(nlev):
                 mult[j] += weights[k] * exp((z * z - devc[j] + devc0[j]) / 2.0)
         for j in range(nlev):

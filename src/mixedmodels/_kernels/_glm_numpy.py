@@ -9,7 +9,7 @@ public ones. Written for clarity, not speed.
 import math
 
 import numpy as np
-from scipy.special import gammaln
+from scipy.special import erfc, gammaln
 
 FAMILY_BERNOULLI = 0
 FAMILY_BINOMIAL = 1
@@ -30,8 +30,14 @@ LINK_INVERSE_SQUARE = 7
 MU_EPS = np.finfo(np.float64).eps
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 _STIRLING_SERIES_FROM = 15.0
+# the thresholds of the binary log probabilities from eta (see _glm.pyx)
+PROBIT_SERIES_BELOW = -30.0
+PROBIT_X_FLOOR = 1e150
+CLOGLOG_SERIES_BELOW = -30.0
+CLOGLOG_ETA_CAP = 700.0
 
 _BINARY = (FAMILY_BERNOULLI, FAMILY_BINOMIAL)
+_TAIL_LINKS = (LINK_LOGIT, LINK_PROBIT, LINK_CLOGLOG)
 
 
 def _check_param(family, param):
@@ -112,6 +118,76 @@ def nbinom_logp(y, mu, theta):
     return np.where(y == 0.0, -t, full)
 
 
+def log_ndtr(x):
+    """log Phi(x) to full relative precision: through erfc, and below
+    PROBIT_SERIES_BELOW through the asymptotic series of the Mills ratio."""
+    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        upper = np.log1p(-0.5 * erfc(x / math.sqrt(2.0)))
+        middle = np.log(0.5 * erfc(-x / math.sqrt(2.0)))
+        xs = np.maximum(x, -PROBIT_X_FLOOR)
+        t = 1.0 / (xs * xs)
+        # 1 - t + 3t^2 - 15t^3 + ... - 135135 t^7 + 2027025 t^8, minus its leading 1
+        s = t * (-1.0 + t * (3.0 + t * (-15.0 + t * (105.0 + t * (-945.0 + t * (10395.0
+                 + t * (-135135.0 + t * 2027025.0)))))))
+        series = -0.5 * xs * xs - np.log(-xs) - _HALF_LOG_2PI + np.log1p(s)
+    return np.where(x > 0.0, upper, np.where(x >= PROBIT_SERIES_BELOW, middle, series))
+
+
+def binary_logs(link, eta):
+    """(log mu, log(1 - mu)) of a binary mean straight from eta, for the logit, probit
+    and cloglog links, each to full relative precision (see ``_binary_nlogp`` in
+    _glm.pyx for the forms; the kernel reuses its inverse link where the expressions
+    coincide)."""
+    eta = np.asarray(eta, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        if link == LINK_LOGIT:
+            lp = np.log1p(np.exp(-np.abs(eta)))
+            return -(lp + np.maximum(-eta, 0.0)), -(lp + np.maximum(eta, 0.0))
+        if link == LINK_PROBIT:
+            return log_ndtr(eta), log_ndtr(-eta)
+        if link == LINK_CLOGLOG:
+            x = np.exp(eta)
+            lmu = np.where(eta > 0.0, np.log1p(-np.exp(-x)),
+                           np.where(eta >= CLOGLOG_SERIES_BELOW, np.log(-np.expm1(-x)),
+                                    eta - 0.5 * x))
+            return lmu, -np.exp(np.minimum(eta, CLOGLOG_ETA_CAP))
+    raise ValueError(f"no binary log probabilities from eta for link code {link}")
+
+
+def _binary_nlogp(link, a, b, eta):
+    """-[a log mu + b log(1 - mu)] from eta, a term with a zero factor left out."""
+    lmu, l1mu = binary_logs(link, eta)
+    with np.errstate(all="ignore"):
+        return np.where(a != 0.0, -a * lmu, 0.0) + np.where(b != 0.0, -b * l1mu, 0.0)
+
+
+def binary_sat(y):
+    """y log y + (1 - y) log(1 - y), 0 log 0 = 0."""
+    return _xlogy(y, y) + _xlog1py(1.0 - y, -y)
+
+
+def unit_deviance_eta(family, link, y, eta, mu, param=math.nan):
+    """The unit deviance as ``update`` computes it: for Bernoulli and Binomial with the
+    logit, probit or cloglog link from eta (``binary_logs``), otherwise from the
+    clamped mu."""
+    if family in _BINARY and link in _TAIL_LINKS:
+        nll = _binary_nlogp(link, y, 1.0 - y, eta)
+        if family == FAMILY_BERNOULLI:
+            return 2.0 * nll
+        dev = 2.0 * (binary_sat(y) + nll)
+        if link == LINK_LOGIT:
+            # a proportion inside (0, 1): the ratios y/mu and (1 - y)/(1 - mu) from
+            # exp(-|eta|) directly, 1/mu = (1 + e) exp(max(-eta, 0)) and so on
+            p = 1.0 + np.exp(-np.abs(eta))
+            with np.errstate(all="ignore"):
+                ratio = 2.0 * (y * (np.log(y * p) + np.maximum(-eta, 0.0))
+                               + (1.0 - y) * (np.log((1.0 - y) * p) + np.maximum(eta, 0.0)))
+            dev = np.where((y != 0.0) & (y != 1.0), ratio, dev)
+        return dev
+    return unit_deviance(family, y, mu, param)
+
+
 def unit_deviance(family, y, mu, param=math.nan):
     with np.errstate(all="ignore"):
         if family == FAMILY_BERNOULLI:
@@ -146,12 +222,13 @@ def update(family, link, eta, y, prior_w, mu, mu_eta, wrkwt, wrkresid, devresid,
         mu_eta[:] = me
         wrkwt[:] = w * me * me / variance(family, m, param)
         wrkresid[:] = (y - m) / me
-        devresid[:] = w * unit_deviance(family, y, m, param)
+        devresid[:] = w * unit_deviance_eta(family, link, y, eta, m, param)
     return float(np.sum(devresid))
 
 
-def loglik(family, y, mu, prior_w, phi, out, param=math.nan):
-    """NumPy twin of ``_glm.loglik``."""
+def loglik(family, y, mu, prior_w, phi, out, param=math.nan, link=-1, eta=None):
+    """NumPy twin of ``_glm.loglik`` (with `eta`, the binary families under logit,
+    probit and cloglog take their log probabilities from eta and do not read mu)."""
     _check_param(family, param)
     y = np.asarray(y, dtype=np.float64)
     mu = np.asarray(mu, dtype=np.float64)
@@ -159,14 +236,25 @@ def loglik(family, y, mu, prior_w, phi, out, param=math.nan):
     if family not in (FAMILY_BERNOULLI, FAMILY_BINOMIAL, FAMILY_POISSON,
                       FAMILY_NEGATIVE_BINOMIAL) and not phi > 0:
         raise ValueError(f"dispersion phi must be positive, got {phi}")
+    if eta is not None and np.shape(eta) != y.shape:
+        raise ValueError("loglik: eta must have the length of y")
+    from_eta = eta is not None and family in _BINARY and link in _TAIL_LINKS
+    if from_eta:
+        eta = np.asarray(eta, dtype=np.float64)
     with np.errstate(all="ignore"):
         if family == FAMILY_BERNOULLI:
-            v = w * (_xlogy(y, mu) + _xlog1py(1.0 - y, -mu))
+            if from_eta:
+                v = -w * _binary_nlogp(link, y, 1.0 - y, eta)
+            else:
+                v = w * (_xlogy(y, mu) + _xlog1py(1.0 - y, -mu))
         elif family == FAMILY_BINOMIAL:
             k = w * y
             nk = w - k
-            v = (gammaln(w + 1.0) - gammaln(k + 1.0) - gammaln(nk + 1.0)
-                 + _xlogy(k, mu) + _xlog1py(nk, -mu))
+            v = gammaln(w + 1.0) - gammaln(k + 1.0) - gammaln(nk + 1.0)
+            if from_eta:
+                v = v - _binary_nlogp(link, k, nk, eta)
+            else:
+                v = v + _xlogy(k, mu) + _xlog1py(nk, -mu)
         elif family == FAMILY_POISSON:
             v = w * (_xlogy(y, mu) - mu - gammaln(y + 1.0))
         elif family == FAMILY_GAMMA:
