@@ -23,7 +23,7 @@ import numpy as np
 from .._linalg._pattern import build_structure
 from .._linalg.system import BlockedSystem, ThetaLayout
 from ..formula._design import Design, ReTerm
-from ..lmm import LinearMixedModel, LinearMixedModelFit
+from ..lmm import LinearMixedModel, LinearMixedModelFit, start_from_relative
 from ._stats import OutOfCoreError, relative_covariance
 
 
@@ -281,23 +281,9 @@ class OutOfCoreLinearMixedModel(LinearMixedModel):
     def starting_theta(self):
         """As :meth:`LinearMixedModel.starting_theta`, from per-level moments of the OLS
         residuals (summed over chunks) instead of the rows."""
-        theta = self.layout.initial()
-        step = np.full(self.layout.ntheta, 0.75)
-        pos = 0
-        for t, (ztz, ztr, rr, nrow) in zip(self.reterms, self._products.start):
-            k = t.ncols
-            npar = k if t.zerocorr else k * (k + 1) // 2
-            rel = relative_covariance(ztz, ztr, rr, nrow, k)
-            if rel is not None:
-                if t.zerocorr:
-                    vals = np.sqrt(np.diag(rel))
-                else:
-                    chol = np.linalg.cholesky(rel)
-                    vals = np.array([chol[e, a] for a in range(k) for e in range(a, k)])
-                theta[pos:pos + npar] = vals
-                step[pos:pos + npar] = np.maximum(0.25 * np.abs(vals), 0.05)
-            pos += npar
-        return theta, step
+        rels = [relative_covariance(ztz, ztr, rr, nrow, t.ncols)
+                for t, (ztz, ztr, rr, nrow) in zip(self.reterms, self._products.start)]
+        return start_from_relative(self.layout, self.reterms, rels)
 
     def fit(self, progress=False, initial=None, check_convergence=True):
         """Minimize the objective over θ as in memory; an :class:`OutOfCoreLinearMixedModelFit`."""
