@@ -389,9 +389,9 @@ FRAME_FORMULA = "y ~ 1 + x * s + flag + k + offset(log(t)) + (1 + x | grp) + (1 
 
 def _converter(kind):
     if kind == "pyarrow":
-        pa = pytest.importorskip("pyarrow")
+        import pyarrow as pa
         return lambda d: pa.Table.from_pandas(d, preserve_index=False)
-    pl = pytest.importorskip("polars")
+    import polars as pl
     if kind == "polars-lazy":
         return lambda d: pl.from_pandas(d).lazy()
     return pl.from_pandas
@@ -414,7 +414,7 @@ def test_polars_and_pyarrow_frames_match_pandas(kind):
 
 
 def test_polars_levels():
-    pl = pytest.importorskip("polars")
+    import polars as pl
     g = ["b", "a", "c", "a", "b", "c", "a", "b"]
     data = pl.DataFrame({"y": np.arange(8.0), "x": np.arange(8.0) ** 2, "grp": list("pqpqpqpq"),
                          "s": g, "cat": pl.Series(g, dtype=pl.Categorical),

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from scipy.stats import norm
 
-matplotlib = pytest.importorskip("matplotlib")
+import matplotlib  # noqa: E402  (the test extra installs it: a missing install must fail)
 matplotlib.use("Agg")
 
 import mixedmodels as mm  # noqa: E402

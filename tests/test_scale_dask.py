@@ -18,9 +18,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-dask = pytest.importorskip("dask")
-dd = pytest.importorskip("dask.dataframe")
-distributed = pytest.importorskip("distributed")
+# the test extra installs Dask: a missing install must fail, not skip
+import dask  # noqa: E402
+import dask.dataframe as dd  # noqa: E402
+import distributed  # noqa: E402
 
 import mixedmodels as mm  # noqa: E402
 from mixedmodels._linalg._pattern import build_pattern, build_structure, pair_keys_of  # noqa: E402
