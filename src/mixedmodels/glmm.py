@@ -232,7 +232,9 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         st = self.state
         ws = self.workspace
         wobs = observed_weights(fam, self.y, st.mu, st.eta, self.prior_w, phi)
-        ws.set_products(np.zeros((self.n, 1)), wobs)
+        # only the factor of Λ'Z'W°ZΛ + I is wanted: PIRLS's scratch column (its values
+        # do not matter) saves an n-vector per evaluation
+        ws.set_products(st.work1, wobs)
         try:
             logdet_obs, _ = ws.factorize(theta, schur=False)
         except np.linalg.LinAlgError:

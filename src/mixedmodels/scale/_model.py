@@ -34,11 +34,8 @@ def _no_rows(what):
         "again with fit.model.attach(ddf)")
 
 
-class RowlessDesign(Design):
-    """A :class:`Design` without rows: levels, names and builders. ``y``, ``X``,
-    ``weights`` and ``offset`` are read from the attached data frame when asked for (a
-    NumPy array each time, nothing kept: code written for in-memory designs, such as
-    ``mm.lrtest``'s same-data checks, reads them as arrays)."""
+class _DropsSource:
+    """Pickles without the attached Dask DataFrame (``attach`` restores it)."""
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -47,6 +44,13 @@ class RowlessDesign(Design):
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+
+
+class RowlessDesign(_DropsSource, Design):
+    """A :class:`Design` without rows: levels, names and builders. ``y``, ``X``,
+    ``weights`` and ``offset`` are read from the attached data frame when asked for (a
+    NumPy array each time, nothing kept: code written for in-memory designs, such as
+    ``mm.lrtest``'s same-data checks, reads them as arrays)."""
 
     def __repr__(self):
         return (f"RowlessDesign(formula={self.formula!r}, n={self.n}, "
@@ -79,17 +83,9 @@ class RowlessDesign(Design):
                              "Dask DataFrame (their count per partition is model.rows_per_chunk)")
 
 
-class RowlessTerm(ReTerm):
+class RowlessTerm(_DropsSource, ReTerm):
     """A random-effects term without rows: levels and builders; ``codes`` and ``z`` are
     read from the attached data frame when asked for (NumPy arrays, nothing kept)."""
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_source"] = None
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
 
     def __repr__(self):
         return (f"RowlessTerm(group_name={self.group_name!r}, nlevels={self.nlevels}, "
