@@ -17,8 +17,10 @@ import numpy as np
 
 from ._linalg._blocked import upper_solve
 
+from ._lmm_gradient import has_exact_gradient, lmm_value_and_gradient
 from ._model import MixedModelSpec
-from ._optimize import OptSummary, check_optimum, minimize, rectify
+from ._optimize import (OptSummary, check_optimum, check_optimum_with_gradient, minimize,
+                        polish_with_gradient, rectify)
 from ._results import MixedModelFit
 
 
@@ -189,9 +191,12 @@ class LinearMixedModel(MixedModelSpec):
         initial : array_like, optional
             The starting θ (default: :meth:`starting_theta`).
         check_convergence : bool, default True
-            Compute the gradient and Hessian of the objective over θ at the optimum by
-            finite differences (lme4's ``check.conv``), store them on ``optsum`` and warn
-            when the scaled gradient is large or the Hessian is not positive definite.
+            Compute the gradient and Hessian of the objective over θ at the optimum
+            (lme4's ``check.conv``), store them on ``optsum`` and warn when the scaled
+            gradient is large or the Hessian is not positive definite. Where the exact
+            gradient is cheap (:mod:`._lmm_gradient`: one term, or q up to a few hundred)
+            it is used, and Newton steps with it polish θ to the objective's rounding;
+            otherwise both come from finite differences of the objective.
         """
         theta0, step = self.starting_theta()
         if initial is not None:
@@ -200,8 +205,24 @@ class LinearMixedModel(MixedModelSpec):
         minimize(self._objective_unchecked, optsum, progress=progress)
         rectify(self._objective_unchecked, optsum, np.flatnonzero(np.isfinite(self.layout.lower)))
         if check_convergence:
-            check_optimum(self._objective_unchecked, optsum)
+            self._check_optimum(optsum)
         return LinearMixedModelFit(self, self._optimum(optsum.final), optsum)
+
+    def _check_optimum(self, optsum):
+        ws = self.workspace
+        if not has_exact_gradient(ws):
+            return check_optimum(self._objective_unchecked, optsum)
+        if ws.factor is None:
+            # one term: the Hessian from differences of the exact gradient (2n gradients)
+            check_optimum_with_gradient(self._value_and_gradient, optsum, warn=False)
+        else:
+            # the dense gradient costs more than the n² values of a Hessian
+            check_optimum(self._objective_unchecked, optsum, refine=False)
+        return polish_with_gradient(self._value_and_gradient, optsum)
+
+    def _value_and_gradient(self, theta):
+        """The objective and its exact gradient over θ (see _lmm_gradient.py)."""
+        return lmm_value_and_gradient(self, np.asarray(theta, dtype=float))
 
     def _optimum(self, theta):
         """The numbers of the fit at θ, as a plain record (see LinearMixedModelFit)."""

@@ -1046,6 +1046,11 @@ def profile(fit, which=None, level=0.95, *, step=0.5, max_points=60, progress=No
                               "is 0): it is not profiled and its interval is NaN")
         walks[name] = _Walk(target, core.base)
     estimates = pd.Series(core.estimates, index=var_names + coef_names)
+    for name, walk in walks.items():
+        # the walk starts at its target's estimate, computed through the held
+        # parameter: the same number to the last bit in the tables and the estimates
+        if math.isfinite(walk.target.estimate):
+            estimates[name] = walk.target.estimate
     pr = Profile(fit, walks, estimates, core.base, level, ml_refit, step, max_points)
     try:
         _walk_all(pr, level, progress)
