@@ -382,7 +382,7 @@ def _check(gradient, hessian, boundary, grad_tol, hess_tol):
         messages.append(f"gradient not scaled: the Hessian is not positive definite "
                         f"(max |gradient| = {abs(gf[k]):.4g} at parameter {index[k]})")
     else:
-        sf = solve_triangular(L.T, gf, lower=False)
+        sf = np.linalg.solve(L.T, gf)     # (scipy's triangular solve costs 30 µs of checks)
         scaled[index] = sf
         crit = np.minimum(np.abs(sf), np.abs(gf))
         k = int(np.argmax(crit))

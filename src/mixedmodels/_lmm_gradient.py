@@ -30,7 +30,7 @@ import numpy as np
 import scipy.linalg as sla
 import scipy.sparse as sp
 
-from ._linalg._blocked import upper_solve
+from ._linalg._blocked import blockdiag_lmm_gradient, upper_solve
 
 __all__ = ["DENSE_MAX", "has_exact_gradient", "lmm_value_and_gradient"]
 
@@ -116,11 +116,10 @@ def lmm_value_and_gradient(model, theta):
     upper_solve(r, beta)
     u = ws.backward(np.asfortranarray((ws.rzxy[:, p] - ws.rzxy[:, :p] @ beta)[:, None]))[:, 0]
     zx, zy = ws.ztxy[:, :p], ws.ztxy[:, p]
-    cross = _crossproducts(ws)
     if ws.factor is None:
-        ktrace, cb, v, clv = _one_term(cross.blocks, layout.templates(theta)[0], u, zx)
-    else:
-        ktrace, cb, v, clv = _dense(cross, theta, u, zx)
+        return float(val), _one_term_compiled(model, ws, theta, r, beta, u)
+    cross = _crossproducts(ws)
+    ktrace, cb, v, clv = _dense(cross, theta, u, zx)
     zres = zy - cb - zx @ beta                      # Z'Wε
     if model.REML and p:
         rx = r[:p, :p]
@@ -140,6 +139,53 @@ def lmm_value_and_gradient(model, theta):
         per_term.append(g)
     grad = np.array([per_term[t][e, a] for t, e, a in layout.entries])
     return float(val), grad
+
+
+def _one_term_compiled(model, ws, theta, r, beta, u):
+    """One term, in one compiled pass over the levels (``blockdiag_lmm_gradient``)."""
+    p, layout = model.p, ws.layout
+    k = int(ws.pattern.kk[0])
+    if model.REML and p:
+        rinv = np.eye(p)
+        for j in range(p):
+            col = np.ascontiguousarray(rinv[:, j])
+            upper_solve(r, col)
+            rinv[:, j] = col
+        sinv = rinv @ rinv.T
+    else:
+        sinv = _NO_SCHUR
+    ktrace, rss, schur = np.zeros((k, k)), np.zeros((k, k)), np.zeros((k, k))
+    blockdiag_lmm_gradient(ws.avals, layout.lam(theta), ws.blockdiag_diagonal(), k,
+                           np.ascontiguousarray(u), ws.ztxy[:, :p], ws.ztxy[:, p], beta, sinv,
+                           ktrace, rss, schur)
+    g = 2.0 * (ktrace - (model._dfr / float(r[-1, -1]) ** 2) * rss - schur)
+    return np.array([g[e, a] for _, e, a in layout.entries])
+
+
+_NO_SCHUR = np.zeros((0, 0))
+
+
+def one_term_sums_numpy(model, theta):
+    """NumPy twin of ``blockdiag_lmm_gradient``: (ktrace, rss, schur) at θ, each [e, a]."""
+    ws = model.workspace
+    val, _, r, pwrss = model._evaluate(np.asarray(theta, dtype=float))
+    p = model.p
+    beta = r[:p, p].copy()
+    upper_solve(r, beta)
+    u = ws.backward(np.asfortranarray((ws.rzxy[:, p] - ws.rzxy[:, :p] @ beta)[:, None]))[:, 0]
+    zx, zy = ws.ztxy[:, :p], ws.ztxy[:, p]
+    (ktrace,), cb, v, clv = _one_term(_crossproducts(ws).blocks, ws.layout.templates(theta)[0],
+                                      u, zx)
+    nl, k = ws.pattern.nlev[0], ws.pattern.kk[0]
+    zres = zy - cb - zx @ beta
+    rss = zres.reshape(nl, k).T @ u.reshape(nl, k)
+    if model.REML and p:
+        s = r[:p, :p].T @ r[:p, :p]
+        schur = np.einsum("lej,laj->ea", (zx - clv).reshape(nl, k, p),
+                          np.linalg.solve(s, v.T).T.reshape(nl, k, p))
+    else:
+        schur = np.zeros((k, k))
+    return ktrace, rss, schur
 
 
 def _one_term(blocks, tmpl, u, zx):
@@ -167,8 +213,8 @@ def _dense(cross, theta, u, zx):
     cl = cross.dense @ lam                           # CΛ
     m = lam.T @ cl
     m.flat[::m.shape[0] + 1] += 1.0
-    chol = sla.cho_factor(m, lower=True, check_finite=False)
-    minv = sla.cho_solve(chol, np.eye(m.shape[0]), check_finite=False)
-    ktrace = [np.einsum("lkq,qlj->kj", cl[idx], minv[:, idx]) for idx in cross.idx]
+    minv = np.linalg.inv(m)
+    k_full = cl @ minv
+    ktrace = [k_full[idx[:, :, None], idx[:, None, :]].sum(axis=0) for idx in cross.idx]
     v = minv @ (lam.T @ zx)
     return ktrace, cl @ u, v, cl @ v

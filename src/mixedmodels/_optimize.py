@@ -336,7 +336,30 @@ def _refine(objective, optsum, record, boundary, lower, step):
         objective(x)
 
 
-def polish_with_gradient(value_and_grad, optsum, warn=True, max_steps=3):
+def check_with_exact_gradient(value_and_grad, optsum, warn=True, step=None):
+    """lme4's check with an exact gradient that is cheap (a one-term LMM): the Hessian
+    from forward differences of the gradient (n gradients; an O(h) error of ~1e-3
+    relative, which neither the checks nor a Newton step notice), then
+    :func:`polish_with_gradient` from the gradient already at hand."""
+    x = np.asarray(optsum.final, dtype=float)
+    lower = np.asarray(optsum.lowerbd, dtype=float)
+    boundary = np.isfinite(lower) & (x <= lower)
+    step = hessian_steps(x) if step is None else np.asarray(step, dtype=float)
+    n = len(x)
+    val, grad = value_and_grad(x)
+    grad = np.asarray(grad, dtype=float)
+    hess = np.empty((n, n))
+    for i in range(n):
+        e = np.zeros(n)
+        e[i] = step[i]          # upwards: always within a lower bound
+        hess[:, i] = (np.asarray(value_and_grad(x + e)[1], dtype=float) - grad) / step[i]
+    hess = 0.5 * (hess + hess.T)
+    return polish_with_gradient(value_and_grad, optsum, warn=warn, start=(val, grad),
+                                restore=False, hessian=(hess, n + 1))
+
+
+def polish_with_gradient(value_and_grad, optsum, warn=True, max_steps=3, start=None,
+                         restore=True, hessian=None):
     """Newton steps with an exact gradient and the Hessian of the check just taken.
 
     Finite differences of the value resolve θ only to ~1e-7 on a flat objective (the
@@ -347,20 +370,22 @@ def polish_with_gradient(value_and_grad, optsum, warn=True, max_steps=3):
     is no worse than its evaluation noise (1e-11 relative: penicillin's objective of 332
     wobbles by 2e-10 over changes of θ of 1e-6, while its exact gradient is smooth there);
     components on their bound stay there. The gradient in ``optsum.derivs`` is then the
-    exact one at the reported point.
+    exact one at the reported point. ``start`` is (value, gradient) at ``optsum.final``
+    if known; ``restore=False`` leaves the model's state wherever the last step was;
+    ``hessian`` is (Hessian, evaluations spent on it) when no check has recorded one.
     """
-    record = optsum.derivs
     x = np.asarray(optsum.final, dtype=float)
     lower = np.asarray(optsum.lowerbd, dtype=float)
     boundary = np.isfinite(lower) & (x <= lower)
     free = ~boundary
-    hess = record.hessian
-    if not free.any() or not np.all(np.isfinite(hess)):
-        return record
-    try:
-        chol = np.linalg.cholesky(0.5 * (hess[np.ix_(free, free)] + hess[np.ix_(free, free)].T))
-    except np.linalg.LinAlgError:
-        return record
+    hess, spent = (optsum.derivs.hessian, optsum.derivs.nfeval) if hessian is None else hessian
+    chol = None
+    if free.any() and np.all(np.isfinite(hess)):
+        try:
+            chol = np.linalg.cholesky(0.5 * (hess[np.ix_(free, free)]
+                                             + hess[np.ix_(free, free)].T))
+        except np.linalg.LinAlgError:
+            pass        # no Newton step; the check below says why
     tol = 1e-11 * max(1.0, abs(optsum.fmin))
 
     def newton(g):
@@ -368,9 +393,9 @@ def polish_with_gradient(value_and_grad, optsum, warn=True, max_steps=3):
         half = np.linalg.solve(chol, g)
         return np.linalg.solve(chol.T, half), float(half @ half)
 
-    val, grad = value_and_grad(x)
-    nfeval = 1
-    for _ in range(max_steps):
+    val, grad = value_and_grad(x) if start is None else start
+    nfeval = 1 if start is None else 0
+    for _ in range(max_steps if chol is not None else 0):
         grad = np.asarray(grad, dtype=float)
         if not np.all(np.isfinite(grad[free])):
             break
@@ -393,11 +418,11 @@ def polish_with_gradient(value_and_grad, optsum, warn=True, max_steps=3):
         optsum.polished = True
         if moved < 1e-13:
             break
-    value_and_grad(optsum.final)           # leave the model's state at the optimum
+    if restore:
+        value_and_grad(optsum.final)       # leave the model's state at the optimum
     optsum.feval = len(optsum.fitlog)
     record = ConvergenceCheck.from_derivatives(np.asarray(grad, dtype=float), hess,
-                                               nfeval=record.nfeval + nfeval,
-                                               boundary=boundary)
+                                               nfeval=spent + nfeval, boundary=boundary)
     optsum.derivs = record
     if warn:
         for msg in record.messages:

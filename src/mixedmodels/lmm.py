@@ -19,7 +19,7 @@ from ._linalg._blocked import upper_solve
 
 from ._lmm_gradient import has_exact_gradient, lmm_value_and_gradient
 from ._model import MixedModelSpec
-from ._optimize import (OptSummary, check_optimum, check_optimum_with_gradient, minimize,
+from ._optimize import (OptSummary, check_optimum, check_with_exact_gradient, minimize,
                         polish_with_gradient, rectify)
 from ._results import MixedModelFit
 
@@ -213,12 +213,11 @@ class LinearMixedModel(MixedModelSpec):
         if not has_exact_gradient(ws):
             return check_optimum(self._objective_unchecked, optsum)
         if ws.factor is None:
-            # one term: the Hessian from differences of the exact gradient (2n gradients)
-            check_optimum_with_gradient(self._value_and_gradient, optsum, warn=False)
-        else:
-            # the dense gradient costs more than the n² values of a Hessian
-            check_optimum(self._objective_unchecked, optsum, refine=False)
-        return polish_with_gradient(self._value_and_gradient, optsum)
+            # one term: the Hessian from differences of the compiled exact gradient
+            return check_with_exact_gradient(self._value_and_gradient, optsum)
+        # the dense gradient costs more than the n² values of a Hessian
+        check_optimum(self._objective_unchecked, optsum, refine=False)
+        return polish_with_gradient(self._value_and_gradient, optsum, restore=False)
 
     def _value_and_gradient(self, theta):
         """The objective and its exact gradient over θ (see _lmm_gradient.py)."""

@@ -506,3 +506,114 @@ cdef class ThetaFactorizer:
             with nogil:
                 status = _schur_cholesky(self.xtxy, self.rzxy, self.r)
         return logdet, status
+
+
+# -- the exact gradient of the LMM objective, one term (see _lmm_gradient.py) ------------
+def blockdiag_lmm_gradient(const double[::1] avals, const double[::1] lam,
+                           const double[::1] L, int k, const double[::1] u,
+                           const double[::1, :] zx, const double[::1] zy,
+                           const double[::1] beta, const double[:, ::1] sinv,
+                           double[:, ::1] ktrace, double[:, ::1] rss, double[:, ::1] schur):
+    """The per-level sums behind the gradient of a one-term LMM's objective over T.
+
+    With A_l the level's block of Z'WZ (column-major, full), T the template (``lam``,
+    column-major), L_l the factor of M_l = T'A_l T + I (``L``, as ``blockdiag_factor``
+    leaves it), u the modes, zx = Z'WX (q-by-p), zy = Z'Wy and β the coefficients, adds
+    over the levels, each k-by-k and indexed [e, a]:
+
+        ktrace += A_l T M_l⁻¹                          (K_ll)
+        rss    += (zy_l - A_l T u_l - zx_l β) u_l'      ((Z'Wε)_l u_l')
+        schur  += (zx_l - A_l T V_l) S⁻¹ V_l'           (V_l = M_l⁻¹ T' zx_l; when sinv
+                                                         has p rows, else untouched)
+
+    NumPy twin: _lmm_gradient._one_term_numpy.
+    """
+    cdef Py_ssize_t nlev = L.shape[0] // (k * k), l
+    cdef Py_ssize_t p = zx.shape[1], i, j
+    cdef bint reml = sinv.shape[0] == p and p > 0
+    cdef int a, c, e
+    cdef double s
+    cdef double *buf = <double *> malloc((4 * k * k + k + 3 * k * max(p, 1)) * sizeof(double))
+    if buf == NULL:
+        raise MemoryError()
+    cdef double *ct = buf                      # A_l T
+    cdef double *linv = buf + k * k            # L_l⁻¹ (lower)
+    cdef double *minv = buf + 2 * k * k        # M_l⁻¹
+    cdef double *kt = buf + 3 * k * k
+    cdef double *zres = buf + 4 * k * k
+    cdef double *v = zres + k                  # V_l, then V_l S⁻¹ (k-by-p, column-major)
+    cdef double *w = v + k * max(p, 1)         # zx_l - A_l T V_l
+    cdef double *y = w + k * max(p, 1)
+    cdef const double *A
+    cdef const double *B
+    with nogil:
+        for l in range(nlev):
+            A = &avals[l * k * k]
+            B = &L[l * k * k]
+            for c in range(k):                 # ct = A T (T lower)
+                for e in range(k):
+                    s = 0.0
+                    for a in range(c, k):
+                        s += A[e + a * k] * lam[a + c * k]
+                    ct[e + c * k] = s
+            for c in range(k):                 # linv = L⁻¹, column by column
+                for e in range(k):
+                    if e < c:
+                        linv[e + c * k] = 0.0
+                        continue
+                    s = 1.0 if e == c else 0.0
+                    for a in range(c, e):
+                        s -= B[e + a * k] * linv[a + c * k]
+                    linv[e + c * k] = s / B[e + e * k]
+            for c in range(k):                 # minv = L⁻ᵀ L⁻¹
+                for e in range(k):
+                    s = 0.0
+                    for a in range(max(e, c), k):
+                        s += linv[a + e * k] * linv[a + c * k]
+                    minv[e + c * k] = s
+            for e in range(k):
+                for c in range(k):
+                    s = 0.0
+                    for a in range(k):
+                        s += ct[e + a * k] * minv[a + c * k]
+                    ktrace[e, c] += s
+                s = zy[l * k + e]
+                for a in range(k):
+                    s -= ct[e + a * k] * u[l * k + a]
+                for j in range(p):
+                    s -= zx[l * k + e, j] * beta[j]
+                zres[e] = s
+            for e in range(k):
+                for a in range(k):
+                    rss[e, a] += zres[e] * u[l * k + a]
+            if not reml:
+                continue
+            for j in range(p):                 # y = T' zx_l, v = M⁻¹ y, w = zx_l - ct v
+                for a in range(k):
+                    s = 0.0
+                    for e in range(a, k):
+                        s += lam[e + a * k] * zx[l * k + e, j]
+                    y[a + j * k] = s
+                for a in range(k):
+                    s = 0.0
+                    for e in range(k):
+                        s += minv[a + e * k] * y[e + j * k]
+                    v[a + j * k] = s
+                for e in range(k):
+                    s = zx[l * k + e, j]
+                    for a in range(k):
+                        s -= ct[e + a * k] * v[a + j * k]
+                    w[e + j * k] = s
+            for a in range(k):                 # y = v S⁻¹
+                for j in range(p):
+                    s = 0.0
+                    for i in range(p):
+                        s += v[a + i * k] * sinv[i, j]
+                    y[a + j * k] = s
+            for e in range(k):
+                for a in range(k):
+                    s = 0.0
+                    for j in range(p):
+                        s += w[e + j * k] * y[a + j * k]
+                    schur[e, a] += s
+    free(buf)
