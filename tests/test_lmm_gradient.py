@@ -168,3 +168,37 @@ def test_polished_theta_does_not_depend_on_the_order_of_rows(reml):
     # the recorded gradient is the exact one at the reported θ, and it vanishes
     assert np.max(np.abs(a.optsum.derivs.gradient)) < 1e-8
     assert np.array_equal(a.optsum.derivs.gradient, lmm_value_and_gradient(a.model, a.theta)[1])
+
+
+@pytest.mark.parametrize("formula,kw", [
+    ("reaction ~ 1 + days + (1 + days | subj)", {}),
+    ("reaction ~ 1 + days + (1 + days | subj)", {"REML": True}),
+    ("reaction ~ 1 + days + (1 + days || subj)", {"REML": True, "weights": "w"}),
+    ("reaction ~ 1 + (1 | subj)", {"REML": True}),
+    ("reaction ~ 1 + days + (1 + days + d2 | subj)", {"REML": True}),
+])
+def test_compiled_one_term_sums_equal_their_numpy_twin(formula, kw):
+    from mixedmodels._linalg._blocked import blockdiag_lmm_gradient
+    from mixedmodels._lmm_gradient import one_term_sums_numpy
+
+    df = mm.dataset("sleepstudy").copy()
+    df["d2"] = (df["days"] - 4.5) ** 2 / 10
+    df["w"] = np.linspace(0.5, 2.0, len(df))
+    m = mm.LinearMixedModel(formula, df, **kw)
+    ws = m.workspace
+    th = np.linspace(0.3, 1.1, m.layout.ntheta) * np.where(np.isfinite(m.layout.lower), 1, 0.1)
+    ktrace0, rss0, schur0 = one_term_sums_numpy(m, th)
+    # the kernel's inputs at the same θ, as _lmm_gradient assembles them
+    _, _, r, _ = m._evaluate(th)
+    p, k = m.p, int(ws.pattern.kk[0])
+    beta = np.linalg.solve(r[:p, :p], r[:p, p])
+    u = ws.backward(np.asfortranarray((ws.rzxy[:, p] - ws.rzxy[:, :p] @ beta)[:, None]))[:, 0]
+    sinv = np.linalg.inv(r[:p, :p].T @ r[:p, :p]) if m.REML else np.zeros((0, 0))
+    out = [np.zeros((k, k)) for _ in range(3)]
+    blockdiag_lmm_gradient(ws.avals, m.layout.lam(th), ws.blockdiag_diagonal(), k,
+                           np.ascontiguousarray(u), ws.ztxy[:, :p], ws.ztxy[:, p], beta, sinv,
+                           *out)
+    for got, want in zip(out, (ktrace0, rss0, schur0)):
+        assert np.allclose(got, want, rtol=1e-10, atol=1e-10 * max(1.0, np.abs(want).max()))
+    if not m.REML:
+        assert np.all(out[2] == 0.0)
