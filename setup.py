@@ -39,6 +39,7 @@ extensions = [
         ["src/mixedmodels/_linalg/_cholmod.pyx", "csrc/mm_cholmod.c"], ["cholmod"], openmp=True),
     ext("mixedmodels._linalg._blocked", ["src/mixedmodels/_linalg/_blocked.pyx"]),
     ext("mixedmodels._kernels._glm", ["src/mixedmodels/_kernels/_glm.pyx"]),
+    ext("mixedmodels._kernels._gradient", ["src/mixedmodels/_kernels/_gradient.pyx"]),
 ]
 
 setup(

@@ -220,3 +220,18 @@ def test_refuses_what_it_does_not_cover():
     assert value == pytest.approx(nb._value(x[nb.p:], x[:nb.p], 1.0, family=fam)[0],
                                   rel=1e-12)
     assert grad.shape == (nb.p + 1,)
+
+
+@pytest.mark.parametrize("name", ["cbpp", "contra", "contra_vector"])
+def test_compiled_one_term_gradient_equals_its_numpy_twin(name):
+    from mixedmodels._gradient import _gradient_at_modes_numpy, _one_term_compiled
+
+    model, x = fitted(name)
+    p = model.p
+    for point in (x, x * 1.1 + 0.05):
+        theta = point[p:]
+        theta = np.where(np.isfinite(model.layout.lower), np.abs(theta), theta)
+        _, u, _ = model._value(theta, point[:p], 1.0)
+        got = _one_term_compiled(model, model.workspace, theta, u, model.family)
+        want = _gradient_at_modes_numpy(model, theta, u, model.family)
+        assert np.allclose(got, want, rtol=1e-10, atol=1e-10 * max(1.0, np.abs(want).max()))

@@ -178,7 +178,7 @@ def test_polished_theta_does_not_depend_on_the_order_of_rows(reml):
     ("reaction ~ 1 + days + (1 + days + d2 | subj)", {"REML": True}),
 ])
 def test_compiled_one_term_sums_equal_their_numpy_twin(formula, kw):
-    from mixedmodels._linalg._blocked import blockdiag_lmm_gradient
+    from mixedmodels._kernels._gradient import lmm_blockdiag_gradient
     from mixedmodels._lmm_gradient import one_term_sums_numpy
 
     df = mm.dataset("sleepstudy").copy()
@@ -195,7 +195,7 @@ def test_compiled_one_term_sums_equal_their_numpy_twin(formula, kw):
     u = ws.backward(np.asfortranarray((ws.rzxy[:, p] - ws.rzxy[:, :p] @ beta)[:, None]))[:, 0]
     sinv = np.linalg.inv(r[:p, :p].T @ r[:p, :p]) if m.REML else np.zeros((0, 0))
     out = [np.zeros((k, k)) for _ in range(3)]
-    blockdiag_lmm_gradient(ws.avals, m.layout.lam(th), ws.blockdiag_diagonal(), k,
+    lmm_blockdiag_gradient(ws.avals, m.layout.lam(th), ws.blockdiag_diagonal(), k,
                            np.ascontiguousarray(u), ws.ztxy[:, :p], ws.ztxy[:, p], beta, sinv,
                            *out)
     for got, want in zip(out, (ktrace0, rss0, schur0)):

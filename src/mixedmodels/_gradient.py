@@ -66,6 +66,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from ._dispersion import link_derivatives, observed_weights, variance_derivatives
+from ._kernels._gradient import laplace_blockdiag_gradient
 
 __all__ = ["laplace_gradient", "laplace_gradient_reference", "laplace_value_and_gradient"]
 
@@ -306,6 +307,31 @@ def _theta_gradient(model, rows, per_row):
 
 
 def _gradient_at_modes(model, theta, u, fam):
+    ws = model.workspace
+    if ws.factor is None and _compiled_case(fam):
+        return _one_term_compiled(model, ws, theta, u, fam)
+    return _gradient_at_modes_numpy(model, theta, u, fam)
+
+
+def _compiled_case(fam):
+    return (fam.canonical_link and fam.name in ("Bernoulli", "Binomial", "Poisson")
+            and fam.link.name in ("logit", "log"))
+
+
+def _one_term_compiled(model, ws, theta, u, fam):
+    """One term, canonical link: the kernel ``laplace_blockdiag_gradient`` (the formulas
+    of the module Notes, level by level)."""
+    pat, st, layout = ws.pattern, model.state, model.layout
+    k = int(pat.kk[0])
+    grad_beta, grad_t = np.empty(model.p), np.empty((k, k))
+    laplace_blockdiag_gradient(pat.codes[0], pat.zcat, layout.lam(theta), k, st.wrkwt,
+                               st.wrkresid, st.mu, fam.link.name == "logit",
+                               np.ascontiguousarray(u), model.X, grad_beta, grad_t)
+    return np.concatenate([grad_beta, [grad_t[e, a] for _, e, a in layout.entries]])
+
+
+def _gradient_at_modes_numpy(model, theta, u, fam):
+    """Every case, and the compiled one-term kernel's twin."""
     rows = _Rows(model, theta)
     d, W, Wo, dW, canonical = _response_side(model, fam)
     c, minv0 = _own_coefficients(model, rows, W)

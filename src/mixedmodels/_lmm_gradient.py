@@ -30,7 +30,8 @@ import numpy as np
 import scipy.linalg as sla
 import scipy.sparse as sp
 
-from ._linalg._blocked import blockdiag_lmm_gradient, upper_solve
+from ._kernels._gradient import lmm_blockdiag_gradient
+from ._linalg._blocked import upper_solve
 
 __all__ = ["DENSE_MAX", "has_exact_gradient", "lmm_value_and_gradient"]
 
@@ -142,7 +143,7 @@ def lmm_value_and_gradient(model, theta):
 
 
 def _one_term_compiled(model, ws, theta, r, beta, u):
-    """One term, in one compiled pass over the levels (``blockdiag_lmm_gradient``)."""
+    """One term, in one compiled pass over the levels (``lmm_blockdiag_gradient``)."""
     p, layout = model.p, ws.layout
     k = int(ws.pattern.kk[0])
     if model.REML and p:
@@ -155,7 +156,7 @@ def _one_term_compiled(model, ws, theta, r, beta, u):
     else:
         sinv = _NO_SCHUR
     ktrace, rss, schur = np.zeros((k, k)), np.zeros((k, k)), np.zeros((k, k))
-    blockdiag_lmm_gradient(ws.avals, layout.lam(theta), ws.blockdiag_diagonal(), k,
+    lmm_blockdiag_gradient(ws.avals, layout.lam(theta), ws.blockdiag_diagonal(), k,
                            np.ascontiguousarray(u), ws.ztxy[:, :p], ws.ztxy[:, p], beta, sinv,
                            ktrace, rss, schur)
     g = 2.0 * (ktrace - (model._dfr / float(r[-1, -1]) ** 2) * rss - schur)
@@ -166,7 +167,7 @@ _NO_SCHUR = np.zeros((0, 0))
 
 
 def one_term_sums_numpy(model, theta):
-    """NumPy twin of ``blockdiag_lmm_gradient``: (ktrace, rss, schur) at θ, each [e, a]."""
+    """NumPy twin of ``lmm_blockdiag_gradient``: (ktrace, rss, schur) at θ, each [e, a]."""
     ws = model.workspace
     val, _, r, pwrss = model._evaluate(np.asarray(theta, dtype=float))
     p = model.p
