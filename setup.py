@@ -38,6 +38,7 @@ extensions = [
     ext("mixedmodels._linalg._cholmod",
         ["src/mixedmodels/_linalg/_cholmod.pyx", "csrc/mm_cholmod.c"], ["cholmod"], openmp=True),
     ext("mixedmodels._linalg._blocked", ["src/mixedmodels/_linalg/_blocked.pyx"]),
+    ext("mixedmodels._linalg._densetail", ["src/mixedmodels/_linalg/_densetail.pyx"]),
     ext("mixedmodels._kernels._glm", ["src/mixedmodels/_kernels/_glm.pyx"]),
     ext("mixedmodels._kernels._gradient", ["src/mixedmodels/_kernels/_gradient.pyx"]),
 ]

@@ -118,9 +118,13 @@ def test_blockdiag_factor_and_solves_match_numpy(k):
 
 @pytest.mark.parametrize("label,nlevels,kk", CASES + [("zerocorr", [9, 4], [3, 2])])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_blocked_system_matches_dense_cholesky(label, nlevels, kk, weighted):
+@pytest.mark.parametrize("dense_tail", [True, False])
+def test_blocked_system_matches_dense_cholesky(label, nlevels, kk, weighted, dense_tail,
+                                               monkeypatch):
     """log det(L) and the Schur complement factor against numpy.linalg.cholesky of the
-    dense Λ'Z'WZΛ + I, on both paths (block-diagonal and CHOLMOD)."""
+    dense Λ'Z'WZΛ + I, on every path (block-diagonal, CHOLMOD, dense tail)."""
+    from mixedmodels._linalg import system as system_module
+    monkeypatch.setattr(system_module, "DENSE_TAIL", dense_tail)
     zerocorr = [True, False] if label == "zerocorr" else None
     rng, codes, z, zc = random_problem(6, nlevels, kk, zerocorr=zerocorr)
     n = len(codes[0])
@@ -133,4 +137,42 @@ def test_blocked_system_matches_dense_cholesky(label, nlevels, kk, weighted):
     want_logdet, want_r = _twins.factorize(system.pattern, system.layout.templates(theta), xy, w)
     assert logdet == pytest.approx(want_logdet, rel=KERNEL)
     np.testing.assert_allclose(r, want_r, rtol=1e-9, atol=KERNEL)
-    assert system.path == ("block-diagonal" if len(kk) == 1 else "cholmod")
+    if len(kk) == 1:
+        assert system.path == "block-diagonal"
+    else:
+        assert system.path in (("dense-tail", "cholmod") if dense_tail else ("cholmod",))
+
+
+@pytest.mark.parametrize("nlevels,kk", [([11, 5], [1, 1]), ([10, 6, 3], [2, 1, 2]),
+                                        ([9, 4], [3, 2]), ([40, 3], [1, 1])])
+def test_dense_tail_factor_is_the_dense_cholesky(nlevels, kk):
+    """With no permutation the dense-tail factor is numpy.linalg.cholesky of M itself (its
+    twin): log det, L⁻¹b and L'⁻¹b, and a non-positive-definite M raises."""
+    from mixedmodels._linalg._densetail import DenseTailFactor
+
+    rng, codes, z, zc = random_problem(9, nlevels, kk)
+    system = BlockedSystem(codes, z, nlevels, zc)
+    system.set_products(np.ones((len(codes[0]), 1)))
+    pat = system.pattern
+    theta = random_theta(rng, system.layout)
+    lam = _twins.dense_lambda(pat, system.layout.templates(theta))
+    zd = _twins.dense_z(pat)
+    m = lam.T @ zd.T @ zd @ lam + np.eye(pat.q)
+    mx = np.zeros(len(pat.indices))
+    for j in range(pat.q):
+        rows = pat.indices[pat.indptr[j]:pat.indptr[j + 1]]
+        mx[pat.indptr[j]:pat.indptr[j + 1]] = m[rows, j]
+    factor = DenseTailFactor(pat.indptr, pat.indices, mx, int(pat.kk[0]), int(pat.uoff[1]))
+    factor.factorize()
+    chol = np.linalg.cholesky(m)
+    assert factor.logdet() == pytest.approx(np.sum(np.log(np.diag(chol))), rel=KERNEL)
+    b = np.asfortranarray(rng.standard_normal((pat.q, 3)))
+    fwd = factor.forward(b.copy(order="F"))
+    np.testing.assert_allclose(fwd, np.linalg.solve(chol, b), rtol=1e-9, atol=KERNEL)
+    bwd = factor.backward(b.copy(order="F"))
+    np.testing.assert_allclose(bwd, np.linalg.solve(chol.T, b), rtol=1e-9, atol=KERNEL)
+    mx[pat.indptr[pat.q - 1]] = -1.0        # the last diagonal entry
+    with pytest.raises(np.linalg.LinAlgError):
+        factor.factorize()
+    with pytest.raises(ValueError, match="no factorization"):
+        factor.forward(b.copy(order="F"))

@@ -51,7 +51,7 @@ CASES = {
         mm.dataset("verbagg"), mm.Bernoulli()),
 }
 PATHS = {"cbpp": "block-diagonal", "contra": "block-diagonal",
-         "contra_vector": "block-diagonal", "grouseticks": "cholmod", "verbagg": "cholmod"}
+         "contra_vector": "block-diagonal", "grouseticks": "dense-tail", "verbagg": "dense-tail"}
 
 _cache = {}
 
@@ -117,9 +117,12 @@ def test_cheap_path_matches_plain_matrices(name):
     # an uncorrelated term and three terms
     "r2 ~ 1 + anger + gender + (1 + situ || subj) + (1 | item) + (1 | btype)",
 ])
-def test_vector_terms_on_the_cholmod_path(formula):
+@pytest.mark.parametrize("dense_tail", [True, False])
+def test_vector_terms_on_the_cholmod_path(formula, dense_tail, monkeypatch):
+    from mixedmodels._linalg import system
+    monkeypatch.setattr(system, "DENSE_TAIL", dense_tail)
     model = mm.GeneralizedLinearMixedModel(formula, mm.dataset("verbagg"), mm.Bernoulli())
-    assert model.path == "cholmod"
+    assert model.path == ("dense-tail" if dense_tail else "cholmod")
     lower = model.layout.lower
     theta = np.where(np.isfinite(lower), 0.7, 0.1)
     beta = model.beta0 + 0.03

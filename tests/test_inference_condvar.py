@@ -141,7 +141,7 @@ def test_matches_mixedmodels_jl_first_level():
 
 def test_crossed_lmm_matches_dense():
     fit = fit_reference("penicillin_ml")
-    assert fit.model.path == "cholmod"
+    assert fit.model.path in ("cholmod", "dense-tail")
     assert_matches_dense(fit.condvar(), fit, dense_condvar(fit))
 
 
@@ -149,7 +149,7 @@ def test_vector_terms_on_the_cholmod_path_match_dense_in_small_batches():
     sleep = mm.dataset("sleepstudy")
     sleep["day"] = sleep["days"].astype(str)
     fit = mm.fit("reaction ~ 1 + days + (1 + days | subj) + (1 | day)", sleep)
-    assert fit.model.path == "cholmod"
+    assert fit.model.path in ("cholmod", "dense-tail")
     dense = dense_condvar(fit)
     assert_matches_dense(fit.condvar(), fit, dense)
     # the smallest batches (three of subj, one of day) give the same blocks
@@ -170,7 +170,7 @@ def test_binomial_glmm_matches_dense():
 def test_crossed_poisson_glmm_matches_dense():
     ticks = mm.dataset("grouseticks")
     fit = mm.fit("ticks ~ 1 + year + (1 | brood) + (1 | location)", ticks, family=mm.Poisson())
-    assert fit.model.path == "cholmod"
+    assert fit.model.path in ("cholmod", "dense-tail")
     assert_matches_dense(fit.condvar(), fit, dense_condvar(fit, fit.mu, scale2=1.0))  # log: μ
 
 

@@ -116,7 +116,7 @@ def _check(venv, lme4_ref, prefix=(), expect_hidden=False):
 
     assert Path(out["module"]).resolve().is_relative_to(venv["site"].resolve()), out["module"]
     assert out["sleepstudy"]["path"] == "block-diagonal"
-    assert out["penicillin"]["path"] == "cholmod"
+    assert out["penicillin"]["path"] == "dense-tail"
     for name, key in (("sleepstudy_ml", "sleepstudy"), ("penicillin_crossed", "penicillin")):
         ref = lme4_ref[name]["lme4"]["objective"]
         assert out[key]["objective"] == pytest.approx(ref, abs=OBJECTIVE_ABS), name

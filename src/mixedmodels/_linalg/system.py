@@ -17,7 +17,11 @@ Two paths, chosen from the structure of the model and reported by ``path``:
   one k-by-k block per level, factored level by level in _blocked.pyx;
 - "cholmod": several (crossed or nested) terms; the lower triangle of the first block is
   a sparse matrix with a fixed pattern, analysed once by CHOLMOD and refactorized in
-  place for every θ (supernodal where fill-in makes dense blocks worthwhile).
+  place for every θ (supernodal where fill-in makes dense blocks worthwhile);
+- "dense-tail": several terms whose trailing block fills in: the same values, factored
+  with the first term level by level and the rest as one dense LAPACK Cholesky
+  (_densetail.pyx), chosen by flop count against CHOLMOD's (``DENSE_TAIL`` = False
+  keeps CHOLMOD, for comparisons).
 """
 import time
 
@@ -25,11 +29,23 @@ import numpy as np
 
 from . import _blocked
 from ._cholmod import SparseCholesky
+from ._densetail import DenseTailFactor
 from ._pattern import build_pattern
 
 
-def faster_factor(indptr, indices, mx):
-    """The CHOLMOD factor of this pattern, simplicial or supernodal, whichever is faster.
+# The dense tail is chosen while its flops are at most this many times CHOLMOD's: LAPACK's
+# dense Cholesky ran ~20 GFlop/s on one thread here, CHOLMOD's supernodal code on
+# insteval's narrower supernodes ~6 (19.8 against 42.6 ms for 1.9 times the flops), and its
+# simplicial code on small models is overhead-bound (penicillin: 3 against 5 µs).
+DENSE_TAIL = True
+_DENSE_TAIL_FLOPS = 3.0
+_DENSE_TAIL_MAX = 4000        # r: the dense block is r² doubles (128 MB at 4,000)
+
+
+def faster_factor(indptr, indices, mx, k0=None, q0=None):
+    """The factor of this pattern: the dense tail (term 0 by levels, the rest dense; see
+    _densetail.pyx) where its flops are within a few times CHOLMOD's, else CHOLMOD's,
+    simplicial or supernodal, whichever is faster.
 
     CHOLMOD picks supernodal when the flop count per nonzero of L is high, but where the
     supernodes are narrow (a two-column random slope on 1,000 levels crossed with 500
@@ -43,6 +59,10 @@ def faster_factor(indptr, indices, mx):
     diag[indptr[:-1]] = True             # sorted CSC lower triangle: the diagonal comes first
     mx[:] = np.where(diag, 1.0, 0.0)
     auto = SparseCholesky(indptr, indices, mx)
+    if q0 is not None and DENSE_TAIL:
+        tail = _dense_tail(indptr, indices, mx, k0, q0, auto.flops)
+        if tail is not None:
+            return tail
     if not auto.is_supernodal or auto.flops > 350.0 * auto.nnz_factor:
         return auto
     simplicial = SparseCholesky(indptr, indices, mx, mode="simplicial")
@@ -53,6 +73,22 @@ def faster_factor(indptr, indices, mx):
         return time.perf_counter() - t0
 
     return simplicial if seconds(simplicial) < seconds(auto) else auto
+
+
+def _dense_tail(indptr, indices, mx, k0, q0, cholmod_flops):
+    """A DenseTailFactor when its flop count is within _DENSE_TAIL_FLOPS of CHOLMOD's."""
+    q = len(indptr) - 1
+    r = q - q0
+    if r > _DENSE_TAIL_MAX or q0 == 0:
+        return None
+    # n_l: the other levels that level l of term 0 meets (the rows below its block)
+    starts = indptr[0:q0:k0]
+    own_end = starts + k0
+    met = indptr[1:q0 + 1:k0] - own_end
+    flops = r ** 3 / 3.0 + float(np.sum(met.astype(float) ** 2)) * k0 + q0 * k0 * k0
+    if flops > _DENSE_TAIL_FLOPS * cholmod_flops + 1e5:
+        return None
+    return DenseTailFactor(indptr, indices, mx, int(k0), int(q0))
 
 
 class ThetaLayout:
@@ -147,7 +183,10 @@ class BlockedSystem:
         else:
             self.path = "cholmod"
             self._mx = np.zeros(len(pat.indices))
-            self.factor = faster_factor(pat.indptr, pat.indices, self._mx)
+            self.factor = faster_factor(pat.indptr, pat.indices, self._mx,
+                                        int(pat.kk[0]), int(pat.uoff[1]))
+            if isinstance(self.factor, DenseTailFactor):
+                self.path = "dense-tail"
         self.ztxy = self.xtxy = None
         self.rzxy = self._r = None
         self._empty = np.zeros(0)
@@ -329,6 +368,10 @@ class BlockedSystem:
         pat = self.pattern
         if self.factor is None:
             return f"block-diagonal: one term, {pat.nlev[0]} levels of {pat.kk[0]}-by-{pat.kk[0]} blocks"
+        if isinstance(self.factor, DenseTailFactor):
+            return (f"dense tail: {pat.nterm} terms, the first ({pat.nlev[0]} levels) "
+                    f"block diagonal, the other {self.factor.r} random effects one dense "
+                    "block")
         kind = "supernodal" if self.factor.is_supernodal else "simplicial"
         return (f"cholmod ({kind}): {pat.nterm} terms, q = {self.q}, "
                 f"nnz(M lower) = {len(pat.indices)}, nnz(L) = {self.factor.nnz_factor}")

@@ -1,0 +1,243 @@
+# cython: language_level=3
+"""The Cholesky factor of M = Λ'Z'WZΛ + I with the first term eliminated level by level
+and the rest as one dense block: the factor for models whose trailing block fills in.
+
+With term 0 (the most levels) first, M = [[A, B'], [B, C]] where A is block diagonal (one
+k₀-by-k₀ block per level: a row of the data has one level of each term) and B, C hold the
+other terms. Then
+
+    L = [[L_A, 0], [W', L_S]],   L_A L_A' = A,   W = L_A⁻¹B',   L_S L_S' = S = C - W'W,
+
+and S, the Schur complement, is r-by-r for r = q - q₀ random effects after term 0. On
+insteval (q₀ = 2,972 students, r = 1,142 lecturers and departments) S is practically dense
+once term 0 is eliminated, whatever the ordering: CHOLMOD's supernodal factorization of
+the whole M took 45-65 ms per θ on one thread, and LAPACK's dense Cholesky of S alone
+20-26 ms, S itself (a rank-k₀ update per level of term 0, Σ_l n_l² k₀ flops for n_l
+other levels met by level l) a few more. That is MixedModels.jl's layout, with a dense
+LAPACK factorization of the whole tail instead of its blocked one.
+
+The factor reads M's lower triangle in the CSC layout the CHOLMOD factor reads (the
+values ``mx`` that ``ThetaFactorizer`` writes), and offers the same calls: factorize(),
+logdet(), forward(b), backward(b), with no fill-reducing permutation (P = I). With P = I
+the factor is the Cholesky factor of M itself, so its NumPy twin is
+``numpy.linalg.cholesky`` of the dense M (tests/test_blocked.py).
+"""
+from libc.math cimport log, sqrt
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset
+
+import numpy as np
+
+from scipy.linalg.cython_lapack cimport dpotrf
+from scipy.linalg.cython_blas cimport dtrsm
+
+
+cdef class DenseTailFactor:
+    """Factor of M (lower CSC pattern ``indptr``/``indices``, values ``mx``) with term 0's
+    q₀ = k₀·nlev₀ columns block diagonal and the remaining r columns dense."""
+
+    cdef const int[::1] indptr, indices
+    cdef const double[::1] mx
+    cdef readonly int k0, q, q0, r
+    cdef readonly Py_ssize_t nlev0
+    cdef int[::1] first_rest        # per column of term 0: first CSC slot with row >= q0
+    cdef double[::1] l0             # level factors L_l, column-major k0-by-k0 each
+    cdef double[::1] w              # W = L_A⁻¹B', at B's CSC slots
+    cdef double[::1, :] s           # S, then L_S (lower)
+    cdef double _logdet
+    cdef readonly bint factored
+
+    def __init__(self, indptr, indices, mx, int k0, int q0):
+        self.indptr = indptr
+        self.indices = indices
+        self.mx = mx
+        self.k0 = k0
+        self.q0 = q0
+        self.q = len(indptr) - 1
+        self.r = self.q - q0
+        self.nlev0 = q0 // k0
+        first = np.empty(q0, dtype=np.int32)
+        ip, ix = np.asarray(indptr), np.asarray(indices)
+        for j in range(q0):
+            lo, hi = ip[j], ip[j + 1]
+            first[j] = lo + np.searchsorted(ix[lo:hi], q0)
+            c = j % k0
+            # the level's own block (rows c..k0-1 of it), then the other terms' rows;
+            # every column of a level meets the same other levels (the pattern is by
+            # level pairs), which W's storage per level relies on
+            own = ix[lo:first[j]]
+            if not np.array_equal(own, np.arange(j, j - c + k0)) or (
+                    c and not np.array_equal(ix[first[j]:hi], ix[first[j - 1]:ip[j]])):
+                raise ValueError("M's pattern is not that of a first term with levels "
+                                 f"of {k0} columns (column {j})")
+        self.first_rest = first
+        self.l0 = np.zeros(self.nlev0 * k0 * k0)
+        self.w = np.zeros(len(mx))
+        self.s = np.zeros((self.r, self.r), order="F")
+        self.factored = False
+
+    @property
+    def is_supernodal(self):
+        """Whether the factor has dense blocks worth BLAS threads (a large tail)."""
+        return self.r >= 256
+
+    @property
+    def nnz_factor(self):
+        return int(self.first_rest[self.q0 - 1] - self.indptr[0]) if self.q0 else 0
+
+    def logdet(self):
+        """Σ log diag(L), half the log-determinant of M, at the last factorization."""
+        return self._logdet
+
+    def factorize(self):
+        """Factor M at the current values; raises LinAlgError if it is not positive
+        definite."""
+        cdef int status
+        with nogil:
+            status = self._factorize()
+        if status:
+            self.factored = False
+            raise np.linalg.LinAlgError("random-effects block not positive definite")
+        self.factored = True
+
+    cdef int _factorize(self) noexcept nogil:
+        cdef int k0 = self.k0, q0 = self.q0, r = self.r, info = 0, a, c, e
+        cdef Py_ssize_t lev, j, jj, t, t2, nr, i1, i2
+        cdef double v, logdet = 0.0
+        cdef double *lo
+        cdef const int *ip = &self.indptr[0]
+        cdef const int *ix = &self.indices[0]
+        cdef const double *mx = &self.mx[0]
+        cdef double *w = &self.w[0]
+        cdef double *s = &self.s[0, 0] if r > 0 else NULL
+        # S starts as C (the lower triangle of the trailing columns)
+        if r > 0:
+            memset(s, 0, r * r * sizeof(double))
+        for j in range(q0, q0 + r):
+            for t in range(ip[j], ip[j + 1]):
+                s[(ix[t] - q0) + (j - q0) * r] = mx[t]
+        for lev in range(self.nlev0):
+            lo = &self.l0[lev * k0 * k0]
+            # A_l: the lower triangle of the level's own k0 columns
+            for c in range(k0):
+                j = lev * k0 + c
+                for a in range(k0):
+                    lo[a + c * k0] = 0.0
+                for t in range(ip[j], self.first_rest[j]):
+                    lo[(ix[t] - lev * k0) + c * k0] = mx[t]
+            for c in range(k0):                 # in-place Cholesky, by columns
+                v = lo[c + c * k0]
+                for e in range(c):
+                    v -= lo[c + e * k0] * lo[c + e * k0]
+                if v <= 0.0:
+                    return 1
+                v = sqrt(v)
+                lo[c + c * k0] = v
+                logdet += log(v)
+                for a in range(c + 1, k0):
+                    for e in range(c):
+                        lo[a + c * k0] -= lo[a + e * k0] * lo[c + e * k0]
+                    lo[a + c * k0] /= v
+            # W_l = L_l⁻¹ B_l': column c of the level holds row c of B_l at its slots
+            j = lev * k0
+            nr = ip[j + 1] - self.first_rest[j]
+            for t in range(nr):
+                for c in range(k0):
+                    jj = lev * k0 + c
+                    v = mx[self.first_rest[jj] + t]
+                    for e in range(c):
+                        v -= lo[c + e * k0] * w[self.first_rest[lev * k0 + e] + t]
+                    w[self.first_rest[jj] + t] = v / lo[c + c * k0]
+            # S -= W_l'W_l on the levels the level meets (lower triangle)
+            for t in range(nr):
+                i1 = ix[self.first_rest[j] + t] - q0
+                for t2 in range(t + 1):
+                    i2 = ix[self.first_rest[j] + t2] - q0
+                    v = 0.0
+                    for c in range(k0):
+                        jj = self.first_rest[lev * k0 + c]
+                        v += w[jj + t] * w[jj + t2]
+                    s[i1 + i2 * r] -= v
+        if r > 0:
+            dpotrf(b"L", &r, s, &r, &info)
+            if info != 0:
+                return 1
+            for a in range(r):
+                logdet += log(s[a + a * r])
+        self._logdet = logdet
+        return 0
+
+    def forward(self, double[::1, :] b):
+        """In place b <- L⁻¹ b (q-by-m, Fortran)."""
+        self._check(b)
+        with nogil:
+            self._forward(b)
+        return b
+
+    def backward(self, double[::1, :] b):
+        """In place b <- L'⁻¹ b (q-by-m, Fortran)."""
+        self._check(b)
+        with nogil:
+            self._backward(b)
+        return b
+
+    def _check(self, b):
+        if not self.factored:
+            raise ValueError("the factor holds no factorization")
+        if b.shape[0] != self.q:
+            raise ValueError(f"b has {b.shape[0]} rows; the factor has {self.q}")
+
+    cdef void _forward(self, double[::1, :] b) noexcept nogil:
+        cdef int k0 = self.k0, q0 = self.q0, r = self.r, m = b.shape[1], ldb = b.shape[0]
+        cdef Py_ssize_t lev, col, t, nr, j
+        cdef int a, c
+        cdef double v, one = 1.0
+        cdef double *x
+        cdef const double *lo
+        cdef const int *ix = &self.indices[0]
+        for col in range(m):
+            x = &b[0, col]
+            for lev in range(self.nlev0):
+                lo = &self.l0[lev * k0 * k0]
+                for c in range(k0):             # x0 <- L_l⁻¹ x0
+                    v = x[lev * k0 + c]
+                    for a in range(c):
+                        v -= lo[c + a * k0] * x[lev * k0 + a]
+                    x[lev * k0 + c] = v / lo[c + c * k0]
+                j = lev * k0
+                nr = self.indptr[j + 1] - self.first_rest[j]
+                for c in range(k0):             # x_r[R_l] -= W_l' x0
+                    j = self.first_rest[lev * k0 + c]
+                    v = x[lev * k0 + c]
+                    for t in range(nr):
+                        x[ix[j + t]] -= self.w[j + t] * v
+        if r > 0 and m > 0:
+            dtrsm(b"L", b"L", b"N", b"N", &r, &m, &one, &self.s[0, 0], &r, &b[q0, 0], &ldb)
+
+    cdef void _backward(self, double[::1, :] b) noexcept nogil:
+        cdef int k0 = self.k0, q0 = self.q0, r = self.r, m = b.shape[1], ldb = b.shape[0]
+        cdef Py_ssize_t lev, col, t, nr, j
+        cdef int a, c
+        cdef double v, one = 1.0
+        cdef double *x
+        cdef const double *lo
+        cdef const int *ix = &self.indices[0]
+        if r > 0 and m > 0:
+            dtrsm(b"L", b"L", b"T", b"N", &r, &m, &one, &self.s[0, 0], &r, &b[q0, 0], &ldb)
+        for col in range(m):
+            x = &b[0, col]
+            for lev in range(self.nlev0):
+                lo = &self.l0[lev * k0 * k0]
+                j = lev * k0
+                nr = self.indptr[j + 1] - self.first_rest[j]
+                for c in range(k0):             # x0 -= W_l x_r[R_l]
+                    j = self.first_rest[lev * k0 + c]
+                    v = 0.0
+                    for t in range(nr):
+                        v += self.w[j + t] * x[ix[j + t]]
+                    x[lev * k0 + c] -= v
+                for c in range(k0 - 1, -1, -1):  # x0 <- L_l⁻ᵀ x0
+                    v = x[lev * k0 + c]
+                    for a in range(c + 1, k0):
+                        v -= lo[a + c * k0] * x[lev * k0 + a]
+                    x[lev * k0 + c] = v / lo[c + c * k0]
