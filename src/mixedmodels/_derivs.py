@@ -137,10 +137,12 @@ def finite_difference_derivatives(f, x, lower=None, upper=None, step=None, *, fx
                                   richardson=False, full_output=False):
     """Gradient and Hessian of a scalar function by finite differences.
 
-    The stencil is lme4's ``deriv12``: for each parameter, ``f(x ± h_i e_i)`` give the
-    gradient component and the Hessian diagonal; for each pair, the four points
-    ``f(x ± h_i e_i ± h_j e_j)`` give the off-diagonal entry. All formulas are second
-    order (error O(h^2)).
+    For each parameter, ``f(x ± h_i e_i)`` give the gradient component and the Hessian
+    diagonal (lme4's ``deriv12``); for each pair, the two points
+    ``f(x ± (h_i e_i + h_j e_j))`` with the axis points give the off-diagonal entry,
+    ``(f₊₊ + f₋₋ - f₊ᵢ - f₋ᵢ - f₊ⱼ - f₋ⱼ + 2f₀) / 2h_ih_j`` (where lme4 takes the four
+    points ``f(x ± h_i e_i ± h_j e_j)``: the same order for half the evaluations). All
+    formulas are second order (error O(h^2)).
 
     Parameters
     ----------
@@ -202,11 +204,11 @@ def finite_difference_derivatives(f, x, lower=None, upper=None, step=None, *, fx
     bad point, or an off-diagonal point is bad, :class:`NonFiniteObjectiveError` is
     raised.
 
-    **Cost.** With ``m`` of the ``n`` parameters one-sided, ``2 n^2 + 1 + m``
-    evaluations (``1 + 2n + 4 n(n-1)/2`` when all are central); with
-    ``richardson=True``, ``4 n^2 + 1 + m - m(m-1)/2``. Passing ``fx`` saves one; a
-    fallback after a non-finite value costs the failed calls plus the extra one-sided
-    points.
+    **Cost.** ``1 + 2n + n(n-1)`` evaluations when all parameters are central (``n^2 + n
+    + 1``); a pair with a one-sided parameter takes four points instead of two, and a
+    one-sided parameter one more on its axis; ``richardson=True`` about doubles it.
+    Passing ``fx`` saves one; a fallback after a non-finite value costs the failed calls
+    plus the extra one-sided points.
 
     **Accuracy.** The truncation error is about ``h^2 f'''/6`` for the gradient and
     ``h^2 f''''/12`` for the Hessian, the rounding error about ``eps |f| / h`` and
@@ -312,9 +314,19 @@ def finite_difference_derivatives(f, x, lower=None, upper=None, step=None, *, fx
         for i in range(n):
             g[i] = sum(w * value(key_of((i, k * d[i]))) for k, w in _FIRST[kind[i]]) / s[i]
             H[i, i] = sum(w * value(key_of((i, k * d[i]))) for k, w in _SECOND[kind[i]]) / s[i] ** 2
-        # mixed partial: one parameter's first-derivative stencil applied to the other's
         for i in range(n):
             for j in range(i):
+                if kind[i] == kind[j] == "central":
+                    # f(x ± (h_i e_i + h_j e_j)) with the axis points already at hand:
+                    # second order, and two new points where the product stencil takes four
+                    total = (value(key_of((i, d[i]), (j, d[j])))
+                             + value(key_of((i, -d[i]), (j, -d[j])))
+                             - value(key_of((i, d[i]))) - value(key_of((i, -d[i])))
+                             - value(key_of((j, d[j]))) - value(key_of((j, -d[j]))) + 2.0 * f0)
+                    H[i, j] = H[j, i] = total / (2.0 * s[i] * s[j])
+                    continue
+                # mixed partial: one parameter's first-derivative stencil applied to the
+                # other's (one-sided schemes)
                 total = 0.0
                 for ki, wi in _FIRST[kind[i]]:
                     for kj, wj in _FIRST[kind[j]]:
