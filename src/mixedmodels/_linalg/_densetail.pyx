@@ -102,7 +102,7 @@ cdef class DenseTailFactor:
 
     cdef int _factorize(self) noexcept nogil:
         cdef int k0 = self.k0, q0 = self.q0, r = self.r, info = 0, a, c, e
-        cdef Py_ssize_t lev, j, jj, t, t2, nr, i1, i2
+        cdef Py_ssize_t lev, j, jj, t, t2, nr, i2, base
         cdef double v, logdet = 0.0
         cdef double *lo
         cdef const int *ip = &self.indptr[0]
@@ -148,16 +148,22 @@ cdef class DenseTailFactor:
                     for e in range(c):
                         v -= lo[c + e * k0] * w[self.first_rest[lev * k0 + e] + t]
                     w[self.first_rest[jj] + t] = v / lo[c + c * k0]
-            # S -= W_l'W_l on the levels the level meets (lower triangle)
-            for t in range(nr):
-                i1 = ix[self.first_rest[j] + t] - q0
-                for t2 in range(t + 1):
-                    i2 = ix[self.first_rest[j] + t2] - q0
+            # S -= W_l'W_l on the levels the level meets (lower triangle), down the
+            # columns of S (rows ascend within a column of M)
+            base = self.first_rest[j]
+            for t2 in range(nr):
+                i2 = ix[base + t2] - q0
+                if k0 == 1:
+                    v = w[base + t2]
+                    for t in range(t2, nr):
+                        s[(ix[base + t] - q0) + i2 * r] -= w[base + t] * v
+                    continue
+                for t in range(t2, nr):
                     v = 0.0
                     for c in range(k0):
                         jj = self.first_rest[lev * k0 + c]
                         v += w[jj + t] * w[jj + t2]
-                    s[i1 + i2 * r] -= v
+                    s[(ix[base + t] - q0) + i2 * r] -= v
         if r > 0:
             dpotrf(b"L", &r, s, &r, &info)
             if info != 0:
