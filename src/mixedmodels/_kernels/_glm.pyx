@@ -738,6 +738,144 @@ def agq_deviance(int family, int link, const double[::1] fixed, const double[::1
     return total
 
 
+cdef inline double _agq_row(int family, int link, bint from_eta, double y, double w, double e,
+                            double *dev1) noexcept nogil:
+    # the weighted unit deviance at eta = e, formed as agq_deviance forms it, and (dev1)
+    # its derivative in eta for a canonical link, -2 w (y - mu) with mu clamped
+    cdef double me, m, aux = 0.0, d
+    m = _linkinv(link, e, &me, &aux)
+    d = w * (_binary_deviance_eta(family, link, y, e, m, aux) if from_eta
+             else _unit_deviance(family, y, _clamp_mu(family, m), NAN))
+    dev1[0] = -2.0 * w * (y - _clamp_mu(family, m))
+    return d
+
+
+def agq_value_gradient(int family, int link, const double[::1] fixed,
+                       const double[::1] zlam, const double[::1] z, const int[::1] codes,
+                       const double[::1] y, const double[::1] prior_w, const double[::1] u,
+                       const double[::1] sd, const double[::1] nodes,
+                       const double[::1] weights, double theta, const double[::1] wrkwt,
+                       const double[::1] mu, double[:, ::1] pi, double[:, ::1] gz,
+                       double[:, ::1] dev1, double[::1] r):
+    """``agq_deviance`` and its gradient over (β̃, θ), at the modes PIRLS has left.
+
+    For the canonical links of Bernoulli, Binomial (logit) and Poisson (log) only (so no
+    ``param``: these families have none); the derivation is in
+    mixedmodels/_agq_gradient.py, whose ``value_and_gradient_numpy``
+    is the twin. The inputs are agq_deviance's, and θ, the term's column z (zlam = θ z)
+    and the working weights and means at the modes (wrkwt, mu: the state PIRLS left).
+    pi, gz (K-by-nlev) and dev1 (K-by-n) are scratch; on return pi holds the normalized
+    node weights π_jk and gz the sums Σ_{i in j} dev'_ik z_i. Fills r with the row
+    weights of the β̃ gradient (dD/dβ̃ = X̃'r) and returns (value, dD/dθ); the value is
+    formed exactly as ``agq_deviance`` forms it, a node at 0 reusing the modes.
+    """
+    _check_codes(family, link, NAN)
+    if not ((family == FAM_BERNOULLI or family == FAM_BINOMIAL) and link == LNK_LOGIT
+            or family == FAM_POISSON and link == LNK_LOG):
+        raise ValueError("agq_value_gradient: only Bernoulli/Binomial-logit and Poisson-log")
+    cdef Py_ssize_t n = fixed.shape[0], nlev = u.shape[0], K = nodes.shape[0], i, j, k
+    cdef Py_ssize_t k0 = -1
+    cdef double zk, t, total = 0.0, w, d1, v, s, dp, B, C, EM, gtheta = 0.0
+    cdef bint weighted = prior_w.shape[0] > 0
+    cdef bint from_eta = _from_eta(family, link)
+    cdef bint logit = link == LNK_LOGIT
+    if (zlam.shape[0] != n or z.shape[0] != n or codes.shape[0] != n or y.shape[0] != n
+            or wrkwt.shape[0] != n or mu.shape[0] != n or r.shape[0] != n
+            or dev1.shape[0] != K or dev1.shape[1] != n):
+        raise ValueError("agq_value_gradient: per-observation arrays differ in length")
+    if (sd.shape[0] != nlev or pi.shape[0] != K or pi.shape[1] != nlev
+            or gz.shape[0] != K or gz.shape[1] != nlev or weights.shape[0] != K):
+        raise ValueError("agq_value_gradient: per-level arrays differ in length")
+    for k in range(K):
+        if nodes[k] == 0.0:
+            k0 = k
+    # per level: d(û), d at the current node, the quadrature sum, Σ dev'(η̂) z, Σ W z²,
+    # Σ W' z³, and the two coefficients of r_i = Σ_k π dev'_ik + ca W_i z_i + cb W'_i z_i²
+    cdef double *lev = <double *> malloc(8 * nlev * sizeof(double))
+    if lev == NULL:
+        raise MemoryError()
+    cdef double *devc0 = lev
+    cdef double *devc = lev + nlev
+    cdef double *mult = lev + 2 * nlev
+    cdef double *gz0 = lev + 3 * nlev
+    cdef double *wz2 = lev + 4 * nlev
+    cdef double *t3 = lev + 5 * nlev
+    cdef double *ca = lev + 6 * nlev
+    cdef double *cb = lev + 7 * nlev
+    with nogil:
+        for j in range(nlev):
+            devc0[j] = u[j] * u[j]
+            mult[j] = 0.0
+            gz0[j] = 0.0
+            wz2[j] = 0.0
+            t3[j] = 0.0
+        # the modes; r holds W' = dW/dη until the last pass
+        for i in range(n):
+            j = codes[i]
+            w = prior_w[i] if weighted else 1.0
+            devc0[j] += _agq_row(family, link, from_eta, y[i], w, fixed[i] + zlam[i] * u[j],
+                                 &d1)
+            gz0[j] += d1 * z[i]
+            if k0 >= 0:
+                dev1[k0, i] = d1
+            r[i] = wrkwt[i] * (1.0 - 2.0 * mu[i]) if logit else wrkwt[i]
+            wz2[j] += wrkwt[i] * z[i] * z[i]
+            t3[j] += r[i] * z[i] * z[i] * z[i]
+        for k in range(K):
+            zk = nodes[k]
+            if k == k0:
+                for j in range(nlev):
+                    mult[j] += weights[k]
+                    pi[k, j] = weights[k]
+                    gz[k, j] = gz0[j]
+                continue
+            for j in range(nlev):
+                devc[j] = (u[j] + zk * sd[j]) * (u[j] + zk * sd[j])
+                gz[k, j] = 0.0
+            for i in range(n):
+                j = codes[i]
+                w = prior_w[i] if weighted else 1.0
+                devc[j] += _agq_row(family, link, from_eta, y[i], w,
+                                    fixed[i] + zlam[i] * (u[j] + zk * sd[j]), &d1)
+                dev1[k, i] = d1
+                gz[k, j] += d1 * z[i]
+            for j in range(nlev):
+                t = weights[k] * exp((zk * zk - devc[j] + devc0[j]) / 2.0)
+                mult[j] += t
+                pi[k, j] = t
+        for j in range(nlev):
+            total += devc0[j] - 2.0 * (log(mult[j]) + log(sd[j]))
+        # the chain rule per level (_agq_gradient.py): with d'(v) = 2v + θ gz,
+        # A = Σ π d'(v), B = -2/s + Σ π z d'(v), C = -s³B/2, E/M = (A + C θ³ T) s²
+        for j in range(nlev):
+            ca[j] = 0.0
+            cb[j] = 0.0
+        for k in range(K):
+            for j in range(nlev):
+                pi[k, j] /= mult[j]
+                v = u[j] + nodes[k] * sd[j]
+                dp = 2.0 * v + theta * gz[k, j]
+                ca[j] += pi[k, j] * dp
+                cb[j] += pi[k, j] * nodes[k] * dp
+                gtheta += pi[k, j] * v * gz[k, j]
+        for j in range(nlev):
+            s = sd[j]
+            B = cb[j] - 2.0 / s
+            C = -0.5 * s * s * s * B
+            EM = (ca[j] + C * theta * theta * theta * t3[j]) * s * s
+            gtheta += (-EM * (theta * u[j] * wz2[j] + 0.5 * gz0[j])
+                       + C * (2.0 * theta * wz2[j] + theta * theta * u[j] * t3[j]))
+            ca[j] = -EM * theta
+            cb[j] = C * theta * theta
+        for i in range(n):
+            j = codes[i]
+            t = 0.0
+            for k in range(K):
+                t += pi[k, j] * dev1[k, i]
+            r[i] = t + (ca[j] * wrkwt[i] + cb[j] * r[i] * z[i]) * z[i]
+    free(lev)
+    return total, gtheta
+
 
 cdef void _eta_blockdiag(const double[::1] fixed, const double[:, ::1] z, const int[::1] codes,
                          const double *lam, int k, Py_ssize_t nlev, const double *u,
