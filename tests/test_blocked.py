@@ -176,3 +176,22 @@ def test_dense_tail_factor_is_the_dense_cholesky(nlevels, kk):
         factor.factorize()
     with pytest.raises(ValueError, match="no factorization"):
         factor.forward(b.copy(order="F"))
+
+
+def test_dense_tail_rest_inverse_is_the_dense_inverse():
+    from mixedmodels._linalg._densetail import DenseTailFactor
+
+    rng, codes, z, zc = random_problem(4, [10, 6, 3], [2, 1, 2])
+    system = BlockedSystem(codes, z, [10, 6, 3], zc)
+    pat = system.pattern
+    theta = random_theta(rng, system.layout)
+    lam = _twins.dense_lambda(pat, system.layout.templates(theta))
+    zd = _twins.dense_z(pat)
+    m = lam.T @ zd.T @ zd @ lam + np.eye(pat.q)
+    mx = np.concatenate([m[pat.indices[pat.indptr[j]:pat.indptr[j + 1]], j]
+                         for j in range(pat.q)])
+    factor = DenseTailFactor(pat.indptr, pat.indices, mx, int(pat.kk[0]), int(pat.uoff[1]))
+    factor.factorize()
+    q0 = int(pat.uoff[1])
+    np.testing.assert_allclose(factor.rest_inverse(), np.linalg.inv(m)[:, q0:], rtol=1e-9,
+                               atol=KERNEL)
