@@ -484,6 +484,13 @@ class ConvergenceCheck:
         The messages of :func:`check_convergence`; empty when converged.
     nfeval : int
         Objective evaluations spent on the derivatives.
+    stencil : {"central", "forward"}
+        How the Hessian was differenced: "central" (second order; one-sided at a bound),
+        or "forward" from an exact gradient (n + 1 gradients, first order: ~1e-3
+        relative, enough for these checks and a Newton step, not for standard errors).
+    point, step : ndarray or None
+        Where the Hessian was taken and its steps, when it came from an exact gradient
+        (so the central one can be taken again at the same point).
     """
 
     gradient: np.ndarray
@@ -491,6 +498,10 @@ class ConvergenceCheck:
     scaled_gradient: np.ndarray
     messages: tuple
     nfeval: int
+    # defaults, so records pickled before these fields existed still load
+    stencil: str = "central"
+    point: np.ndarray | None = None
+    step: np.ndarray | None = None
 
     @property
     def converged(self):
@@ -499,13 +510,16 @@ class ConvergenceCheck:
 
     @classmethod
     def from_derivatives(cls, gradient, hessian, *, nfeval=0, boundary=None,
-                         grad_tol=GRAD_TOL, hess_tol=HESS_TOL):
+                         grad_tol=GRAD_TOL, hess_tol=HESS_TOL, stencil="central",
+                         point=None, step=None):
         """Run :func:`check_convergence` and keep the derivatives with its result."""
         g = np.array(gradient, dtype=float).reshape(-1)
         H = np.array(hessian, dtype=float)
         scaled, messages = _check(g, H, boundary, grad_tol, hess_tol)
         return cls(gradient=g, hessian=H, scaled_gradient=scaled,
-                   messages=tuple(messages), nfeval=int(nfeval))
+                   messages=tuple(messages), nfeval=int(nfeval), stencil=stencil,
+                   point=None if point is None else np.array(point, dtype=float),
+                   step=None if step is None else np.array(step, dtype=float))
 
     def __repr__(self):
         status = "converged" if self.converged else "; ".join(self.messages)
