@@ -15,16 +15,79 @@ whose columns are nearly collinear (the intercept of ``days + 1e8`` is the value
 day -1e8). A column whose part orthogonal to the columns before it is below
 ``NEAR_ALIAS`` of its norm gets a warning that names it.
 """
+import math
 import warnings
 
 import numpy as np
 
 from ._linalg._blocked import upper_solve
 
+try:
+    from numpy.linalg import _umath_linalg
+except ImportError:  # pragma: no cover - a NumPy without the private gufuncs
+    _umath_linalg = None
+
 # Below this fraction of its norm orthogonal to the earlier columns, a column's
 # coefficient (and those it is collinear with) loses more than six digits to the
 # conditioning of X; the formula layer drops columns below 1e-8 as aliased.
 NEAR_ALIAS = 1e-6
+
+
+def _raise_qr(err, flag):
+    raise np.linalg.LinAlgError("Incorrect argument found while performing QR "
+                                "factorization")
+
+
+def householder_qr(X):
+    """``numpy.linalg.qr(X)`` (reduced) of a float64 matrix, bit for bit.
+
+    The same LAPACK calls (``dgeqrf``, ``dorgqr``) through NumPy's own gufuncs, without
+    the wrapper's type dispatch, which costs as much as the factorization of a
+    small X.
+
+    Parameters
+    ----------
+    X : (n, p) float64 ndarray
+
+    Returns
+    -------
+    q : (n, min(n, p)) ndarray
+    r : (min(n, p), p) ndarray, upper triangular
+    """
+    if _umath_linalg is None or X.dtype != np.float64 or X.ndim != 2 or \
+            not X.dtype.isnative:
+        return np.linalg.qr(X)
+    a = np.array(X, dtype=np.float64, order="C")   # a copy, overwritten by LAPACK
+    mn = min(a.shape)
+    with np.errstate(call=_raise_qr, invalid="call", over="ignore", divide="ignore",
+                     under="ignore"):
+        tau = _umath_linalg.qr_r_raw(a, signature="d->d")
+        q = _umath_linalg.qr_reduced(a, tau, signature="dd->d")
+    r = a[:mn].copy()
+    for i in range(1, mn):
+        r[i, :i] = 0.0   # numpy.triu
+    return q, r
+
+
+def _clearly_far_from_aliased(R, absdiag):
+    """True when no column can be near-aliased (see ``NEAR_ALIAS``), judged from R̃.
+
+    X = √n Q R̃ with Q orthonormal, so the norms of R̃'s columns are those of X's over
+    √n, to a few units of rounding: a ratio |R̃_jj| / ‖R̃_j‖ above twice the threshold
+    settles the test on X (a pass over n rows) without making it.
+    """
+    p = R.shape[1]
+    if R.shape[0] == p and p <= 8:
+        rl = R.tolist()
+        ad = absdiag.tolist()
+        for j in range(p):
+            norm = math.sqrt(sum(rl[i][j] * rl[i][j] for i in range(j + 1)))
+            if not ad[j] > 2.0 * NEAR_ALIAS * norm:
+                return False
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):
+        norms = np.sqrt(np.add.reduce(R * R, axis=0))
+        return bool((absdiag > 2.0 * NEAR_ALIAS * norms).all())
 
 
 class FixedEffectsBasis:
@@ -50,25 +113,37 @@ class FixedEffectsBasis:
             self.Rinv = np.zeros((0, 0))
             self.logabsdet = 0.0
             return
-        q, r = np.linalg.qr(X)
-        signs = np.where(np.diag(r) < 0, -1.0, 1.0)
-        scale = np.sqrt(max(n, 1))
-        self.X = np.ascontiguousarray(q * (signs * scale))
-        self.R = (r * signs[:, None]) / scale
-        self.logabsdet = float(np.sum(np.log(np.abs(np.diag(self.R)))))
+        q, r = householder_qr(X)
+        scale = math.sqrt(max(n, 1))
+        if r.shape[0] == p:
+            # the p-by-p arithmetic in Python floats: the same IEEE operations, in the
+            # same order, as the NumPy expressions they stand for (see below)
+            rl = r.tolist()
+            signs = [-1.0 if rl[i][i] < 0 else 1.0 for i in range(p)]
+            # R = (r * signs[:, None]) / scale
+            Rl = [[(v * s) / scale for v in row] for row, s in zip(rl, signs)]
+            self.R = np.array(Rl)
+            absdiag = np.array([abs(Rl[i][i]) for i in range(p)])
+            # X = q * (signs * scale)
+            self.X = np.ascontiguousarray(q * np.array([s * scale for s in signs]))
+        else:
+            signs = np.where(r.diagonal() < 0, -1.0, 1.0)
+            self.X = np.ascontiguousarray(q * (signs * scale))
+            self.R = (r * signs[:, None]) / scale
+            absdiag = np.abs(self.R.diagonal())
+        self.logabsdet = float(np.log(absdiag).sum())
         # R̃⁻¹ once, by the plain-loop solve of _blocked: LAPACK's triangular solve
         # cost milliseconds per call waking the BLAS threads on a busy machine
-        self.Rinv = np.empty((p, p))
         r = np.ascontiguousarray(self.R)
+        eye = np.eye(p)
         for j in range(p):
-            col = np.zeros(p)
-            col[j] = 1.0
-            upper_solve(r, col)
-            self.Rinv[:, j] = col
-        if warn:
-            norms = np.linalg.norm(X, axis=0) / scale
+            upper_solve(r, eye[j])
+        self.Rinv = np.ascontiguousarray(eye.T)
+        if warn and not _clearly_far_from_aliased(self.R, absdiag):
+            # numpy.linalg.norm(X, axis=0), without its dispatch
+            norms = np.sqrt(np.add.reduce(X * X, axis=0)) / scale
             with np.errstate(divide="ignore", invalid="ignore"):
-                ratio = np.abs(np.diag(self.R)) / norms
+                ratio = absdiag / norms
             bad = [j for j in range(p) if norms[j] > 0 and ratio[j] < NEAR_ALIAS]
             if bad:
                 label = [names[j] if names is not None else str(j) for j in bad]

@@ -7,6 +7,7 @@ first in u and in θ.
 
 Random effect (term t, level l, column a) sits at u index ``uoff[t] + l * k[t] + a``.
 """
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,48 +80,104 @@ def build_pattern(codes, z, nlevels):
     """
     nterm = len(codes)
     n = len(codes[0])
-    kk = np.array([zi.shape[1] for zi in z], dtype=np.int32)
-    nlev = np.asarray(nlevels, dtype=np.int32)
-    uoff = np.concatenate([[0], np.cumsum(kk.astype(np.int64) * nlev)[:-1]]).astype(np.int64)
-    zoff = np.concatenate([[0], np.cumsum(kk)[:-1]]).astype(np.int32)
-    zcat = np.ascontiguousarray(np.hstack(z), dtype=np.float64)
-    codes_arr = np.ascontiguousarray(np.vstack(codes), dtype=np.int32)
+    kl = [int(zi.shape[1]) for zi in z]
+    nl = [int(x) for x in nlevels]
+    kk = np.array(kl, dtype=np.int32)
+    nlev = np.array(nl, dtype=np.int32)
+    uoff = np.array(_offsets([k * m for k, m in zip(kl, nl)]), dtype=np.int64)
+    zoff = np.array(_offsets(kl), dtype=np.int32)
+    # a copy of the columns side by side, and of the codes one row per term
+    zcat = np.concatenate(z, axis=1) if nterm > 1 else np.array(z[0], dtype=np.float64)
+    zcat = np.ascontiguousarray(zcat, dtype=np.float64)
+    codes_arr = np.empty((nterm, n), dtype=np.int32)
+    for t in range(nterm):
+        codes_arr[t] = codes[t]
+    pairs = [(tr, tc) for tr in range(nterm) for tc in range(tr + 1)]
+    rowoff = np.empty((len(pairs), n), dtype=np.int64)
 
-    pairs, rowoffs, blocks = [], [], []   # blocks: (tr, tc, lr, lc) arrays per pair
+    blocks = []   # (tr, tc, lr, lc, offsets) per pair
+    nblk = []
     nvals = 0
-    for tr in range(nterm):
-        for tc in range(tr + 1):
-            if tr == tc:
-                # a row has one level per term, so Z_t'Z_t is block diagonal by level
-                lr = lc = np.arange(nlev[tr], dtype=np.int64)
-                inverse = codes_arr[tr].astype(np.int64)
-            else:
-                key = codes_arr[tr].astype(np.int64) * nlev[tc] + codes_arr[tc]
-                uniq, inverse = np.unique(key, return_inverse=True)
-                lr, lc = uniq // nlev[tc], uniq % nlev[tc]
-            size = int(kk[tr]) * int(kk[tc])
-            offsets = nvals + np.arange(len(lr), dtype=np.int64) * size
-            pairs.append((tr, tc))
-            rowoffs.append(offsets[inverse])
-            blocks.append((tr, tc, lr, lc, offsets))
-            nvals += len(lr) * size
+    for i, (tr, tc) in enumerate(pairs):
+        size = kl[tr] * kl[tc]
+        if tr == tc:
+            # a row has one level per term, so Z_t'Z_t is block diagonal by level
+            nb = nl[tr]
+            lr = lc = np.arange(nb, dtype=np.int64) if nterm > 1 else None
+            # rowoff = offsets[codes], offsets = nvals + size * (block number)
+            np.multiply(codes_arr[tr], size, out=rowoff[i], dtype=np.int64)
+        else:
+            key = codes_arr[tr].astype(np.int64) * nl[tc] + codes_arr[tc]
+            uniq, inverse = _unique_inverse(key, nl[tr] * nl[tc])
+            lr, lc = uniq // nl[tc], uniq % nl[tc]
+            nb = len(uniq)
+            np.multiply(inverse, size, out=rowoff[i])
+        if nvals:
+            rowoff[i] += nvals
+        offsets = np.arange(nvals, nvals + nb * size, size, dtype=np.int64)
+        blocks.append((tr, tc, lr, lc, offsets))
+        nblk.append(nb)
+        nvals += nb * size
 
-    blk_off = np.concatenate([b[4] for b in blocks])
-    blk_tr = np.concatenate([np.full(len(b[2]), b[0], np.int32) for b in blocks])
-    blk_tc = np.concatenate([np.full(len(b[2]), b[1], np.int32) for b in blocks])
-    blk_diag = (blk_tr == blk_tc).astype(np.int8)
+    pair_tr = np.array([p[0] for p in pairs], np.int32)
+    pair_tc = np.array([p[1] for p in pairs], np.int32)
+    if len(pairs) == 1:
+        blk_off = blocks[0][4]
+        blk_tr = np.zeros(nblk[0], np.int32)
+        blk_tc = np.zeros(nblk[0], np.int32)
+        blk_diag = np.ones(nblk[0], np.int8)
+    else:
+        blk_off = np.concatenate([b[4] for b in blocks])
+        blk_tr = np.repeat(pair_tr, nblk)
+        blk_tc = np.repeat(pair_tc, nblk)
+        blk_diag = (blk_tr == blk_tc).astype(np.int8)
 
     indptr = indices = pos = None
     if nterm > 1:
         indptr, indices, pos = _csc_lower(blocks, kk, uoff, nvals)
     return BlockPattern(
         kk=kk, nlev=nlev, uoff=uoff, zoff=zoff, zcat=zcat, codes=codes_arr,
-        pair_tr=np.array([p[0] for p in pairs], np.int32),
-        pair_tc=np.array([p[1] for p in pairs], np.int32),
-        rowoff=np.ascontiguousarray(np.vstack(rowoffs)),
+        pair_tr=pair_tr, pair_tc=pair_tc, rowoff=rowoff,
         blk_off=blk_off, blk_tr=blk_tr, blk_tc=blk_tc, blk_diag=blk_diag,
         nvals=int(nvals), indptr=indptr, indices=indices, pos=pos,
     )
+
+
+def _offsets(sizes):
+    """Exclusive cumulative sums: where each of a run of sizes starts."""
+    out, total = [], 0
+    for size in sizes:
+        out.append(total)
+        total += size
+    return out
+
+
+def _unique_inverse(key, size):
+    """``numpy.unique(key, return_inverse=True)`` for keys in ``[0, size)``.
+
+    A presence table when it is no larger than a few times the number of keys (linear
+    time, as in the formula layer's ``_group_codes``), else ``numpy.unique``.
+    """
+    if size <= 4 * len(key) + 1024:
+        present = np.zeros(size, dtype=bool)
+        present[key] = True
+        uniq = np.flatnonzero(present)
+        rank = np.cumsum(present, dtype=np.int64)
+        rank -= 1
+        return uniq.astype(np.int64, copy=False), rank[key]
+    uniq, inverse = np.unique(key, return_inverse=True)
+    return uniq, inverse.reshape(-1)
+
+
+@functools.lru_cache(maxsize=64)
+def _entry_grid(kr, kc):
+    """Row and column within a kr-by-kc block of each entry, in block entry order
+    (``a + d * kr``, column-major)."""
+    a = np.tile(np.arange(kr), kc)
+    d = np.repeat(np.arange(kc), kr)
+    entry = a + d * kr
+    a.flags.writeable = d.flags.writeable = entry.flags.writeable = False   # shared
+    return a, d, entry
 
 
 def _csc_lower(blocks, kk, uoff, nvals):
@@ -129,19 +186,36 @@ def _csc_lower(blocks, kk, uoff, nvals):
     cols = np.empty(nvals, np.int64)
     for tr, tc, lr, lc, offsets in blocks:
         kr, kc = int(kk[tr]), int(kk[tc])
-        a, d = np.meshgrid(np.arange(kr), np.arange(kc), indexing="ij")
-        a, d = a.ravel(order="F"), d.ravel(order="F")   # block entry order: a + d*kr
-        slots = offsets[:, None] + (a + d * kr)[None, :]
+        if kr == kc == 1:
+            rows[offsets] = uoff[tr] + lr
+            cols[offsets] = uoff[tc] + lc
+            continue
+        a, d, entry = _entry_grid(kr, kc)
+        slots = offsets[:, None] + entry[None, :]
         rows[slots] = (uoff[tr] + lr * kr)[:, None] + a[None, :]
         cols[slots] = (uoff[tc] + lc * kc)[:, None] + d[None, :]
-    keep = np.flatnonzero(rows >= cols)
-    order = np.lexsort((rows[keep], cols[keep]))
     pos = np.full(nvals, -1, np.int64)
-    pos[keep[order]] = np.arange(len(keep))
-    q = int(max(rows.max(), cols.max())) + 1
-    counts = np.bincount(cols[keep], minlength=q)
-    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-    indices = rows[keep[order]].astype(np.int32)
+    if all(int(k) == 1 for k in kk):
+        # scalar terms: every block entry is on or below the diagonal
+        order = np.lexsort((rows, cols))
+        kept = order
+        rows_kept = rows[order]
+        cols_kept = cols
+    else:
+        keep = np.flatnonzero(rows >= cols)
+        order = np.lexsort((rows[keep], cols[keep]))
+        kept = keep[order]
+        rows_kept = rows[kept]
+        cols_kept = cols[keep]
+    pos[kept] = np.arange(len(kept))
+    # the last block is the last term's diagonal one, with every level: it ends at q
+    tr, _, lr, _, _ = blocks[-1]
+    q = int(uoff[tr]) + int(kk[tr]) * len(lr)
+    counts = np.bincount(cols_kept, minlength=q)
+    indptr = np.empty(q + 1, dtype=np.int32)
+    indptr[0] = 0
+    np.cumsum(counts, out=indptr[1:])
+    indices = rows_kept.astype(np.int32)
     return indptr, indices, pos
 
 

@@ -23,6 +23,7 @@ Two paths, chosen from the structure of the model and reported by ``path``:
   (_densetail.pyx), chosen by flop count against CHOLMOD's (``DENSE_TAIL`` = False
   keeps CHOLMOD, for comparisons).
 """
+import functools
 import time
 
 import numpy as np
@@ -91,6 +92,24 @@ def _dense_tail(indptr, indices, mx, k0, q0, cholmod_flops):
     return DenseTailFactor(indptr, indices, mx, int(k0), int(q0))
 
 
+@functools.lru_cache(maxsize=256)
+def _layout_arrays(kk, zerocorr):
+    """What :class:`ThetaLayout` holds, for one tuple of term sizes and ``||`` flags
+    (the same for every model of that shape, so computed once)."""
+    lam_off = np.concatenate([[0], np.cumsum([k * k for k in kk])[:-1]]).astype(np.int64)
+    index, lower, names, term_of = [], [], [], []
+    for t, (k, zc) in enumerate(zip(kk, zerocorr)):
+        for a in range(k):
+            rows = [a] if zc else range(a, k)
+            for e in rows:
+                index.append(lam_off[t] + e + a * k)
+                lower.append(0.0 if e == a else -np.inf)
+                names.append((t, e, a))
+                term_of.append(t)
+    return (lam_off, np.array(index, dtype=np.int64), np.array(lower), tuple(names),
+            np.array(term_of), int(sum(k * k for k in kk)))
+
+
 class ThetaLayout:
     """How θ fills the lower-triangular templates T_t of Λ, term by term.
 
@@ -101,21 +120,15 @@ class ThetaLayout:
 
     def __init__(self, kk, zerocorr):
         self.kk = [int(k) for k in kk]
-        self.lam_off = np.concatenate([[0], np.cumsum([k * k for k in self.kk])[:-1]]).astype(np.int64)
-        index, lower, names, term_of = [], [], [], []
-        for t, (k, zc) in enumerate(zip(self.kk, zerocorr)):
-            for a in range(k):
-                rows = [a] if zc else range(a, k)
-                for e in rows:
-                    index.append(self.lam_off[t] + e + a * k)
-                    lower.append(0.0 if e == a else -np.inf)
-                    names.append((t, e, a))
-                    term_of.append(t)
-        self.index = np.array(index, dtype=np.int64)
-        self.lower = np.array(lower)
-        self.entries = names
-        self.term_of = np.array(term_of)
-        self.nlam = int(sum(k * k for k in self.kk))
+        lam_off, index, lower, names, term_of, nlam = _layout_arrays(
+            tuple(self.kk), tuple(bool(z) for z in zerocorr))
+        # copies of the remembered arrays: each layout owns its own
+        self.lam_off = lam_off.copy()
+        self.index = index.copy()
+        self.lower = lower.copy()
+        self.entries = list(names)
+        self.term_of = term_of.copy()
+        self.nlam = nlam
 
     @property
     def ntheta(self):

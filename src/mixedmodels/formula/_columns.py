@@ -18,6 +18,7 @@ read, so that the columns a model does not use cost nothing.  A polars ``Enum``
 keeps its declared order; a polars ``Categorical`` (which polars itself sorts as
 strings) and an Arrow dictionary column become strings.
 """
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -28,6 +29,7 @@ from ._contrasts import _label
 __all__ = [
     "ColumnCache",
     "as_table",
+    "column_values",
     "as_pandas",
     "column",
     "is_numeric",
@@ -64,6 +66,47 @@ def column(data, name):
         raise ValueError(f"column {name!r} appears {series.shape[1]} times in data; "
                          "rename the copies so that the formula names one column")
     return series
+
+
+def column_values(data, name):
+    """One column of a data table as stored: an ndarray (read-only) or an ExtensionArray.
+
+    What :func:`column` gives, without making a pandas Series (which costs more than
+    reading a small column does).
+
+    Parameters
+    ----------
+    data : pandas.DataFrame or the result of :func:`as_table`
+    name : str
+
+    Returns
+    -------
+    numpy.ndarray or pandas.api.extensions.ExtensionArray
+
+    Raises
+    ------
+    ValueError
+        As :func:`column`.
+    """
+    values = None
+    if isinstance(data, pd.DataFrame):
+        columns = data.columns
+        if name not in columns:
+            raise ValueError(f"column {name!r} not found in data")
+        loc = columns.get_loc(name)
+        if isinstance(loc, (int, np.integer)):
+            try:
+                # the block's own array, without the Series pandas would wrap it in
+                values = data._get_column_array(int(loc))
+            except AttributeError:
+                pass
+    if values is None:
+        series = column(data, name)
+        values = series.to_numpy() if isinstance(series.dtype, np.dtype) else series.array
+    if isinstance(values, np.ndarray) and values.flags.writeable:
+        values = values.view()
+        values.flags.writeable = False   # the caller's data: never written through
+    return values
 
 
 class _NarwhalsTable:
@@ -191,10 +234,25 @@ def _numeric_missing(series):
         return None
     values = series.to_numpy() if isinstance(dtype, np.dtype) and dtype.kind == "f" else (
         as_float(series))
+    return _nonfinite(values)
+
+
+def _nonfinite(values):
+    """Rows of a float array that are not finite; None when all are."""
     # a finite sum means every value is finite: one read-only pass in the common case
-    if np.isfinite(values.sum()):
+    if math.isfinite(np.add.reduce(values)):
         return None
     return ~np.isfinite(values)
+
+
+def _values_missing(values):
+    """:func:`_numeric_missing` of a numeric column given as an array."""
+    if isinstance(values, np.ndarray):
+        if values.dtype.kind in "iu":
+            return None
+        return _nonfinite(values if values.dtype.kind == "f"
+                          else np.asarray(values, dtype=np.float64))
+    return _nonfinite(values.to_numpy(dtype=np.float64, na_value=np.nan))
 
 
 def missing(series):
@@ -232,22 +290,79 @@ def raw_factorize(series):
         True when ``uniques`` is a declared order (a Categorical) to keep.
     """
     if isinstance(series.dtype, pd.CategoricalDtype):
-        raw = series.cat.codes.to_numpy()
-        cats = series.cat.categories
-        values = cats.to_numpy()
-        # Index.tolist() boxes as list(Index) does, without a Python loop; but an
-        # ndarray's own tolist() turns datetimes into integers
-        uniques = values.tolist() if values.dtype.kind in "Obiuf" else list(cats)
-        return raw, uniques, True
+        return _categorical_raw(series.array)
     raw, uniq = pd.factorize(_hashable_values(series), sort=False)
     return raw.astype(np.int64, copy=False), list(uniq), False
+
+
+def _categorical_raw(cat):
+    raw = cat.codes
+    cats = cat.categories
+    values = cats.to_numpy()
+    # Index.tolist() boxes as list(Index) does, without a Python loop; but an
+    # ndarray's own tolist() turns datetimes into integers
+    uniques = values.tolist() if values.dtype.kind in "Obiuf" else list(cats)
+    return raw, uniques, True
+
+
+def _raw_of_values(values):
+    """:func:`raw_factorize` of a column given as an array, for the kinds of column
+    whose result does not depend on the Series around them; None for the others."""
+    if isinstance(values, np.ndarray):
+        if values.dtype.kind not in "Obiuf":
+            return None
+        raw, uniq = pd.factorize(values, sort=False)
+        return raw.astype(np.int64, copy=False), list(uniq), False
+    if isinstance(values, pd.Categorical):
+        return _categorical_raw(values)
+    dtype = values.dtype
+    if isinstance(dtype, pd.StringDtype):
+        if dtype.storage == "python":
+            raw, uniq = pd.factorize(values.to_numpy(), sort=False)
+            return raw.astype(np.int64, copy=False), list(uniq), False
+        return _arrow_string_raw(values)
+    return None
+
+
+def _arrow_string_raw(values):
+    """pandas' own factorize of an Arrow-backed string array (``dictionary_encode``),
+    without its wrapping of the unique values in a new pandas array."""
+    data = getattr(values, "_pa_array", None)
+    if data is None or len(values) == 0:
+        return None
+    import pyarrow as pa
+
+    if not (pa.types.is_string(data.type) or pa.types.is_large_string(data.type)):
+        return None
+    if data.num_chunks == 1:
+        encoded = data.chunk(0).dictionary_encode()
+    else:
+        encoded = data.dictionary_encode().combine_chunks()
+    indices = encoded.indices
+    if indices.null_count:
+        raw = indices.to_numpy(zero_copy_only=False)   # float, NaN where missing
+        raw = np.where(np.isnan(raw), -1, raw).astype(np.int64)
+    else:
+        raw = indices.to_numpy().astype(np.int64)
+    return raw, encoded.dictionary.to_pylist(), False
+
+
+def _arrow_strings_without_nulls(values):
+    """Whether a column is Arrow-backed strings with no missing value (so no row of
+    its factorization is -1)."""
+    data = getattr(values, "_pa_array", None)
+    if data is None or not isinstance(values.dtype, pd.StringDtype) or data.null_count:
+        return False
+    import pyarrow as pa
+
+    return pa.types.is_string(data.type) or pa.types.is_large_string(data.type)
 
 
 def _is_number(value):
     return isinstance(value, (bool, int, float, np.bool_, np.integer, np.floating))
 
 
-def levels_from_raw(raw, uniques, declared, order=None, name=None):
+def levels_from_raw(raw, uniques, declared, order=None, name=None, complete=False):
     """Level codes and labels in model order from :func:`raw_factorize` output.
 
     Parameters
@@ -260,6 +375,9 @@ def levels_from_raw(raw, uniques, declared, order=None, name=None):
         Explicit level order (from a coding's ``levels``); unobserved ones are dropped.
     name : str, optional
         The column's name, for messages.
+    complete : bool
+        True when every one of ``uniques`` occurs in ``raw`` (a factorization of
+        exactly these rows), which spares a pass to find the ones that do.
 
     Returns
     -------
@@ -268,6 +386,17 @@ def levels_from_raw(raw, uniques, declared, order=None, name=None):
         model order, else int32.
     levels : list of str
     """
+    if complete and order is None and not declared and all(type(u) is str for u in uniques):
+        # strings sort as strings; distinct strings are distinct labels
+        m = len(uniques)
+        perm = sorted(range(m), key=uniques.__getitem__)
+        levels = [uniques[i] for i in perm]
+        if perm == list(range(m)):
+            return raw, levels
+        remap = np.empty(m + 1, dtype=np.int32)
+        remap[perm] = np.arange(m, dtype=np.int32)
+        remap[m] = -1   # where raw's -1 (missing) lands
+        return remap[raw], levels
     labels = [u if type(u) is str else _label(u) for u in uniques]
     present = np.zeros(len(uniques) + 1, dtype=bool)
     present[raw] = True  # a missing value's -1 marks the extra last slot
@@ -338,19 +467,28 @@ class ColumnCache:
     Before :meth:`keep` is called the cache answers questions about all rows
     (:meth:`missing`); afterwards :meth:`numeric` and :meth:`factor` give the values
     of the rows kept.  ``rows`` is None while every row is kept, so a complete data
-    set is never copied row by row.
+    set is never copied row by row.  Columns are read as the arrays the frame stores
+    (:func:`column_values`); a pandas Series is made only when asked for.
     """
 
     def __init__(self, data):
         self.data = data
         self.n = len(data)
         self.rows = None
+        self._values = {}
         self._series = {}
         self._raw = {}
         self._numeric = {}
         self._factor = {}
         self._kind = {}
         self._missing = {}
+
+    def values(self, name):
+        """The column as stored (see :func:`column_values`)."""
+        v = self._values.get(name)
+        if v is None:
+            v = self._values[name] = column_values(self.data, name)
+        return v
 
     def series(self, name):
         """The column as a pandas Series."""
@@ -363,21 +501,26 @@ class ColumnCache:
         """Whether the column is numeric (see :func:`is_numeric`)."""
         kind = self._kind.get(name)
         if kind is None:
-            kind = self._kind[name] = is_numeric(self.series(name))
+            kind = self._kind[name] = is_numeric(self.values(name))
         return kind
 
     def raw(self, name):
         """:func:`raw_factorize` of the whole column, computed once."""
         out = self._raw.get(name)
         if out is None:
-            out = self._raw[name] = raw_factorize(self.series(name))
+            out = _raw_of_values(self.values(name))
+            if out is None:
+                out = raw_factorize(self.series(name))
+            self._raw[name] = out
         return out
 
     def missing(self, name):
         """Missing rows of the whole column, or None when it has none for certain."""
         if name not in self._missing:
             if self.is_numeric(name):
-                self._missing[name] = _numeric_missing(self.series(name))
+                self._missing[name] = _values_missing(self.values(name))
+            elif _arrow_strings_without_nulls(self.values(name)):
+                self._missing[name] = None
             else:
                 self._missing[name] = self.raw(name)[0] < 0
         return self._missing[name]
@@ -392,15 +535,22 @@ class ColumnCache:
         """``values`` restricted to the rows kept (not copied when all are kept)."""
         return values if self.rows is None else values[self.rows]
 
+    def all_numeric(self, name):
+        """A numeric column over all rows: its own int/float array, else float64 (NaN
+        where missing), as the Series' ``to_numpy()`` and :func:`as_float` give them."""
+        values = self.values(name)
+        plain = values if isinstance(values, np.ndarray) else values.to_numpy()
+        if plain.dtype.kind in "iuf":
+            return plain
+        if isinstance(values, np.ndarray):
+            return np.asarray(values, dtype=np.float64)
+        return values.to_numpy(dtype=np.float64, na_value=np.nan)
+
     def numeric(self, name):
         """A numeric column over the rows kept: its own int/float array, else float64."""
         out = self._numeric.get(name)
         if out is None:
-            series = self.series(name)
-            values = series.to_numpy()
-            if values.dtype.kind not in "iuf":
-                values = as_float(series)
-            out = self._numeric[name] = self.take(values)
+            out = self._numeric[name] = self.take(self.all_numeric(name))
         return out
 
     def factor(self, name, order=None):
@@ -409,6 +559,9 @@ class ColumnCache:
         out = self._factor.get(key)
         if out is None:
             raw, uniques, declared = self.raw(name)
-            out = levels_from_raw(self.take(raw), uniques, declared, order, name)
+            # a factorization lists only values that occur: all of them do while
+            # every row is kept
+            out = levels_from_raw(self.take(raw), uniques, declared, order, name,
+                                  complete=self.rows is None and not declared)
             self._factor[key] = out
         return out

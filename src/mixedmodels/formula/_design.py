@@ -36,11 +36,11 @@ Two conventions shared with lme4 and MixedModels.jl decide what the matrices loo
 """
 import ast
 import builtins
-import dataclasses
 import functools
 import io
 import itertools
 import keyword
+import math
 import re
 import tokenize
 import warnings
@@ -52,11 +52,17 @@ import patsy
 import patsy.builtins
 from patsy.contrasts import code_contrast_matrix
 
-from ._columns import ColumnCache, as_pandas, as_table, column
+try:
+    from numpy.linalg import _umath_linalg
+except ImportError:  # pragma: no cover - a NumPy without the private gufuncs
+    _umath_linalg = None
+
+from ._columns import ColumnCache, as_pandas, as_table, column, column_values
 from ._columns import as_float as _as_float
 from ._columns import encode as _encode
 from ._columns import factorize as _factorize
 from ._columns import is_numeric as _is_numeric
+from ._columns import _values_missing
 from ._columns import missing as _missing
 from ._contrasts import (
     DummyCoding,
@@ -67,7 +73,7 @@ from ._contrasts import (
     normalize_coding,
 )
 from ._fast import FastMatrix, fast_plan, fast_terms, term_columns
-from ._parse import parse_formula
+from ._parse import ParsedFormula, parse_formula
 from ._rsyntax import canonical, single_name, to_python
 from ._rsyntax import display as _display
 
@@ -98,10 +104,16 @@ RANK_RTOL = 1e-8
 def _names_in(code, what, formula):
     """Variable names an expression reads, in reading order (``Q("x")`` gives ``x``)."""
     try:
-        tree = ast.parse(code.strip(), mode="eval")
+        return list(_code_names(code.strip()))
     except SyntaxError as err:
         raise ValueError(f"cannot parse formula {formula!r}: {what} {code!r} is not a "
                          f"valid expression ({err.msg})") from None
+
+
+@functools.lru_cache(maxsize=512)
+def _code_names(code):
+    """:func:`_names_in` of stripped code, remembered; raises SyntaxError."""
+    tree = ast.parse(code, mode="eval")
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Name):
@@ -115,7 +127,15 @@ def _names_in(code, what, formula):
     for _, _, name in sorted(found):
         if name not in out:
             out.append(name)
-    return out
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=512)
+def _compiled(code):
+    return compile(code, "<response>", "eval")
+
+
+_KEYWORD_WORD = re.compile(r"\b(?:" + "|".join(keyword.kwlist) + r")\b")
 
 
 def _quote_keywords(text, columns):
@@ -123,6 +143,10 @@ def _quote_keywords(text, columns):
 
     patsy evaluates factors as Python, where such a name is a syntax error.
     """
+    # a text without a keyword as a word has nothing to quote (and the test below
+    # reads every column name)
+    if _KEYWORD_WORD.search(text) is None:
+        return text
     if not any(keyword.iskeyword(c) for c in columns if isinstance(c, str)):
         return text
     try:
@@ -552,16 +576,37 @@ def _clearly_full_rank(G):
     one pass over X (or less: see ``FastMatrix.gram``); Householder QR of a tall X
     costs several.
     """
-    d = np.diag(G)
-    if not (np.all(d > 0) and np.all(np.isfinite(G))):
+    p = G.shape[0]
+    if p <= 2:
+        # the same tests on Python floats
+        g = G.tolist()
+        if not (all(g[i][i] > 0 for i in range(p))
+                and all(math.isfinite(v) for row in g for v in row)):
+            return False
+        if p == 1:
+            return True
+        # eigenvalues of [[1, c], [c, 1]] are 1 -+ |c|
+        return 1.0 - abs(g[0][1]) / math.sqrt(g[0][0] * g[1][1]) > _GRAM_EIG_MIN
+    d = G.diagonal()
+    if not ((d > 0).all() and np.isfinite(G).all()):
         return False
-    if len(d) == 1:
-        return True
-    if len(d) == 2:  # eigenvalues of [[1, c], [c, 1]] are 1 -+ |c|
-        return bool(1.0 - abs(G[0, 1]) / np.sqrt(d[0] * d[1]) > _GRAM_EIG_MIN)
     s = 1.0 / np.sqrt(d)
     C = G * s[:, None] * s[None, :]
-    return bool(np.linalg.eigvalsh(C)[0] > _GRAM_EIG_MIN)
+    return bool(_eigvalsh(C)[0] > _GRAM_EIG_MIN)
+
+
+def _raise_eig(err, flag):
+    raise np.linalg.LinAlgError("Eigenvalues did not converge")
+
+
+def _eigvalsh(C):
+    """``numpy.linalg.eigvalsh(C)`` of a float64 matrix: the same LAPACK call through
+    NumPy's gufunc, without the wrapper's type dispatch."""
+    if _umath_linalg is None or C.dtype != np.float64:
+        return np.linalg.eigvalsh(C)
+    with np.errstate(call=_raise_eig, invalid="call", over="ignore", divide="ignore",
+                     under="ignore"):
+        return _umath_linalg.eigvalsh_lo(C, signature="d->d")
 
 
 # ---------------------------------------------------------------------------
@@ -791,25 +836,35 @@ def _as_frame(data):
     return as_pandas(data)
 
 
-def _side_array(value, what, data):
+def _side_array(value, what, data, cache=None):
     """weights/offset given as a column name or an array -> (label, float array)."""
     if isinstance(value, str):
-        series = column(data, value)
+        values = column_values(data, value) if cache is None else cache.values(value)
         label = value
     else:
-        arr = np.asarray(value)
-        if arr.ndim != 1 or len(arr) != len(data):
+        values = np.asarray(value)
+        if values.ndim != 1 or len(values) != len(data):
             raise ValueError(f"{what} must have one value per row of data "
-                             f"({len(data)}); got shape {arr.shape}")
-        series = pd.Series(arr)
+                             f"({len(data)}); got shape {values.shape}")
+        if values.dtype.kind == "O":
+            # what pandas would make of the objects (strings, say)
+            values = pd.Series(values).array
         label = what
-    if not _is_numeric(series):
+    if not _is_numeric(values):
         name = what if label == what else f"{what} column {label!r}"
         raise ValueError(f"{name} must be numeric")
-    return label, _as_float(series)
+    return label, _float_array(values)
 
 
-def _evaluator(text, data, formula, columns):
+def _float_array(values):
+    """A numeric column (ndarray or pandas array) as float64, NaN where missing:
+    :func:`_columns.as_float` of the Series it would make."""
+    if isinstance(values, np.ndarray):
+        return np.asarray(values, dtype=np.float64)
+    return values.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _evaluator(text, data, formula, columns, cache=None):
     """An expression of data columns, ready to evaluate over all rows as Python.
 
     Parameters
@@ -818,6 +873,8 @@ def _evaluator(text, data, formula, columns):
         The expression in canonical spelling (see ``_rsyntax``).
     columns : list
         Extended with the data columns the expression reads.
+    cache : ColumnCache, optional
+        Where the columns are read from (a new one when not given).
 
     Returns
     -------
@@ -825,20 +882,39 @@ def _evaluator(text, data, formula, columns):
         Evaluates the expression, giving an ndarray; it raises whatever the
         expression raises, for the caller to name.
     """
+    if cache is None:
+        cache = ColumnCache(data)
     code = _patsy_text(text, data.columns).strip()
     names = _resolve(_names_in(code, "response", formula), data.columns)
     ns = {}
     for name in names:
-        s = column(data, name)
-        if not _is_numeric(s):
-            ns[name] = s.to_numpy(dtype=object)
-        elif s.dtype.kind in "iuf":
-            ns[name] = s.to_numpy()
-        else:
-            ns[name] = _as_float(s)
+        ns[name] = _expression_values(cache, name)
     columns.extend(n for n in names if n not in columns)
-    compiled = compile(code, "<response>", "eval")
+    compiled = _compiled(code)
     return lambda: np.asarray(eval(compiled, {"__builtins__": builtins, **_ENV}, ns))
+
+
+def _expression_values(cache, name):
+    """A column as an expression sees it: numbers as their own int/float array
+    (float64 for other numeric kinds), anything else as Python objects."""
+    values = cache.values(name)
+    dtype = values.dtype
+    if not _is_numeric(values):
+        return (np.asarray(values, dtype=object) if isinstance(values, np.ndarray)
+                else values.to_numpy(dtype=object))
+    if dtype.kind in "iuf":
+        return values if isinstance(values, np.ndarray) else values.to_numpy()
+    if isinstance(values, np.ndarray):
+        return np.asarray(values, dtype=np.float64)
+    return values.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _response_column(lhs, columns):
+    """The data column the left-hand side names by itself, else None."""
+    name = lhs.strip()
+    if name not in columns:
+        name = single_name(lhs)
+    return name if name is not None and name in columns else None
 
 
 def _response(lhs, data, columns, formula, cache):
@@ -852,13 +928,17 @@ def _response(lhs, data, columns, formula, cache):
     column : str or None
         The data column when the response is one, else None.
     """
-    name = lhs.strip()
-    if name not in data.columns:
-        name = single_name(lhs)
-    if name is not None and name in data.columns:
+    name = _response_column(lhs, data.columns)
+    if name is not None:
         columns.extend(n for n in [name] if n not in columns)
         return cache.series(name), cache.missing(name), name
-    evaluate = _evaluator(_canonical(lhs, data.columns), data, formula, columns)
+    series = pd.Series(_evaluate_response(lhs, data, columns, formula, cache), name=lhs)
+    return series, _missing(series), None
+
+
+def _evaluate_response(lhs, data, columns, formula, cache):
+    """The values of a left-hand side that is an expression, over all rows."""
+    evaluate = _evaluator(_canonical(lhs, data.columns), data, formula, columns, cache)
     try:
         value = evaluate()
     except Exception as err:
@@ -866,11 +946,10 @@ def _response(lhs, data, columns, formula, cache):
     if value.ndim != 1 or len(value) != len(data):
         raise ValueError(f"the response {lhs!r} must give one value per row; "
                          f"got shape {value.shape}")
-    series = pd.Series(value, name=lhs)
-    return series, _missing(series), None
+    return value
 
 
-def _counts(parsed, data, columns, formula):
+def _counts(parsed, data, columns, formula, cache=None):
     """Successes and failures of a ``cbind(successes, failures)`` response, all rows.
 
     Returns
@@ -879,19 +958,21 @@ def _counts(parsed, data, columns, formula):
     bad : ndarray of bool
         Rows where either count is missing or non-finite.
     """
+    if cache is None:
+        cache = ColumnCache(data)
     lhs = parsed.response
     counts = []
     for arg, which in zip(parsed.counts, ("successes", "failures")):
         name = single_name(arg)
         if name is not None and name in data.columns:
-            series = column(data, name)
+            values = cache.values(name)
             columns.extend(n for n in [name] if n not in columns)
-            if not _is_numeric(series):
+            if not _is_numeric(values):
                 raise ValueError(f"the {which} {arg!r} of the response {lhs!r} are not "
                                  "numeric")
-            counts.append(_as_float(series))
+            counts.append(_float_array(values))
             continue
-        evaluate = _evaluator(_canonical(arg, data.columns), data, formula, columns)
+        evaluate = _evaluator(_canonical(arg, data.columns), data, formula, columns, cache)
         try:
             value = evaluate()
         except Exception as err:
@@ -951,7 +1032,9 @@ def _parse(formula):
     if not isinstance(formula, str):
         return parse_formula(formula)
     parsed = _parse_cached(formula)
-    return dataclasses.replace(parsed, random=list(parsed.random))
+    # dataclasses.replace(parsed, random=list(parsed.random)), without its field scan
+    return ParsedFormula(parsed.formula, parsed.response, parsed.fixed, list(parsed.random),
+                         parsed.offsets, parsed.counts)
 
 
 class _Part:
@@ -1088,11 +1171,22 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
     # Which columns each part reads; unknown names fail here, before any work.
     used = []
     if parsed.counts is None:
-        resp_series, resp_bad, resp_col = _response(parsed.response, data, used, formula,
-                                                    cache)
+        resp_col = _response_column(parsed.response, columns)
+        resp_series = resp_value = None
+        if resp_col is not None:
+            used.append(resp_col)
+            resp_bad = cache.missing(resp_col)
+        else:
+            resp_value = _evaluate_response(parsed.response, data, used, formula, cache)
+            if resp_value.dtype.kind in "iuf":
+                # numbers, as pandas would keep them: no Series needed
+                resp_bad = _values_missing(resp_value)
+            else:
+                resp_series = pd.Series(resp_value, name=parsed.response)
+                resp_bad = _missing(resp_series)
         counts = None
     else:
-        counts, resp_bad = _counts(parsed, data, used, formula)
+        counts, resp_bad = _counts(parsed, data, used, formula, cache)
         resp_col = None
     fixed_part = _part(parsed.fixed, formula, "the fixed-effects part", columns, fast)
     offset_parts = [_offset_part(expr, formula, columns, fast) for expr in parsed.offsets]
@@ -1110,8 +1204,10 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
                                  f"appear in {part.what}")
     matrix_cols = list(dict.fromkeys(c for part in parts for c in part.cols))
     group_cols = list(dict.fromkeys(g for t in parsed.random for g in t.grouping))
-    w_label, w_all = _side_array(weights, "weights", data) if weights is not None else (None, None)
-    o_label, o_all = _side_array(offset, "offset", data) if offset is not None else (None, None)
+    w_label, w_all = (_side_array(weights, "weights", data, cache) if weights is not None
+                      else (None, None))
+    o_label, o_all = (_side_array(offset, "offset", data, cache) if offset is not None
+                      else (None, None))
 
     # Incomplete rows.  A NaN weight is a missing value; an infinite or negative one is
     # an error below, since dropping it would silently change the model.  A mask of
@@ -1152,12 +1248,14 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
     w = None
     if counts is not None:
         (y, w), y_levels = _binomial(counts, rows, parsed.response), None
+    elif resp_series is None and resp_col is None:
+        y, y_levels = np.array(cache.take(resp_value), dtype=np.float64), None
     elif resp_col is None:
         y, y_levels = _y_from(resp_series.iloc[rows].reset_index(drop=True), parsed.response)
     elif cache.is_numeric(resp_col):
-        y, y_levels = np.array(cache.take(_float_values(resp_series)), dtype=np.float64), None
+        y, y_levels = np.array(cache.take(cache.all_numeric(resp_col)), dtype=np.float64), None
     else:
-        y, y_levels = _y_from(resp_series, parsed.response, cache.factor(resp_col))
+        y, y_levels = _y_from(cache.series(resp_col), parsed.response, cache.factor(resp_col))
 
     specs, orders = {}, {}
     for name in matrix_cols:

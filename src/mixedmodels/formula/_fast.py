@@ -40,7 +40,8 @@ import numpy as np
 import patsy
 from patsy.redundancy import pick_contrasts_for_term
 
-from ._contrasts import DummyCoding, _Coding
+from ._contrasts import DummyCoding, EffectsCoding, HelmertCoding, _Coding
+from ._contrasts import _label as _level_label
 from ._rsyntax import deparse, unquote
 
 __all__ = ["fast_terms", "fast_plan", "FastMatrix"]
@@ -269,6 +270,118 @@ def _label(factor):
     return col if kind == "col" else f"abs2({deparse(col)})"
 
 
+class _Structure:
+    """What a :class:`FastMatrix` knows before it sees a row: column names, the span of
+    each subterm, the monomial of each column, the contrast matrices, and which
+    columns can overflow.  The same for every matrix of one part over one set of
+    levels and codings, so remembered (see :func:`_structure`)."""
+
+    __slots__ = ("contrasts", "cats", "names", "spans", "monomial", "numeric_cols", "risky",
+                 "table")
+
+    def __init__(self, subterms, specs, codings):
+        contrasts = {}
+
+        def coding_of(col, full):
+            key = (col, full)
+            out = contrasts.get(key)
+            if out is None:
+                out = contrasts[key] = _contrast(codings.get(col), specs[col], full)
+            return out
+
+        self.cats = tuple(dict.fromkeys(f[1] for sub in subterms for f, full in sub
+                                        if full is not None))
+        names, spans = [], []
+        for sub in subterms:
+            per_factor = []
+            for factor, full in sub:
+                if full is None:
+                    per_factor.append([_label(factor)])
+                else:
+                    col = factor[1]
+                    _, suffixes = coding_of(col, full)
+                    per_factor.append([f"{col}: {s}" for s in suffixes])
+            start = len(names)
+            if not per_factor:
+                names.append("(Intercept)")
+            else:
+                # the first factor varies fastest, as in R and patsy
+                for combo in itertools.product(*reversed(per_factor)):
+                    names.append(" & ".join(reversed(combo)))
+            spans.append((start, len(names)))
+        self.names = tuple(names)
+        self.spans = tuple(spans)
+        # Columns with a numeric factor, and the monomial (product of numeric factors)
+        # each column carries; 1 is the empty monomial.
+        monomial, numeric_cols, risky = [], [], []
+        for sub, (a, b) in zip(subterms, spans):
+            nums = tuple(sorted(f for f, full in sub if full is None))
+            monomial.extend([nums] * (b - a))
+            if nums:
+                numeric_cols.append((sub, a, b))
+                # squares and products can overflow where their inputs are finite
+                if len(sub) > 1 or any(f[0] == "abs2" for f in nums):
+                    risky.extend(range(a, b))
+        if not all(np.isfinite(m).all() and np.abs(m).max(initial=0.0) < 1e100
+                   for m, _ in contrasts.values()):
+            risky = list(range(len(names)))  # a user's coding with odd entries
+        self.contrasts = contrasts
+        self.table = None   # the cell table, made by the first matrix that needs it
+        self.monomial = tuple(monomial)
+        self.numeric_cols = tuple(numeric_cols)
+        self.risky = tuple(risky)
+
+
+# Codings whose contrasts depend on nothing but their class and base level (and the
+# level list, which is part of the key anyway): structures using them are remembered.
+_PLAIN_CODINGS = (DummyCoding, EffectsCoding, HelmertCoding)
+# Remember no structure with more contrast entries than this (a factor of many levels).
+_STRUCTURE_MAX_ENTRIES = 4096
+_structures = {}
+
+
+def _structure(subterms, specs, codings):
+    """The :class:`_Structure` of one part, remembered when its codings allow."""
+    key = _structure_key(subterms, specs, codings)
+    st = None if key is None else _structures.get(key)
+    if st is None:
+        st = _Structure(subterms, specs, codings)
+        if key is not None and sum(m.size for m, _ in st.contrasts.values()) <= \
+                _STRUCTURE_MAX_ENTRIES:
+            for matrix, _ in st.contrasts.values():
+                matrix.flags.writeable = False   # shared by every matrix built from it
+            if len(_structures) >= 256:
+                _structures.clear()
+            _structures[key] = st
+    return st
+
+
+def _structure_key(subterms, specs, codings):
+    """A key naming everything a structure depends on, or None (not remembered)."""
+    parts = []
+    for col, levels in specs.items():
+        if levels is None:
+            parts.append((col, None, None))
+            continue
+        coding = codings.get(col)
+        if coding is None:
+            how = None
+        elif type(coding) in _PLAIN_CODINGS:
+            # the base is matched by its label (True and 1 are equal, "true" and "1" not)
+            how = (type(coding), None if coding.base is None else _level_label(coding.base))
+        else:
+            return None
+        if len(levels) > _STRUCTURE_MAX_ENTRIES:
+            return None
+        parts.append((col, tuple(levels), how))
+    key = (subterms, tuple(parts))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
 class FastMatrix:
     """One model matrix (fixed part or a random term's columns) built with NumPy.
 
@@ -311,48 +424,17 @@ class FastMatrix:
         self.specs = dict(specs)
         self.what = what
         self._check = check_finite
-        self._contrasts = {}
-        self._cats = list(dict.fromkeys(f[1] for sub in subterms for f, full in sub
-                                        if full is not None))
-        names, spans = [], []
-        for sub in subterms:
-            per_factor = []
-            for factor, full in sub:
-                if full is None:
-                    per_factor.append([_label(factor)])
-                else:
-                    col = factor[1]
-                    _, suffixes = self._coding(col, full, codings)
-                    per_factor.append([f"{col}: {s}" for s in suffixes])
-            start = len(names)
-            if not per_factor:
-                names.append("(Intercept)")
-            else:
-                # the first factor varies fastest, as in R and patsy
-                for combo in itertools.product(*reversed(per_factor)):
-                    names.append(" & ".join(reversed(combo)))
-            spans.append((start, len(names)))
-        self.names = names
-        self._spans = spans
-        # Columns with a numeric factor, and the monomial (product of numeric factors)
-        # each column carries; 1 is the empty monomial.
-        self._monomial = []
-        self._numeric_cols = []
-        risky = []
-        for sub, (a, b) in zip(subterms, spans):
-            nums = tuple(sorted(f for f, full in sub if full is None))
-            self._monomial.extend([nums] * (b - a))
-            if nums:
-                self._numeric_cols.append((sub, a, b))
-                # squares and products can overflow where their inputs are finite
-                if len(sub) > 1 or any(f[0] == "abs2" for f in nums):
-                    risky.extend(range(a, b))
-        if not all(np.isfinite(m).all() and np.abs(m).max(initial=0.0) < 1e100
-                   for m, _ in self._contrasts.values()):
-            risky = list(range(len(names)))  # a user's coding with odd entries
-        self._risky = risky
+        st = _structure(subterms, self.specs, codings)
+        # each matrix owns its lists; the contrast matrices are shared, read-only
+        self._contrasts = dict(st.contrasts)
+        self._cats = list(st.cats)
+        self.names = list(st.names)
+        self._spans = list(st.spans)
+        self._monomial = list(st.monomial)
+        self._numeric_cols = list(st.numeric_cols)
+        self._risky = list(st.risky)
         self._cells = None
-        self.matrix = self._assemble(values, n, keep=keep_cells)
+        self.matrix = self._assemble(values, n, keep=keep_cells, structure=st)
         self._check(self.matrix, self.names, self.what, self._risky)
 
     def _coding(self, col, full, codings):
@@ -383,8 +465,9 @@ class FastMatrix:
                 block = (part[:, :, None] * block[:, None, :]).reshape(n, -1)
         return np.ones((n, 1)) if block is None else block
 
-    def _cell_codes(self, values, n):
-        """(cell per row, number of cells, per-column codes of each cell) or None."""
+    def _cell_codes(self, values, n, grid=True):
+        """(cell per row, number of cells, per-column codes of each cell) or None;
+        with ``grid=False`` the codes of each cell are not made (None)."""
         if not self._cats:
             return np.zeros(n, dtype=np.int64), 1, {}
         sizes = [len(self.specs[c]) for c in self._cats]
@@ -398,17 +481,31 @@ class FastMatrix:
         for col, k_prev in zip(self._cats[1:], sizes[:-1]):
             radix *= k_prev
             cell += radix * np.asarray(values[col], dtype=np.int64)
+        if not grid:
+            return cell, ncells, None
         grid = np.unravel_index(np.arange(ncells), sizes, order="F")
         return cell, ncells, dict(zip(self._cats, grid))
 
-    def _assemble(self, values, n, keep=False):
+    def _cell_table(self, grid, ncells):
+        """The product of the contrast entries of every column, one row per cell."""
+        table = np.empty((ncells, len(self.names)), dtype=np.float64)
+        for sub, (a, b) in zip(self.subterms, self._spans):
+            table[:, a:b] = self._product(sub, grid, ncells, numeric=False)
+        return table
+
+    def _assemble(self, values, n, keep=False, structure=None):
         p = len(self.names)
-        cells = self._cell_codes(values, n) if self._cats else None
+        # the cell table depends on the levels and codings alone: a structure keeps it
+        known = None if structure is None else structure.table
+        cells = self._cell_codes(values, n, grid=known is None) if self._cats else None
         if cells is not None:
             cell, ncells, grid = cells
-            table = np.empty((ncells, p), dtype=np.float64)
-            for sub, (a, b) in zip(self.subterms, self._spans):
-                table[:, a:b] = self._product(sub, grid, ncells, numeric=False)
+            table = known
+            if table is None:
+                table = self._cell_table(grid, ncells)
+                if structure is not None:
+                    table.flags.writeable = False
+                    structure.table = table
             mat = np.take(table, cell, axis=0)
             todo = self._numeric_cols
             if keep:
@@ -417,10 +514,13 @@ class FastMatrix:
             mat = np.empty((n, p), dtype=np.float64)
             todo = [(sub, a, b) for sub, (a, b) in zip(self.subterms, self._spans)]
         for sub, a, b in todo:
-            if sub:
-                mat[:, a:b] = self._product(sub, values, n)
-            else:
+            if not sub:
                 mat[:, a] = 1.0
+            elif len(sub) == 1 and sub[0][1] is None and sub[0][0][0] == "col":
+                # one numeric column: its values, converted as _product converts them
+                mat[:, a] = values[sub[0][0][1]]
+            else:
+                mat[:, a:b] = self._product(sub, values, n)
         return mat
 
     def gram(self, values):
