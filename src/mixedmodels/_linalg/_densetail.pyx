@@ -32,6 +32,35 @@ from scipy.linalg.cython_lapack cimport dpotrf, dpotri
 from scipy.linalg.cython_blas cimport dtrsm
 
 
+cdef int _first_rest(const int[::1] ip, const int[::1] ix, int k0, int q0,
+                     int[::1] first) noexcept nogil:
+    """first[j] = the first CSC slot of column j < q0 below term 0. Checks that column j
+    holds its level's own rows j..(level end) first and that every column of a level
+    meets the same rows below term 0 (which W's storage per level relies on); returns
+    the first column where that fails, or -1."""
+    cdef Py_ssize_t j, t, lo, hi, c, own, prev_lo, prev_hi
+    for j in range(q0):
+        lo, hi = ip[j], ip[j + 1]
+        c = j % k0
+        own = k0 - c
+        if hi - lo < own:
+            return <int> j
+        for t in range(own):
+            if ix[lo + t] != j + t:
+                return <int> j
+        if lo + own < hi and ix[lo + own] < q0:
+            return <int> j
+        first[j] = <int> (lo + own)
+        if c:
+            prev_lo, prev_hi = first[j - 1], ip[j]
+            if hi - first[j] != prev_hi - prev_lo:
+                return <int> j
+            for t in range(hi - first[j]):
+                if ix[first[j] + t] != ix[prev_lo + t]:
+                    return <int> j
+    return -1
+
+
 cdef class DenseTailFactor:
     """Factor of M (lower CSC pattern ``indptr``/``indices``, values ``mx``) with term 0's
     q₀ = k₀·nlev₀ columns block diagonal and the remaining r columns dense."""
@@ -57,19 +86,10 @@ cdef class DenseTailFactor:
         self.r = self.q - q0
         self.nlev0 = q0 // k0
         first = np.empty(q0, dtype=np.int32)
-        ip, ix = np.asarray(indptr), np.asarray(indices)
-        for j in range(q0):
-            lo, hi = ip[j], ip[j + 1]
-            first[j] = lo + np.searchsorted(ix[lo:hi], q0)
-            c = j % k0
-            # the level's own block (rows c..k0-1 of it), then the other terms' rows;
-            # every column of a level meets the same other levels (the pattern is by
-            # level pairs), which W's storage per level relies on
-            own = ix[lo:first[j]]
-            if not np.array_equal(own, np.arange(j, j - c + k0)) or (
-                    c and not np.array_equal(ix[first[j]:hi], ix[first[j - 1]:ip[j]])):
-                raise ValueError("M's pattern is not that of a first term with levels "
-                                 f"of {k0} columns (column {j})")
+        cdef int bad = _first_rest(indptr, indices, k0, q0, first)
+        if bad >= 0:
+            raise ValueError("M's pattern is not that of a first term with levels of "
+                             f"{k0} columns (column {bad})")
         self.first_rest = first
         self.l0 = np.zeros(self.nlev0 * k0 * k0)
         self.w = np.zeros(len(mx))
