@@ -165,6 +165,27 @@ def markdown(results):
         L.append(f"| `{pid}` | " + " | ".join(cells) + " |")
     L.append("")
 
+    # --- ours against each peer
+    peers = [lib for lib in libs if lib != "mixedmodels"]
+    if "mixedmodels" in libs and peers:
+        L.append("## mixedmodels against each peer\n")
+        L.append("Our median time over the peer's, same run (below 1 = we are faster; the "
+                 "speed issue's target is at most 0.67 against the fastest peer on every "
+                 "problem).\n")
+        L.append("| problem | " + " | ".join(f"ours / {lib}" for lib in peers) + " |")
+        L.append("|---|" + "---:|" * len(peers))
+        for pid, pr in results["problems"].items():
+            ours = pr["libs"].get("mixedmodels", {})
+            cells = []
+            for lib in peers:
+                r = pr["libs"].get(lib, {})
+                if ours.get("status") == "ok" and r.get("status") == "ok" and r.get("median"):
+                    cells.append(f"{ours['median'] / r['median']:.2f}")
+                else:
+                    cells.append("—")
+            L.append(f"| `{pid}` | " + " | ".join(cells) + " |")
+        L.append("")
+
     # --- objective
     L.append("## Objective reached\n")
     L.append("-2 log-likelihood (the REML criterion for REML fits; for GLMMs -2 logLik as lme4 "

@@ -66,3 +66,19 @@ def fit_inference_model(name):
                                        REML=m["REML"], weights=m["weights"],
                                        offset=m["offset"], contrasts=contrasts or None)
     return _INFERENCE_FITS[name]
+
+
+_JOINT_OPTIMA = {}
+
+
+def joint_optimum(cases, name):
+    """(model, its joint optimum [β̃, θ]) for ``cases[name]()`` (a GLMM specification),
+    fitted once per session: what the gradient tests differentiate at."""
+    key = (id(cases), name)
+    if key not in _JOINT_OPTIMA:
+        import numpy as np
+
+        model = cases[name]()
+        fit = model.fit()
+        _JOINT_OPTIMA[key] = (model, np.concatenate([fit.beta_w, fit.theta]))
+    return _JOINT_OPTIMA[key]

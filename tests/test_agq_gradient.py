@@ -15,7 +15,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import KERNEL, OBJECTIVE_ABS
+from conftest import KERNEL, joint_optimum, OBJECTIVE_ABS
 
 import mixedmodels as mm
 from mixedmodels._agq_gradient import (
@@ -74,16 +74,9 @@ CASES = {
     "grouseticks_offset_agq5": lambda: _offset(5),
 }
 
-_cache = {}
-
-
 def fitted(name):
     """(model, its joint optimum [β̃, θ]), fitted once per session."""
-    if name not in _cache:
-        model = CASES[name]()
-        fit = model.fit()
-        _cache[name] = (model, np.concatenate([fit.beta_w, fit.theta]))
-    return _cache[name]
+    return joint_optimum(CASES, name)
 
 
 def perturbed(model, x):

@@ -9,7 +9,7 @@ sparse-matrix version at the kernel tier.
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from conftest import KERNEL
+from conftest import KERNEL, joint_optimum
 
 import mixedmodels as mm
 from mixedmodels._derivs import finite_difference_derivatives
@@ -53,16 +53,9 @@ CASES = {
 PATHS = {"cbpp": "block-diagonal", "contra": "block-diagonal",
          "contra_vector": "block-diagonal", "grouseticks": "dense-tail", "verbagg": "dense-tail"}
 
-_cache = {}
-
-
 def fitted(name):
     """(model, its joint optimum [β̃, θ]), fitted once per session."""
-    if name not in _cache:
-        model = CASES[name]()
-        fit = model.fit()
-        _cache[name] = (model, np.concatenate([fit.beta_w, fit.theta]))
-    return _cache[name]
+    return joint_optimum(CASES, name)
 
 
 def perturbed(model, x):

@@ -6,3 +6,5 @@ cdef double blockdiag_factor_c(const double *avals, const double *lam, int k, Py
 
 cdef void blockdiag_solve_c(const double *L, int k, Py_ssize_t nlev, double *b,
                             bint transpose) noexcept nogil
+
+cdef int chol_inplace(double *B, int k, double *logdet) noexcept nogil

@@ -210,22 +210,33 @@ cdef double blockdiag_factor_c(const double *avals, const double *lam, int k, Py
         congruence(&avals[l * k * k], lam, lam, k, k, tmp, B)
         for a in range(k):
             B[a + a * k] += 1.0
-        for d in range(k):          # in-place Cholesky of the lower triangle, by columns
-            s = B[d + d * k]
-            for e in range(d):
-                s -= B[d + e * k] * B[d + e * k]
-            if s <= 0.0:
-                return NAN
-            s = sqrt(s)
-            B[d + d * k] = s
-            logdet += log(s)
-            for a in range(d + 1, k):
-                for e in range(d):
-                    B[a + d * k] -= B[a + e * k] * B[d + e * k]
-                B[a + d * k] /= s
-            for a in range(d):
-                B[a + d * k] = 0.0
+        if chol_inplace(B, k, &logdet):
+            return NAN
     return logdet
+
+
+cdef int chol_inplace(double *B, int k, double *logdet) noexcept nogil:
+    """In place: the lower Cholesky factor of the column-major k-by-k B (its lower
+    triangle is read; the strict upper one is zeroed); adds Σ log diag to logdet.
+    Returns 1 (B left part-way) if B is not positive definite."""
+    cdef int a, d, e
+    cdef double s
+    for d in range(k):              # by columns
+        s = B[d + d * k]
+        for e in range(d):
+            s -= B[d + e * k] * B[d + e * k]
+        if s <= 0.0:
+            return 1
+        s = sqrt(s)
+        B[d + d * k] = s
+        logdet[0] += log(s)
+        for a in range(d + 1, k):
+            for e in range(d):
+                B[a + d * k] -= B[a + e * k] * B[d + e * k]
+            B[a + d * k] /= s
+        for a in range(d):
+            B[a + d * k] = 0.0
+    return 0
 
 
 cdef void blockdiag_solve_c(const double *L, int k, Py_ssize_t nlev, double *b,

@@ -31,6 +31,8 @@ import numpy as np
 from scipy.linalg.cython_lapack cimport dpotrf, dpotri
 from scipy.linalg.cython_blas cimport dtrsm
 
+from mixedmodels._linalg._blocked cimport chol_inplace
+
 
 cdef int _first_rest(const int[::1] ip, const int[::1] ix, int k0, int q0,
                      int[::1] first) noexcept nogil:
@@ -145,19 +147,8 @@ cdef class DenseTailFactor:
                     lo[a + c * k0] = 0.0
                 for t in range(ip[j], self.first_rest[j]):
                     lo[(ix[t] - lev * k0) + c * k0] = mx[t]
-            for c in range(k0):                 # in-place Cholesky, by columns
-                v = lo[c + c * k0]
-                for e in range(c):
-                    v -= lo[c + e * k0] * lo[c + e * k0]
-                if v <= 0.0:
-                    return 1
-                v = sqrt(v)
-                lo[c + c * k0] = v
-                logdet += log(v)
-                for a in range(c + 1, k0):
-                    for e in range(c):
-                        lo[a + c * k0] -= lo[a + e * k0] * lo[c + e * k0]
-                    lo[a + c * k0] /= v
+            if chol_inplace(lo, k0, &logdet):
+                return 1
             # W_l = L_l⁻¹ B_l': column c of the level holds row c of B_l at its slots
             j = lev * k0
             nr = ip[j + 1] - self.first_rest[j]
