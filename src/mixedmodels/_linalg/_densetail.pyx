@@ -252,14 +252,14 @@ cdef class DenseTailFactor:
         """In place b <- L⁻¹ b (q-by-m, Fortran)."""
         self._check(b)
         with nogil:
-            self._forward(b)
+            self._solve(b, False)
         return b
 
     def backward(self, double[::1, :] b):
         """In place b <- L'⁻¹ b (q-by-m, Fortran)."""
         self._check(b)
         with nogil:
-            self._backward(b)
+            self._solve(b, True)
         return b
 
     def _check(self, b):
@@ -268,7 +268,8 @@ cdef class DenseTailFactor:
         if b.shape[0] != self.q:
             raise ValueError(f"b has {b.shape[0]} rows; the factor has {self.q}")
 
-    cdef void _forward(self, double[::1, :] b) noexcept nogil:
+    cdef void _solve(self, double[::1, :] b, bint transpose) noexcept nogil:
+        """L⁻¹: term 0 level by level, then the tail (dtrsm); L'⁻¹: the other way."""
         cdef int k0 = self.k0, q0 = self.q0, r = self.r, m = b.shape[1], ldb = b.shape[0]
         cdef Py_ssize_t lev, col, t, nr, j
         cdef int a, c
@@ -276,41 +277,25 @@ cdef class DenseTailFactor:
         cdef double *x
         cdef const double *lo
         cdef const int *ix = &self.indices[0]
-        for col in range(m):
-            x = &b[0, col]
-            for lev in range(self.nlev0):
-                lo = &self.l0[lev * k0 * k0]
-                for c in range(k0):             # x0 <- L_l⁻¹ x0
-                    v = x[lev * k0 + c]
-                    for a in range(c):
-                        v -= lo[c + a * k0] * x[lev * k0 + a]
-                    x[lev * k0 + c] = v / lo[c + c * k0]
-                j = lev * k0
-                nr = self.indptr[j + 1] - self.first_rest[j]
-                for c in range(k0):             # x_r[R_l] -= W_l' x0
-                    j = self.first_rest[lev * k0 + c]
-                    v = x[lev * k0 + c]
-                    for t in range(nr):
-                        x[ix[j + t]] -= self.w[j + t] * v
-        if r > 0 and m > 0:
-            dtrsm(b"L", b"L", b"N", b"N", &r, &m, &one, &self.s[0, 0], &r, &b[q0, 0], &ldb)
-
-    cdef void _backward(self, double[::1, :] b) noexcept nogil:
-        cdef int k0 = self.k0, q0 = self.q0, r = self.r, m = b.shape[1], ldb = b.shape[0]
-        cdef Py_ssize_t lev, col, t, nr, j
-        cdef int a, c
-        cdef double v, one = 1.0
-        cdef double *x
-        cdef const double *lo
-        cdef const int *ix = &self.indices[0]
-        if r > 0 and m > 0:
+        if transpose and r > 0 and m > 0:
             dtrsm(b"L", b"L", b"T", b"N", &r, &m, &one, &self.s[0, 0], &r, &b[q0, 0], &ldb)
         for col in range(m):
             x = &b[0, col]
             for lev in range(self.nlev0):
                 lo = &self.l0[lev * k0 * k0]
-                j = lev * k0
-                nr = self.indptr[j + 1] - self.first_rest[j]
+                nr = self.indptr[lev * k0 + 1] - self.first_rest[lev * k0]
+                if not transpose:
+                    for c in range(k0):         # x0 <- L_l⁻¹ x0
+                        v = x[lev * k0 + c]
+                        for a in range(c):
+                            v -= lo[c + a * k0] * x[lev * k0 + a]
+                        x[lev * k0 + c] = v / lo[c + c * k0]
+                    for c in range(k0):         # x_r[R_l] -= W_l' x0
+                        j = self.first_rest[lev * k0 + c]
+                        v = x[lev * k0 + c]
+                        for t in range(nr):
+                            x[ix[j + t]] -= self.w[j + t] * v
+                    continue
                 for c in range(k0):             # x0 -= W_l x_r[R_l]
                     j = self.first_rest[lev * k0 + c]
                     v = 0.0
@@ -322,3 +307,5 @@ cdef class DenseTailFactor:
                     for a in range(c + 1, k0):
                         v -= lo[a + c * k0] * x[lev * k0 + a]
                     x[lev * k0 + c] = v / lo[c + c * k0]
+        if not transpose and r > 0 and m > 0:
+            dtrsm(b"L", b"L", b"N", b"N", &r, &m, &one, &self.s[0, 0], &r, &b[q0, 0], &ldb)

@@ -69,25 +69,9 @@ def column(data, name):
 
 
 def column_values(data, name):
-    """One column of a data table as stored: an ndarray (read-only) or an ExtensionArray.
-
-    What :func:`column` gives, without making a pandas Series (which costs more than
-    reading a small column does).
-
-    Parameters
-    ----------
-    data : pandas.DataFrame or the result of :func:`as_table`
-    name : str
-
-    Returns
-    -------
-    numpy.ndarray or pandas.api.extensions.ExtensionArray
-
-    Raises
-    ------
-    ValueError
-        As :func:`column`.
-    """
+    """:func:`column`'s values as the frame stores them, an ndarray (read-only) or an
+    ExtensionArray, without making a pandas Series (which costs more than reading a small
+    column does); the same arguments and errors as :func:`column`."""
     values = None
     if isinstance(data, pd.DataFrame):
         columns = data.columns
