@@ -20,9 +20,10 @@ with A⁻¹'s random-effects rows M⁻¹ + V S⁻¹V' and -V S⁻¹.)
 
 K's diagonal blocks need M⁻¹ on the block pattern of C. One term: M is block diagonal
 and everything is per level. Several terms with q up to ``DENSE_MAX``: M⁻¹ densely.
-Larger models have no gradient here (None): M⁻¹ on the pattern of C would take a
-selected inversion of the factor, which the CHOLMOD shim does not expose, or q - q₀
-solves with it (insteval: ~1 s, twenty evaluations' worth).
+Larger models have no gradient here (None): M⁻¹ on the pattern of C would take the dense
+tail's [G; S⁻¹] (insteval: S⁻¹ and ~10⁸ flops for G, about six evaluations' worth, more
+than the Richardson step it would replace) or a selected inversion of a sparse factor,
+which the CHOLMOD shim does not expose.
 """
 import weakref
 
