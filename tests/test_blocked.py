@@ -178,7 +178,9 @@ def test_dense_tail_factor_is_the_dense_cholesky(nlevels, kk):
         factor.forward(b.copy(order="F"))
 
 
-def test_dense_tail_rest_inverse_is_the_dense_inverse():
+def test_dense_tail_inverse_blocks_are_the_dense_inverse():
+    """S⁻¹ = M⁻¹'s trailing block, and G = M⁻¹'s term-0 rows at the trailing columns, one
+    block per (level, column) asked for."""
     from mixedmodels._linalg._densetail import DenseTailFactor
 
     rng, codes, z, zc = random_problem(4, [10, 6, 3], [2, 1, 2])
@@ -192,6 +194,13 @@ def test_dense_tail_rest_inverse_is_the_dense_inverse():
                          for j in range(pat.q)])
     factor = DenseTailFactor(pat.indptr, pat.indices, mx, int(pat.kk[0]), int(pat.uoff[1]))
     factor.factorize()
-    q0 = int(pat.uoff[1])
-    np.testing.assert_allclose(factor.rest_inverse(), np.linalg.inv(m)[:, q0:], rtol=1e-9,
-                               atol=KERNEL)
+    q0, k0 = int(pat.uoff[1]), int(pat.kk[0])
+    minv = np.linalg.inv(m)
+    sinv = factor.tail_inverse()
+    np.testing.assert_allclose(sinv, minv[q0:, q0:], rtol=1e-9, atol=KERNEL)
+    levels = np.array([0, 3, 9, 3], dtype=np.int32)
+    cols = np.array([0, 2, 4, 10], dtype=np.int64)          # tail columns, 2 at a time (r = 12)
+    blocks = factor.g_blocks(sinv, levels, cols, 2)
+    for blk, lev, col in zip(blocks, levels, cols):
+        want = minv[lev * k0:(lev + 1) * k0, q0 + col:q0 + col + 2]
+        np.testing.assert_allclose(blk, want, rtol=1e-9, atol=KERNEL)

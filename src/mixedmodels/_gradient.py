@@ -265,18 +265,16 @@ def _own_coefficients(model, rows, W):
         c[0] = np.einsum("iab,ib->ia", Ainv[rows.codes[0]], zeta0)
         return c, Ainv
     factor = model.workspace.factor
-    rest = _rest_columns(model.workspace)
-    q0 = int(rows.uoff[1])
     y = np.zeros((n, k0))                       # y_i = G_{l0(i), ·} ζ_{i, s>0}
-    for s, plan in enumerate(rows.s.batches, start=1):
+    tail = _dense_tail_of(model.workspace)
+    if tail is not None:
+        _tail_blocks(rows, tail, y, c)
+    for s, plan in enumerate(rows.s.batches if tail is None else (), start=1):
         for units, sel, cols in plan:
-            if rest is not None:
-                e = rest[:, units[0] - q0:units[-1] + 1 - q0]
-            else:
-                e = np.zeros((rows.q, units.size), order="F")
-                e[units, np.arange(units.size)] = 1.0
-                factor.forward(e)
-                factor.backward(e)              # e = M⁻¹[:, this batch of levels]
+            e = np.zeros((rows.q, units.size), order="F")
+            e[units, np.arange(units.size)] = 1.0
+            factor.forward(e)
+            factor.backward(e)                  # e = M⁻¹[:, this batch of levels]
             if sel.size == 0:
                 continue
             zs = rows.zeta[s][sel]
@@ -294,31 +292,48 @@ def _own_coefficients(model, rows, W):
     return c, minv0
 
 
-# Where the dense tail's [G; S⁻¹] replaces the solves: r columns by q rows in memory, and
-# r³ flops against r solves with a factor that may be far sparser.
+# Where the dense tail replaces the solves: S⁻¹ is r-by-r in memory and r³/3 flops,
+# against r solves with a factor that may be far sparser.
 _REST_MAX = 2000
-_REST_CELLS = 4e7
 _TAILS = weakref.WeakKeyDictionary()
 
 
-def _rest_columns(ws):
-    """M⁻¹'s columns at the terms after the first, [G; S⁻¹], from a dense-tail factor of
-    the workspace's current M (its own factor, or one made for this on the same values:
-    grouseticks, r = 181, 0.5 ms against 1.7 ms for CHOLMOD's 181 solves); None above
+def _dense_tail_of(ws):
+    """A factorized dense-tail factor of the workspace's current M: its own, or one made on
+    the same values where CHOLMOD factors it (grouseticks, r = 181); None above
     ``_REST_MAX``."""
     factor = ws.factor
-    if not isinstance(factor, DenseTailFactor):
-        q0 = int(ws.pattern.uoff[1])
-        r = ws.q - q0
-        if r > _REST_MAX or q0 * r > _REST_CELLS:
-            return None
-        factor = _TAILS.get(ws)
-        if factor is None:
-            pat = ws.pattern
-            factor = _TAILS[ws] = DenseTailFactor(pat.indptr, pat.indices, ws._mx,
-                                                  int(pat.kk[0]), q0)
-        factor.factorize()                      # the values the workspace factored last
-    return factor.rest_inverse()
+    if isinstance(factor, DenseTailFactor):
+        return factor
+    q0 = int(ws.pattern.uoff[1])
+    if ws.q - q0 > _REST_MAX:
+        return None
+    tail = _TAILS.get(ws)
+    if tail is None:
+        pat = ws.pattern
+        tail = _TAILS[ws] = DenseTailFactor(pat.indptr, pat.indices, ws._mx,
+                                            int(pat.kk[0]), q0)
+    tail.factorize()                            # the values the workspace factored last
+    return tail
+
+
+def _tail_blocks(rows, tail, y, c):
+    """The batch loop of :func:`_own_coefficients` from the dense tail: per row, the block
+    of G at its own levels (``g_blocks``) and of S⁻¹ at its pairs of levels, instead of
+    M⁻¹'s columns (grouseticks: 0.7 ms for all 181 columns)."""
+    q0 = int(rows.uoff[1])
+    sinv = tail.tail_inverse()
+    level0 = np.ascontiguousarray(rows.codes[0], dtype=np.int32)
+    for s in range(1, rows.nterm):
+        zs = rows.zeta[s]
+        cs = rows.idx[s] - q0                   # (n, ks): tail columns of each row's level
+        g_blk = tail.g_blocks(sinv, level0, np.ascontiguousarray(cs[:, 0], dtype=np.int64),
+                              rows.kk[s])       # (n, k0, ks)
+        y += np.einsum("iab,ib->ia", g_blk, zs)
+        c[s] += np.einsum("iab,ia->ib", g_blk, rows.zeta[0])
+        for t in range(1, rows.nterm):
+            s_blk = sinv[(rows.idx[t] - q0)[:, :, None], cs[:, None, :]]   # (n, kt, ks)
+            c[t] += np.einsum("iab,ib->ia", s_blk, zs)
 
 
 def _solve_m(model, rows, minv0, rhs):

@@ -33,6 +33,8 @@ from scipy.linalg.cython_blas cimport dtrsm
 
 from mixedmodels._linalg._blocked cimport chol_inplace
 
+ctypedef long long i64
+
 
 cdef int _first_rest(const int[::1] ip, const int[::1] ix, int k0, int q0,
                      int[::1] first) noexcept nogil:
@@ -184,69 +186,63 @@ cdef class DenseTailFactor:
         self._logdet = logdet
         return 0
 
-    def rest_inverse(self):
-        """The columns of M⁻¹ at the terms after the first, [G; S⁻¹] (q-by-r, Fortran),
-        at the last factorization.
-
-        G = -A⁻¹B'S⁻¹ = -L_A⁻ᵀW S⁻¹, level by level: q₀·n_l·r flops beyond LAPACK's
-        inverse of S from its factor, where r forward and backward solves cost twice
-        that plus their passes over every level (the gradient of the Laplace deviance
-        needs these columns: see _gradient.py).
-        """
+    def tail_inverse(self):
+        """S⁻¹ (r-by-r, Fortran, both triangles), at the last factorization."""
         if not self.factored:
             raise ValueError("the factor holds no factorization")
-        out = np.zeros((self.q, self.r), order="F")
+        out = np.zeros((self.r, self.r), order="F")
         cdef double[::1, :] o = out
         cdef int r = self.r, info = 0
+        cdef Py_ssize_t i, col
+        if r == 0:
+            return out
         with nogil:
-            info = self._rest_inverse(o)
+            for col in range(r):
+                for i in range(col, r):
+                    o[i, col] = self.s[i, col]
+            dpotri(b"L", &r, &o[0, 0], &r, &info)
+            if info == 0:
+                for col in range(r):
+                    for i in range(col + 1, r):
+                        o[col, i] = o[i, col]
         if info:
             raise np.linalg.LinAlgError("S is singular")
         return out
 
-    cdef int _rest_inverse(self, double[::1, :] o) noexcept nogil:
-        cdef int k0 = self.k0, q0 = self.q0, r = self.r, ldo = o.shape[0], info = 0
-        cdef Py_ssize_t lev, col, t, nr, j, i
-        cdef int a, c
+    def g_blocks(self, const double[::1, :] sinv, const int[::1] level,
+                 const i64[::1] col, int ks):
+        """Blocks of G = -A⁻¹B'S⁻¹ = -L_A⁻ᵀW S⁻¹: for each i, the k₀-by-ks block at term 0's
+        level ``level[i]`` and the tail's columns col[i]..col[i]+ks (n-by-k₀-by-ks). What
+        the Laplace gradient reads of M⁻¹'s columns after term 0, one block per row of the
+        data, without forming G whole (q₀·r entries)."""
+        cdef Py_ssize_t n = level.shape[0], i, t, nr, j, lev
+        cdef int k0 = self.k0, q0 = self.q0, a, c, b
         cdef double v
+        out = np.empty((n, k0, ks))
+        cdef double[:, :, ::1] o = out
         cdef const double *lo
-        cdef const int *ix = &self.indices[0]
-        cdef double *sinv = &o[q0, 0]
-        for col in range(r):                   # L_S, then S⁻¹ by LAPACK
-            for i in range(col, r):
-                sinv[i + col * ldo] = self.s[i, col]
-        dpotri(b"L", &r, sinv, &ldo, &info)
-        if info != 0:
-            return 1
-        for col in range(r):
-            for i in range(col + 1, r):
-                sinv[col + i * ldo] = sinv[i + col * ldo]
-        # G, a column at a time (raw pointers: through the memoryviews this loop ran
-        # ten times slower)
-        cdef double *oc
-        cdef const double *sc
         cdef const double *wp = &self.w[0]
-        cdef const double *l0 = &self.l0[0]
+        cdef const int *ix = &self.indices[0]
         cdef const int *fr = &self.first_rest[0]
         cdef const int *ip = &self.indptr[0]
-        for col in range(r):
-            oc = &o[0, col]
-            sc = sinv + col * ldo - q0          # indexed by the global row of M
-            for lev in range(self.nlev0):
-                lo = l0 + lev * k0 * k0
+        with nogil:
+            for i in range(n):
+                lev = level[i]
+                lo = &self.l0[lev * k0 * k0]
                 nr = ip[lev * k0 + 1] - fr[lev * k0]
-                for c in range(k0):             # -W_l S⁻¹[R_l, col]
-                    j = fr[lev * k0 + c]
-                    v = 0.0
-                    for t in range(nr):
-                        v += wp[j + t] * sc[ix[j + t]]
-                    oc[lev * k0 + c] = -v
-                for c in range(k0 - 1, -1, -1):   # L_l⁻ᵀ
-                    v = oc[lev * k0 + c]
-                    for a in range(c + 1, k0):
-                        v -= lo[a + c * k0] * oc[lev * k0 + a]
-                    oc[lev * k0 + c] = v / lo[c + c * k0]
-        return 0
+                for b in range(ks):
+                    for c in range(k0):         # -W_l S⁻¹[R_l, col]
+                        j = fr[lev * k0 + c]
+                        v = 0.0
+                        for t in range(nr):
+                            v += wp[j + t] * sinv[ix[j + t] - q0, col[i] + b]
+                        o[i, c, b] = -v
+                    for c in range(k0 - 1, -1, -1):   # L_l⁻ᵀ
+                        v = o[i, c, b]
+                        for a in range(c + 1, k0):
+                            v -= lo[a + c * k0] * o[i, a, b]
+                        o[i, c, b] = v / lo[c + c * k0]
+        return out
 
     def forward(self, double[::1, :] b):
         """In place b <- L⁻¹ b (q-by-m, Fortran)."""
