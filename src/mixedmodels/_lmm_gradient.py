@@ -76,6 +76,7 @@ class _Crossproducts:
             counts.append(len(base))
         self.lam_flat = np.concatenate(flat)
         self.lam_counts = np.array(counts)
+        self.upper = np.triu_indices(q, 1)
         self.idx = [int(pat.uoff[t]) + np.arange(int(pat.nlev[t]) * int(pat.kk[t])).reshape(
             int(pat.nlev[t]), int(pat.kk[t])) for t in range(pat.nterm)]
 
@@ -222,7 +223,7 @@ def _dense(cross, theta, u, zx):
         minv, info = dpotri(chol, lower=1, overwrite_c=1)
     if info:
         raise np.linalg.LinAlgError("M is not positive definite")
-    minv = np.tril(minv) + np.tril(minv, -1).T
+    minv[cross.upper] = minv.T[cross.upper]          # dpotri fills the lower triangle
     k_full = cl @ minv
     ktrace = [k_full[idx[:, :, None], idx[:, None, :]].sum(axis=0) for idx in cross.idx]
     v = minv @ (lam.T @ zx)
