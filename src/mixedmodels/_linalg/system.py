@@ -41,6 +41,7 @@ from ._pattern import build_pattern
 DENSE_TAIL = True
 _DENSE_TAIL_FLOPS = 3.0
 _DENSE_TAIL_MAX = 4000        # r: the dense block is r² doubles (128 MB at 4,000)
+_DENSE_TAIL_FREE = 1e5        # flops that cost less than CHOLMOD's analysis and call overhead
 
 
 def faster_factor(indptr, indices, mx, k0=None, q0=None):
@@ -59,11 +60,13 @@ def faster_factor(indptr, indices, mx, k0=None, q0=None):
     diag = np.zeros(len(mx), dtype=bool)
     diag[indptr[:-1]] = True             # sorted CSC lower triangle: the diagonal comes first
     mx[:] = np.where(diag, 1.0, 0.0)
+    tail_flops = _dense_tail_flops(indptr, k0, q0) if q0 is not None and DENSE_TAIL else None
+    if tail_flops is not None and tail_flops <= _DENSE_TAIL_FREE:
+        # below CHOLMOD's own overhead whatever its count: no need to analyse
+        return DenseTailFactor(indptr, indices, mx, int(k0), int(q0))
     auto = SparseCholesky(indptr, indices, mx)
-    if q0 is not None and DENSE_TAIL:
-        tail = _dense_tail(indptr, indices, mx, k0, q0, auto.flops)
-        if tail is not None:
-            return tail
+    if tail_flops is not None and tail_flops <= _DENSE_TAIL_FLOPS * auto.flops + _DENSE_TAIL_FREE:
+        return DenseTailFactor(indptr, indices, mx, int(k0), int(q0))
     if not auto.is_supernodal or auto.flops > 350.0 * auto.nnz_factor:
         return auto
     simplicial = SparseCholesky(indptr, indices, mx, mode="simplicial")
@@ -76,20 +79,16 @@ def faster_factor(indptr, indices, mx, k0=None, q0=None):
     return simplicial if seconds(simplicial) < seconds(auto) else auto
 
 
-def _dense_tail(indptr, indices, mx, k0, q0, cholmod_flops):
-    """A DenseTailFactor when its flop count is within _DENSE_TAIL_FLOPS of CHOLMOD's."""
+def _dense_tail_flops(indptr, k0, q0):
+    """The flops of a dense-tail factorization of this pattern, or None when its tail is
+    too large to hold densely."""
     q = len(indptr) - 1
     r = q - q0
     if r > _DENSE_TAIL_MAX or q0 == 0:
         return None
     # n_l: the other levels that level l of term 0 meets (the rows below its block)
-    starts = indptr[0:q0:k0]
-    own_end = starts + k0
-    met = indptr[1:q0 + 1:k0] - own_end
-    flops = r ** 3 / 3.0 + float(np.sum(met.astype(float) ** 2)) * k0 + q0 * k0 * k0
-    if flops > _DENSE_TAIL_FLOPS * cholmod_flops + 1e5:
-        return None
-    return DenseTailFactor(indptr, indices, mx, int(k0), int(q0))
+    met = indptr[1:q0 + 1:k0] - (indptr[0:q0:k0] + k0)
+    return r ** 3 / 3.0 + float(np.sum(met.astype(float) ** 2)) * k0 + q0 * k0 * k0
 
 
 @functools.lru_cache(maxsize=256)
