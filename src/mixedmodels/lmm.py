@@ -289,6 +289,21 @@ def _relative_covariance(term, r):
         ztr[:, a] = np.bincount(c, weights=z[:, a] * r, minlength=nlev)
         for e in range(a, k):
             ztz[:, a, e] = ztz[:, e, a] = np.bincount(c, weights=z[:, a] * z[:, e], minlength=nlev)
+
+    def level_rss(usable, coef):
+        rows = usable[c]
+        resid = (r - np.einsum("ij,ij->i", z, coef[c]))[rows]
+        return float(resid @ resid), resid.size
+
+    return relative_covariance_of_levels(ztz, ztr, level_rss)
+
+
+def relative_covariance_of_levels(ztz, ztr, level_rss):
+    """The moment estimate from the per-level Z_l'Z_l (``ztz``, levels by k by k) and
+    Z_l'r_l (``ztr``): b_l from Z_l'Z_l b_l = Z_l'r_l on the levels whose own system is
+    solvable, and ``level_rss(usable, coef)`` -> (their residual sum of squares, their
+    number of rows), from the rows in memory or from per-level moments out of core."""
+    k = ztz.shape[1]
     # levels whose own k-by-k system is solvable (a determinant well away from zero
     # relative to its diagonal: cheaper than a rank decomposition per level)
     diag_prod = np.prod(np.diagonal(ztz, axis1=1, axis2=2), axis=1)
@@ -302,14 +317,13 @@ def _relative_covariance(term, r):
         inv = 1.0 / ztz[usable]
     else:
         inv = np.linalg.inv(ztz[usable])
-    coef = np.zeros((nlev, k))
+    coef = np.zeros((ztz.shape[0], k))
     coef[usable] = np.einsum("lij,lj->li", inv, ztr[usable])
-    rows = usable[c]
-    resid = (r - np.einsum("ij,ij->i", z, coef[c]))[rows]
-    dfw = resid.size - k * int(usable.sum())
+    rss, nrows = level_rss(usable, coef)
+    dfw = nrows - k * int(usable.sum())
     if dfw <= 0:
         return None
-    s2 = float(resid @ resid) / dfw
+    s2 = rss / dfw
     if not (s2 > 0.0 and np.isfinite(s2)):
         return None
     dev = coef[usable] - coef[usable].mean(axis=0)

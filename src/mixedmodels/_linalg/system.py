@@ -219,14 +219,19 @@ class BlockedSystem:
         _blocked.accumulate_blocks(pat.zcat, pat.rowoff, pat.pair_tr, pat.pair_tc,
                                    pat.zoff, pat.kk, w, self.avals)
         m = xy.shape[1]
+        self._bind_products(m)
+        _blocked.accumulate_zt(pat.zcat, pat.codes, pat.uoff, pat.zoff, pat.kk, w, xy, self.ztxy)
+        _blocked.weighted_crossprod(xy, w, self.xtxy)
+
+    def _bind_products(self, m):
+        """Arrays for m columns of [X y], bound to the factorizer (which holds views of
+        them), allocated again only when m changes."""
         if self.ztxy is None or self.ztxy.shape[1] != m:
             self.ztxy = np.zeros((self.q, m), order="F")
             self.rzxy = np.zeros((self.q, m), order="F")
             self._r = np.zeros((m, m))
             self.xtxy = np.zeros((m, m))
             self._theta_step.bind_products(self.ztxy, self.rzxy, self.xtxy, self._r)
-        _blocked.accumulate_zt(pat.zcat, pat.codes, pat.uoff, pat.zoff, pat.kk, w, xy, self.ztxy)
-        _blocked.weighted_crossprod(xy, w, self.xtxy)
 
     def set_crossproducts(self, avals, ztxy, xtxy):
         """Take the cross-products whole: sums over chunks of rows, made elsewhere.
@@ -251,12 +256,7 @@ class BlockedSystem:
                              f"{ztxy.shape} and {np.shape(xtxy)}")
         # in place: the factorizer holds views of these arrays
         self.avals[:] = avals
-        if self.ztxy is None or self.ztxy.shape[1] != m:
-            self.ztxy = np.zeros((self.q, m), order="F")
-            self.rzxy = np.zeros((self.q, m), order="F")
-            self._r = np.zeros((m, m))
-            self.xtxy = np.zeros((m, m))
-            self._theta_step.bind_products(self.ztxy, self.rzxy, self.xtxy, self._r)
+        self._bind_products(m)
         self.ztxy[:, :] = ztxy
         self.xtxy[:, :] = xtxy
 

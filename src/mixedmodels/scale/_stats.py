@@ -37,6 +37,7 @@ from ..formula._columns import ColumnCache, column, encode, factorize
 from ..formula._columns import as_float as _as_float
 from ..formula._columns import is_numeric as _is_numeric
 from ..formula._contrasts import is_grouping, normalize_coding
+from ..lmm import relative_covariance_of_levels
 from ..formula._design import (_aliased_columns, _float_values, _group_codes, _offset_part,
                                _parse, _part, _response, _y_from, build_design)
 
@@ -688,37 +689,13 @@ def chunk_products(frame, schema, structure, basis):
 
 
 def relative_covariance(ztz, ztr, rr, nrow, k):
-    """``lmm._relative_covariance`` from per-level moments instead of rows.
+    """``lmm._relative_covariance`` from per-level moments instead of rows: the residual
+    sum of squares of the usable levels is Σ (r_l'r_l - 2 b_l'Z_l'r_l + b_l'Z_l'Z_l b_l),
+    with as many rows as those levels hold (``rr``, ``nrow`` per level)."""
+    def level_rss(usable, coef):
+        cu, zu = coef[usable], ztr[usable]
+        rss = float(np.sum(rr[usable]) - 2.0 * np.einsum("li,li->", cu, zu)
+                    + np.einsum("li,lij,lj->", cu, ztz[usable], cu))
+        return rss, float(np.sum(nrow[usable]))
 
-    The moment estimate of a term's covariance over σ² (see
-    ``LinearMixedModel.starting_theta``): per level, b_l from Z_l'Z_l b_l = Z_l'r_l; the
-    residual sum of squares of the levels whose own system is solvable is
-    Σ (r_l'r_l - 2 b_l'Z_l'r_l + b_l'Z_l'Z_l b_l), with as many rows as those levels hold.
-    """
-    nlev = ztz.shape[0]
-    diag_prod = np.prod(np.diagonal(ztz, axis1=1, axis2=2), axis=1)
-    if k == 1:
-        usable = diag_prod > 0.0
-    else:
-        usable = (diag_prod > 0.0) & (np.linalg.det(ztz) > 1e-10 * diag_prod)
-    if usable.sum() < k + 2:
-        return None
-    inv = 1.0 / ztz[usable] if k == 1 else np.linalg.inv(ztz[usable])
-    coef = np.zeros((nlev, k))
-    coef[usable] = np.einsum("lij,lj->li", inv, ztr[usable])
-    cu, zu = coef[usable], ztr[usable]
-    rss = float(np.sum(rr[usable]) - 2.0 * np.einsum("li,li->", cu, zu)
-                + np.einsum("li,lij,lj->", cu, ztz[usable], cu))
-    dfw = float(np.sum(nrow[usable])) - k * int(usable.sum())
-    if dfw <= 0:
-        return None
-    s2 = rss / dfw
-    if not (s2 > 0.0 and np.isfinite(s2)):
-        return None
-    dev = cu - cu.mean(axis=0)
-    between = dev.T @ dev / (len(dev) - 1)
-    rel = (between - s2 * inv.mean(axis=0)) / s2
-    if k == 1:
-        return np.maximum(rel, 0.01)
-    w, v = np.linalg.eigh((rel + rel.T) / 2)
-    return (v * np.maximum(w, 0.01)) @ v.T
+    return relative_covariance_of_levels(ztz, ztr, level_rss)
