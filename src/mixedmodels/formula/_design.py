@@ -1151,6 +1151,19 @@ def build_design(formula, data, contrasts=None, weights=None, offset=None,
     return _build_design(formula, data, contrasts, weights, offset, na_action, fast=True)
 
 
+def _model_columns(parts, parsed, codings):
+    """The columns the model matrices read and the grouping columns, in formula order;
+    refuses a Grouping()-coded column inside a model matrix."""
+    for part in parts:
+        for name in part.cols:
+            if is_grouping(codings.get(name)):
+                raise ValueError(f"column {name!r} has the Grouping() contrast and cannot "
+                                 f"appear in {part.what}")
+    matrix_cols = list(dict.fromkeys(c for part in parts for c in part.cols))
+    group_cols = list(dict.fromkeys(g for t in parsed.random for g in t.grouping))
+    return matrix_cols, group_cols
+
+
 def _build_design(formula, data, contrasts=None, weights=None, offset=None,
                   na_action="drop", fast=True):
     """:func:`build_design`; ``fast=False`` builds every model matrix with patsy."""
@@ -1197,13 +1210,7 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
         for g in term.grouping:
             _need_column(g, columns)
     parts = [fixed_part] + offset_parts + random_parts
-    for part in parts:
-        for name in part.cols:
-            if is_grouping(codings.get(name)):
-                raise ValueError(f"column {name!r} has the Grouping() contrast and cannot "
-                                 f"appear in {part.what}")
-    matrix_cols = list(dict.fromkeys(c for part in parts for c in part.cols))
-    group_cols = list(dict.fromkeys(g for t in parsed.random for g in t.grouping))
+    matrix_cols, group_cols = _model_columns(parts, parsed, codings)
     w_label, w_all = (_side_array(weights, "weights", data, cache) if weights is not None
                       else (None, None))
     o_label, o_all = (_side_array(offset, "offset", data, cache) if offset is not None

@@ -36,10 +36,10 @@ from .._linalg._pattern import pair_keys_of, term_order
 from ..formula._columns import ColumnCache, column, encode, factorize
 from ..formula._columns import as_float as _as_float
 from ..formula._columns import is_numeric as _is_numeric
-from ..formula._contrasts import is_grouping, normalize_coding
+from ..formula._contrasts import normalize_coding
 from ..lmm import relative_covariance_of_levels
-from ..formula._design import (_aliased_columns, _float_values, _group_codes, _offset_part,
-                               _parse, _part, _response, _y_from, build_design)
+from ..formula._design import (_aliased_columns, _float_values, _group_codes, _model_columns,
+                               _offset_part, _parse, _part, _response, _y_from, build_design)
 
 # patsy transforms that learn from the rows they see (a mean, a standard deviation):
 # chunk by chunk they would learn each chunk's own
@@ -123,13 +123,7 @@ class Plan:
             for g in t.grouping:
                 if g not in columns:
                     raise ValueError(f"column {g!r} not found in data")
-        for part in parts:
-            for name in part.cols:
-                if is_grouping(codings.get(name)):
-                    raise ValueError(f"column {name!r} has the Grouping() contrast and cannot "
-                                     f"appear in {part.what}")
-        matrix_cols = list(dict.fromkeys(c for part in parts for c in part.cols))
-        group_cols = list(dict.fromkeys(g for t in parsed.random for g in t.grouping))
+        matrix_cols, group_cols = _model_columns(parts, parsed, codings)
         categorical = [c for c in matrix_cols
                        if codings.get(c) is not None or not cache.is_numeric(c)]
         read = list(dict.fromkeys(used + matrix_cols + group_cols))
