@@ -82,3 +82,24 @@ def joint_optimum(cases, name):
         fit = model.fit()
         _JOINT_OPTIMA[key] = (model, np.concatenate([fit.beta_w, fit.theta]))
     return _JOINT_OPTIMA[key]
+
+
+# -- fits that several test modules share (public data; each fitted once per session) -------
+@pytest.fixture(scope="session")
+def gm1():
+    """The tutorial's gm1: Bernoulli, nAGQ = 9."""
+    import mixedmodels as mm
+
+    contra = mm.dataset("contra")
+    contrasts = {"dist": mm.Grouping(), "urban": mm.HelmertCoding(), "livch": mm.DummyCoding()}
+    return mm.fit("use ~ 1 + age + abs2(age) + urban + livch + (1 | dist)", contra,
+                  family=mm.Bernoulli(), nAGQ=9, contrasts=contrasts)
+
+
+@pytest.fixture(scope="session")
+def cbpp():
+    """cbpp as counts, cbind(incid, hsz - incid)."""
+    import mixedmodels as mm
+
+    return mm.fit("cbind(incid, hsz - incid) ~ 1 + period + (1 | herd)", mm.dataset("cbpp"),
+                  family=mm.Binomial())

@@ -30,20 +30,6 @@ def sleep0():
 
 
 @pytest.fixture(scope="module")
-def gm1():
-    contra = mm.dataset("contra")
-    contrasts = {"dist": mm.Grouping(), "urban": mm.HelmertCoding(), "livch": mm.DummyCoding()}
-    return mm.fit("use ~ 1 + age + abs2(age) + urban + livch + (1 | dist)", contra,
-                  family=mm.Bernoulli(), nAGQ=9, contrasts=contrasts)
-
-
-@pytest.fixture(scope="module")
-def cbpp():
-    return mm.fit("cbind(incid, hsz - incid) ~ 1 + period + (1 | herd)", mm.dataset("cbpp"),
-                  family=mm.Binomial())
-
-
-@pytest.fixture(scope="module")
 def pastes():
     """Nested: a grouping factor named 'batch & cask' (escaping in every format)."""
     return mm.fit("strength ~ 1 + (1 | batch/cask)", mm.dataset("pastes"))

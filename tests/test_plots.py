@@ -28,21 +28,6 @@ def sleep():
     return mm.fit("reaction ~ 1 + days + (1 + days | subj)", mm.dataset("sleepstudy"))
 
 
-@pytest.fixture(scope="module")
-def gm1():
-    """The tutorial's gm1: Bernoulli, nAGQ = 9."""
-    contra = mm.dataset("contra")
-    contrasts = {"dist": mm.Grouping(), "urban": mm.HelmertCoding(), "livch": mm.DummyCoding()}
-    return mm.fit("use ~ 1 + age + abs2(age) + urban + livch + (1 | dist)", contra,
-                  family=mm.Bernoulli(), nAGQ=9, contrasts=contrasts)
-
-
-@pytest.fixture(scope="module")
-def cbpp():
-    return mm.fit("cbind(incid, hsz - incid) ~ 1 + period + (1 | herd)", mm.dataset("cbpp"),
-                  family=mm.Binomial())
-
-
 def render(fig):
     """Draw the figure with Agg (to PNG bytes) and return them."""
     buf = io.BytesIO()
