@@ -25,17 +25,16 @@ import argparse
 import gc
 import json
 import os
-import queue
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
+
+from _workers import LineWorker, WorkerDied
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -257,65 +256,21 @@ def _blas_info():
 # The driver
 # ----------------------------------------------------------------------------------
 
-class WorkerDied(Exception):
-    pass
+class Worker(LineWorker):
+    """A library's inference worker (this file with --worker, or r_inference.R)."""
 
-
-class Worker:
     def __init__(self, lib, env, tmp):
-        self.lib = lib
         if lib == "mixedmodels":
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker"]
         else:
             cmd = ["Rscript", "--vanilla", str(HERE / "r_inference.R"), lib]
-        self.errlog = open(tmp / f"inference_worker_{lib}.log", "a")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.errlog, text=True, env=env, cwd=str(HERE),
-                                     start_new_session=True, bufsize=1)
-        self.q = queue.Queue()
-        threading.Thread(target=self._reader, daemon=True).start()
-        self.hello = self._read(300)
-
-    def _reader(self):
-        for line in self.proc.stdout:
-            if line.startswith("@@ "):
-                self.q.put(json.loads(line[3:]))
-        self.q.put(None)
-
-    def _read(self, timeout):
-        try:
-            msg = self.q.get(timeout=timeout)
-        except queue.Empty:
-            self.kill()
-            raise TimeoutError(f"{self.lib}: no answer in {timeout:g} s")
-        if msg is None:
-            raise WorkerDied(f"{self.lib} worker exited (code {self.proc.poll()})")
-        return msg
+        super().__init__(lib, cmd, env, HERE, tmp / f"inference_worker_{lib}.log", 300)
 
     def request(self, timeout, **req):
-        try:
-            self.proc.stdin.write(json.dumps(req) + "\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            raise WorkerDied(f"{self.lib} worker is gone")
-        return self._read(timeout)
+        return self.request_line(json.dumps(req), timeout)
 
     def close(self):
-        try:
-            self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
-            self.proc.stdin.flush()
-            self.proc.wait(timeout=20)
-        except Exception:
-            self.kill()
-        self.errlog.close()
-
-    def kill(self):
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait()
+        super().close(timeout=20)
 
 
 def ensure_r(libs):

@@ -16,14 +16,10 @@ import fnmatch
 import json
 import os
 import platform
-import queue
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import threading
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,6 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import problems as P  # noqa: E402
+from _workers import LineWorker, WorkerDied  # noqa: E402
 
 LIBS = ["mixedmodels", "lme4", "glmm", "mixedlm", "statsmodels"]
 THREAD_VARS = ["OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
@@ -49,50 +46,20 @@ def log(*a):
 # Workers
 # ----------------------------------------------------------------------------------
 
-class WorkerDied(Exception):
-    pass
-
-
-class Worker:
-    """A library's worker process, spoken to one request line at a time."""
+class Worker(LineWorker):
+    """A library's fitting worker (worker.py, or r_worker.R for lme4)."""
 
     def __init__(self, lib, env):
-        self.lib = lib
         if lib == "lme4":
             cmd = ["Rscript", "--vanilla", str(HERE / "r_worker.R")]
+            self.quit_line = "quit"
         else:
             cmd = [sys.executable, str(HERE / "worker.py"), lib]
-        self.errlog = open(HERE / "results" / "tmp" / f"worker_{lib}.log", "a")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.errlog, text=True, env=env, cwd=str(HERE),
-                                     start_new_session=True, bufsize=1)
-        self.q = queue.Queue()
-        threading.Thread(target=self._reader, daemon=True).start()
-        self.hello = self._read(120)
-
-    def _reader(self):
-        for line in self.proc.stdout:
-            if line.startswith("@@ "):
-                self.q.put(json.loads(line[3:]))
-        self.q.put(None)
-
-    def _read(self, timeout):
-        try:
-            msg = self.q.get(timeout=timeout)
-        except queue.Empty:
-            self.kill()
-            raise TimeoutError
-        if msg is None:
-            raise WorkerDied(f"{self.lib} worker exited (code {self.proc.poll()})")
-        return msg
+        super().__init__(lib, cmd, env, HERE, HERE / "results" / "tmp" / f"worker_{lib}.log",
+                         120)
 
     def request(self, line, timeout):
-        try:
-            self.proc.stdin.write(line + "\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            raise WorkerDied(f"{self.lib} worker is gone")
-        return self._read(timeout)
+        return self.request_line(line, timeout)
 
     # the two dialects
     def load(self, p, timeout=600):
@@ -113,23 +80,6 @@ class Worker:
         if self.lib == "lme4":
             return self.request("\t".join([op] + [str(x) for kv in kw.items() for x in kv]), timeout)
         return self.request(json.dumps({"op": op, **kw}), timeout)
-
-    def close(self):
-        try:
-            self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n" if self.lib != "lme4" else "quit\n")
-            self.proc.stdin.flush()
-            self.proc.wait(timeout=10)
-        except Exception:
-            self.kill()
-        self.errlog.close()
-
-    def kill(self):
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait()
 
 
 # ----------------------------------------------------------------------------------
