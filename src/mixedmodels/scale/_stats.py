@@ -39,7 +39,8 @@ from ..formula._columns import is_numeric as _is_numeric
 from ..formula._contrasts import normalize_coding
 from ..lmm import relative_covariance_of_levels
 from ..formula._design import (_aliased_columns, _float_values, _group_codes, _model_columns,
-                               _offset_part, _parse, _part, _response, _y_from, build_design)
+                               _offset_part, _or, _parse, _part, _response, _y_from,
+                               build_design)
 
 # patsy transforms that learn from the rows they see (a mean, a standard deviation):
 # chunk by chunk they would learn each chunk's own
@@ -204,14 +205,6 @@ class Plan:
             zero = int(zero_rows.sum())
             keep &= ~zero_rows
         return keep, missing, int(bad.sum()), zero
-
-
-def _or(a, b):
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a | b
 
 
 # -- pass 1: rows used and levels ------------------------------------------------------
