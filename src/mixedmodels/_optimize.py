@@ -142,11 +142,8 @@ def minimize_with_gradient(value_and_grad, optsum, progress=False):
     contra's nAGQ = 9 fit, the line search kept failing after convergence and ended
     ABNORMAL at 51 evaluations instead of SUCCESS at 19.)
     """
-    from scipy.optimize import minimize as scipy_minimize
-
     x0 = np.asarray(optsum.initial, dtype=float)
     lower = np.asarray(optsum.lowerbd, dtype=float)
-    bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower]
     bar = _Progress(progress)
     best = [np.inf, x0.copy()]
     fitlog = optsum.fitlog
@@ -166,16 +163,125 @@ def minimize_with_gradient(value_and_grad, optsum, progress=False):
         return val, np.asarray(grad, dtype=float)
 
     t0 = time.perf_counter()
-    res = scipy_minimize(f, x0, jac=True, method="L-BFGS-B", bounds=bounds,
-                         options={"ftol": 1e-14, "gtol": 1e-7, "maxiter": optsum.maxfeval,
-                                  "maxfun": optsum.maxfeval})
+    success, message = lbfgsb(f, x0, lower, maxfun=optsum.maxfeval, ftol=1e-14, gtol=1e-7)
     optsum.elapsed = time.perf_counter() - t0
     bar.update(len(fitlog), final=True)
     optsum.optimizer = "L-BFGS-B"
-    optsum.returnvalue = "SUCCESS" if res.success else str(res.message).upper().replace(" ", "_")
+    optsum.returnvalue = "SUCCESS" if success else message.upper().replace(" ", "_")
     optsum.fmin, optsum.final = best
     optsum.feval = len(fitlog)
     return optsum
+
+
+# where leave_the_bound looks at the derivatives: θ = 0.01 (b = θu, u ~ N(0, 1)), far
+# enough from 0 for the curvature's signal (D''·h) to stand above the gradient's rounding
+# (~1e-8), near enough to see an optimum a little way off the bound
+BOUND_PROBE = 1e-2
+
+
+def leave_the_bound(value_and_grad, optsum, bounded, progress=False):
+    """Restart L-BFGS-B off the bound where it stopped at a θ of zero that is no minimum.
+
+    The deviance (Laplace, AGQ, or an LMM's profiled one) is even in each column of Λ
+    (u_j -> -u_j), so with a scalar term its derivative in θ is exactly zero at θ = 0,
+    whatever else is: a line search whose step is projected onto the bound never leaves
+    it, and the convergence check holds bound parameters fixed. (Simulated Bernoulli and
+    Poisson data, 400-600 rows in 15-30 groups, Laplace and nAGQ = 5: 42 of 320 fits
+    stopped at θ = 0 or 1e-12, 1e-4 to 10 above the optimum, at θ = 0.03-0.22; none with
+    this probe, which costs one evaluation, and a second search where it finds the way
+    down.) One evaluation with the ``bounded`` parameters below ``BOUND_PROBE`` moved to
+    it shows which way the objective goes; if down (a negative derivative there, or a
+    lower value), the search restarts from that point, and the lower end is kept.
+    """
+    bounded = np.asarray(bounded, dtype=int)
+    # on the bound, or short of the probe (L-BFGS-B stops at θ ~ 1e-12 as often)
+    at = bounded[optsum.final[bounded] < optsum.lowerbd[bounded] + BOUND_PROBE]
+    if at.size == 0:
+        return
+    trial = optsum.final.copy()
+    trial[at] = optsum.lowerbd[at] + BOUND_PROBE
+    value, grad = value_and_grad(trial)
+    optsum.fitlog.append((trial.copy(), float(value)))
+    optsum.feval = len(optsum.fitlog)
+    if np.isfinite(value) and (np.any(np.asarray(grad)[at] < 0.0) or value < optsum.fmin):
+        restart_lbfgsb(value_and_grad, optsum, trial, progress)
+
+
+def restart_lbfgsb(value_and_grad, optsum, start, progress=False):
+    """L-BFGS-B again from ``start`` with a fresh memory; its evaluations join
+    ``optsum``'s log, and its end replaces ``optsum``'s if lower."""
+    again = OptSummary(initial=np.array(start, dtype=float), lowerbd=optsum.lowerbd)
+    minimize_with_gradient(value_and_grad, again, progress=progress)
+    optsum.fitlog.extend(again.fitlog)
+    optsum.feval = len(optsum.fitlog)
+    optsum.elapsed += again.elapsed
+    if again.fmin < optsum.fmin:
+        optsum.final, optsum.fmin, optsum.returnvalue = again.final, again.fmin, again.returnvalue
+
+
+def lbfgsb(fun_and_grad, x0, lower, maxfun, ftol, gtol, maxcor=10, maxls=20):
+    """scipy's L-BFGS-B with lower bounds, driven step by step here: the same iterates as
+    ``scipy.optimize.minimize(method="L-BFGS-B")`` without its wrappers, which cost
+    ~70 µs a step (a millisecond of a 56-row GLMM's fit). Returns (success, message).
+
+    The compiled routine (``scipy.optimize._lbfgsb.setulb``) is private; where its
+    interface differs from scipy 1.15's, the public ``minimize`` runs instead.
+    """
+    try:
+        from scipy.optimize import _lbfgsb
+        from scipy.optimize._lbfgsb_py import status_messages, task_messages
+    except ImportError:
+        return _lbfgsb_public(fun_and_grad, x0, lower, maxfun, ftol, gtol)
+    n = len(x0)
+    bounded = np.isfinite(lower)
+    low = np.where(bounded, lower, 0.0)
+    upp = np.zeros(n)
+    nbd = bounded.astype(np.int32)          # 1: a lower bound only; 0: unbounded
+    x = np.where(bounded, np.maximum(x0, low), x0).astype(np.float64)
+    f = np.array(0.0)
+    g = np.zeros(n)
+    wa = np.zeros(2 * maxcor * n + 5 * n + 11 * maxcor * maxcor + 8 * maxcor)
+    iwa = np.zeros(3 * n, dtype=np.int32)
+    task = np.zeros(2, dtype=np.int32)
+    ln_task = np.zeros(2, dtype=np.int32)
+    lsave = np.zeros(4, dtype=np.int32)
+    isave = np.zeros(44, dtype=np.int32)
+    dsave = np.zeros(29)
+    factr = ftol / np.finfo(float).eps
+    nfev = 0
+    niter = 0
+    try:
+        while True:
+            _lbfgsb.setulb(maxcor, x, low, upp, nbd, f, g, factr, gtol, wa, iwa, task,
+                           lsave, isave, dsave, maxls, ln_task)
+            if task[0] == 3:            # f and g wanted at x
+                val, grad = fun_and_grad(x.copy())
+                nfev += 1
+                f = np.array(val, dtype=np.float64)
+                g = np.array(grad, dtype=np.float64)
+            elif task[0] == 1:          # a new iterate
+                niter += 1
+                if niter >= maxfun or nfev > maxfun:
+                    task[0], task[1] = 5, 502
+            else:
+                break
+    except TypeError:
+        # another interface of the private routine (before any evaluation)
+        if nfev:
+            raise
+        return _lbfgsb_public(fun_and_grad, x0, lower, maxfun, ftol, gtol)
+    message = status_messages.get(int(task[0]), "") + ": " + task_messages.get(int(task[1]), "")
+    return bool(task[0] == 4), message
+
+
+def _lbfgsb_public(fun_and_grad, x0, lower, maxfun, ftol, gtol):
+    from scipy.optimize import minimize as scipy_minimize
+
+    bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower]
+    res = scipy_minimize(fun_and_grad, x0, jac=True, method="L-BFGS-B", bounds=bounds,
+                         options={"ftol": ftol, "gtol": gtol, "maxiter": maxfun,
+                                  "maxfun": maxfun})
+    return bool(res.success), str(res.message)
 
 
 def gradient_hessian(value_and_grad, x, step, lower, stencil="central", grad=None):
@@ -256,15 +362,23 @@ def check_optimum_with_gradient(value_and_grad, optsum, warn=True, step=None,
     return record
 
 
-def rectify(objective, optsum, candidates):
+def rectify(objective, optsum, candidates, near=None):
     """Put bounded components of the optimum on their bound (zero) where that is no worse.
 
     BOBYQA approaches a boundary optimum but rarely lands on it: a variance component
     left at 1e-4 prints a correlation of 1.0 while the fit does not count as singular.
     Each bounded component, smallest first, is tried at zero, and the trial is kept
     whenever the objective there is no larger than the best value so far (lme4's
-    ``isSingular`` then sees the boundary the fit is really on).
+    ``isSingular`` then sees the boundary the fit is really on). ``near`` limits the
+    trials to components within that distance of their bound: after a gradient search
+    (whose projected steps land on a bound exactly, and :func:`leave_the_bound` has
+    probed everything closer than ``BOUND_PROBE``) a component farther away sits in the
+    interior with a vanishing gradient, and a trial there costs an evaluation (a
+    PIRLS solve, an insteval factorization) for nothing.
     """
+    if near is not None:
+        candidates = [i for i in candidates
+                      if optsum.final[i] < optsum.lowerbd[i] + near]
     x = optsum.final.copy()
     order = sorted((i for i in candidates if x[i] > 0.0), key=lambda i: x[i])
     for i in order:

@@ -44,8 +44,9 @@ from ._dispersion import observed_weights, pearson_dispersion
 from ._model import MixedModelSpec
 from .lmm import rx_inverse_crossprod
 from ._gradient import laplace_value_and_gradient
-from ._optimize import (OptSummary, check_optimum, check_optimum_with_gradient, gradient_hessian,
-                        hessian_steps, minimize, minimize_with_gradient, rectify)
+from ._optimize import (BOUND_PROBE, OptSummary, check_optimum, check_optimum_with_gradient,
+                        gradient_hessian, hessian_steps, leave_the_bound, minimize,
+                        minimize_with_gradient, rectify, restart_lbfgsb)
 from ._derivs import finite_difference_derivatives
 from ._pirls import PirlsState, pirls
 from ._results import MixedModelFit
@@ -468,71 +469,26 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         minimize_with_gradient(self._joint_value_and_grad, opt, progress=progress)
         if opt.returnvalue != "SUCCESS" or not np.isfinite(opt.fmin):
             return None
-        self._leave_the_bound(opt, progress)
+        leave_the_bound(self._joint_value_and_grad, opt,
+                        p + np.flatnonzero(np.isfinite(layout.lower)), progress)
         bounded = p + np.flatnonzero(np.isfinite(layout.lower))
-        rectify(self._joint_value, opt, bounded)
+        rectify(self._joint_value, opt, bounded, near=BOUND_PROBE)
         if check_convergence and not self._check_with_gradient(opt, warn=False).converged:
             # L-BFGS-B reports success where a line search met the wall of non-finite
             # values beyond a far trial step (the wall has no gradient) and came back with
             # a step of zero, which its relative-reduction test reads as convergence
             # (simulated Poisson, nAGQ = 7: 1.3e-4 above the optimum). A fresh start
             # from where the check's Newton step left the fit.
-            self._restart(opt, opt.final, progress)
-            rectify(self._joint_value, opt, bounded)
+            restart_lbfgsb(self._joint_value_and_grad, opt, opt.final, progress)
+            rectify(self._joint_value, opt, bounded, near=BOUND_PROBE)
             self._check_with_gradient(opt, warn=True)
         beta_w, theta, phi, fam = self._split(opt.final, True)
         return GeneralizedLinearMixedModelFit(self, self._optimum(theta, beta_w, phi, fam),
                                               opt, fast=False)
 
-    # where _leave_the_bound looks at the derivatives: θ = 0.01 (b = θu, u ~ N(0, 1)),
-    # far enough from 0 for the curvature's signal (D''·h) to stand above the gradient's
-    # rounding (~1e-8), near enough to see an optimum a little way off the bound
-    _BOUND_PROBE = 1e-2
-
     # the convergence check's Hessian from the exact gradient: "forward" (n + 1
     # gradients) or "central" (2n + 1; tests compare the two)
     _check_stencil = "forward"
-
-    def _leave_the_bound(self, opt, progress):
-        """Restart L-BFGS-B off the bound where it stopped at a θ of zero that is no
-        minimum.
-
-        The deviance is even in each column of Λ (u_j -> -u_j), so with a scalar term its
-        derivative in θ is exactly zero at θ = 0, whatever β is: a line search whose step
-        is projected onto the bound never leaves it, and the convergence check holds
-        bound parameters fixed. (Simulated Bernoulli and Poisson data, 400-600 rows in
-        15-30 groups, Laplace and nAGQ = 5: 42 of 320 fits stopped at θ = 0 or 1e-12,
-        1e-4 to 10 above the optimum, at θ = 0.03-0.22; none with this probe, which
-        costs one evaluation, and a second search where it finds the way down: 21 to 24
-        evaluations on average.) One evaluation with the parameters below
-        ``_BOUND_PROBE`` moved to it shows which way the deviance goes; if down (a
-        negative derivative there, or a lower value), the search restarts from that
-        point, and the lower of the two ends is kept.
-        """
-        layout, p = self.layout, self.p
-        bounded = p + np.flatnonzero(np.isfinite(layout.lower))
-        # on the bound, or short of the probe (L-BFGS-B stops at θ ~ 1e-12 as often)
-        at = bounded[opt.final[bounded] < opt.lowerbd[bounded] + self._BOUND_PROBE]
-        if at.size == 0:
-            return
-        trial = opt.final.copy()
-        trial[at] = opt.lowerbd[at] + self._BOUND_PROBE
-        value, grad = self._joint_value_and_grad(trial)
-        opt.fitlog.append((trial.copy(), float(value)))
-        opt.feval = len(opt.fitlog)
-        if np.isfinite(value) and (np.any(np.asarray(grad)[at] < 0.0) or value < opt.fmin):
-            self._restart(opt, trial, progress)
-
-    def _restart(self, opt, start, progress):
-        """L-BFGS-B again from ``start`` with a fresh memory; its evaluations join
-        ``opt``'s log, and its end replaces ``opt``'s if lower."""
-        again = OptSummary(initial=np.array(start, dtype=float), lowerbd=opt.lowerbd)
-        minimize_with_gradient(self._joint_value_and_grad, again, progress=progress)
-        opt.fitlog.extend(again.fitlog)
-        opt.feval = len(opt.fitlog)
-        opt.elapsed += again.elapsed
-        if again.fmin < opt.fmin:
-            opt.final, opt.fmin, opt.returnvalue = again.final, again.fmin, again.returnvalue
 
     def _check_with_gradient(self, opt, warn):
         """lme4's check.conv at ``opt.final`` with the Hessian from forward differences
