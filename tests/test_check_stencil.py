@@ -22,13 +22,27 @@ _fits = {}
 
 
 def fits(name):
-    """(forward-stencil fit, central-stencil fit) of one model, fitted once per session."""
+    """(forward-stencil fit, central-stencil fit) of one model, both with every column
+    differenced, fitted once per session."""
     if name not in _fits:
-        forward = MODELS[name]().fit()
+        model = MODELS[name]()
+        model._schur_beta_block = False
+        forward = model.fit()
         model = MODELS[name]()
         model._check_stencil = "central"
+        model._schur_beta_block = False
         _fits[name] = (forward, model.fit())
     return _fits[name]
+
+
+_default_fits = {}
+
+
+def default_fit(name):
+    """The fit as users get it: forward differences in θ, the β block from PIRLS."""
+    if name not in _default_fits:
+        _default_fits[name] = MODELS[name]().fit()
+    return _default_fits[name]
 
 
 def kinds(messages):
@@ -72,6 +86,36 @@ def test_the_forward_check_gives_the_central_verdict(name):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
+def test_the_beta_block_from_pirls_gives_the_central_verdict(name):
+    """The default check differences the gradient in θ only; its β block is twice the
+    inverse of X̃'s conditional covariance at the modes (RX'RX, algebra), and its
+    verdict, messages and optimum are the central stencil's."""
+    fit, (_, central) = default_fit(name), fits(name)
+    d, dc = fit.optsum.derivs, central.optsum.derivs
+    model = fit.model
+    p, n = model.p, len(d.gradient)
+    assert d.stencil == "forward+known"
+    assert d.nfeval == (n - p) + 1
+    beta_w, theta, phi, fam = model._split(d.point, True)
+    np.testing.assert_allclose(d.hessian[:p, :p],
+                               2 * np.linalg.inv(model._vcov_working(theta, beta_w, phi, fam)),
+                               rtol=1e-10)
+    model._u = None
+    # the θ columns are the forward stencil's
+    full = fits(name)[0].optsum.derivs
+    np.testing.assert_array_equal(d.point, full.point)
+    np.testing.assert_allclose(d.hessian[p:, p:], full.hessian[p:, p:], rtol=1e-6)
+    # the curvature of log det M that the β block leaves out: a few per cent at most
+    err = np.linalg.norm(d.hessian - dc.hessian, 2) / np.linalg.norm(dc.hessian, 2)
+    assert err < 5e-2
+    assert d.converged == dc.converged and kinds(d.messages) == kinds(dc.messages)
+    assert fit.objective == pytest.approx(central.objective, abs=1e-9)
+    np.testing.assert_allclose(fit.theta, central.theta, rtol=1e-6)
+    np.testing.assert_allclose(fit.coef, central.coef, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(fit.vcov_hessian, central.vcov_hessian, rtol=1e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
 def test_vcov_hessian_is_the_central_one(name):
     """After a forward-stencil fit, vcov_hessian is what the central-stencil fit keeps
     from its own check (the numbers from before the forward stencil)."""
@@ -102,7 +146,7 @@ def test_the_central_hessian_is_taken_again_once_and_only_on_demand():
 def test_the_record_pickles_and_old_records_read_as_central():
     fit = MODELS["cbpp"]().fit()
     back = pickle.loads(pickle.dumps(fit))
-    assert back.optsum.derivs.stencil == "forward"
+    assert back.optsum.derivs.stencil == "forward+known"
     np.testing.assert_array_equal(back.optsum.derivs.point, fit.optsum.derivs.point)
     np.testing.assert_allclose(back.vcov_hessian, fit.vcov_hessian, rtol=1e-10, atol=0)
     # a record pickled before the stencil was kept: its Hessian was central

@@ -484,10 +484,12 @@ class ConvergenceCheck:
         The messages of :func:`check_convergence`; empty when converged.
     nfeval : int
         Objective evaluations spent on the derivatives.
-    stencil : {"central", "forward"}
+    stencil : {"central", "forward", "forward+known", "central+known"}
         How the Hessian was differenced: "central" (second order; one-sided at a bound),
         or "forward" from an exact gradient (n + 1 gradients, first order: ~1e-3
-        relative, enough for these checks and a Newton step, not for standard errors).
+        relative, enough for these checks and a Newton step, not for standard errors);
+        "+known" where a leading block came from elsewhere (a GLMM's β block from its
+        PIRLS factor, within a few per cent).
     point, step : ndarray or None
         Where the Hessian was taken and its steps, when it came from an exact gradient
         (so the central one can be taken again at the same point).

@@ -284,7 +284,8 @@ def _lbfgsb_public(fun_and_grad, x0, lower, maxfun, ftol, gtol):
     return bool(res.success), str(res.message)
 
 
-def gradient_hessian(value_and_grad, x, step, lower, stencil="central", grad=None):
+def gradient_hessian(value_and_grad, x, step, lower, stencil="central", grad=None,
+                     known=None):
     """The Hessian from differences of an exact gradient at ``x``, symmetrized.
 
     "central": (g(x + h e_i) - g(x - h e_i)) / 2h, and where x - h would cross the lower
@@ -292,7 +293,9 @@ def gradient_hessian(value_and_grad, x, step, lower, stencil="central", grad=Non
     gradients per parameter, O(h²). "forward": (g(x + h e_i) - g(x)) / h, 1 gradient per
     parameter (upwards, so never across a lower bound), O(h): with the steps of
     :func:`hessian_steps`, ~1e-3 relative. ``grad`` is g(x) if known (forward needs
-    it). Returns (Hessian, gradient evaluations spent).
+    it). ``known`` is (k, block): the leading k-by-k block is given, so only the other
+    columns are differenced (the rows of the leading ones come from symmetry). Returns
+    (Hessian, gradient evaluations spent).
     """
     if stencil not in ("central", "forward"):
         raise ValueError(f"stencil must be 'central' or 'forward', not {stencil!r}")
@@ -302,13 +305,14 @@ def gradient_hessian(value_and_grad, x, step, lower, stencil="central", grad=Non
     n = len(x)
     hess = np.empty((n, n))
     nfeval = 0
+    k = 0 if known is None else int(known[0])
 
     def at(point):
         nonlocal nfeval
         nfeval += 1
         return np.asarray(value_and_grad(point)[1], dtype=float)
 
-    for i in range(n):
+    for i in range(k, n):
         e = np.zeros(n)
         e[i] = step[i]
         if stencil == "forward":
@@ -322,19 +326,24 @@ def gradient_hessian(value_and_grad, x, step, lower, stencil="central", grad=Non
             hess[:, i] = (-3 * grad + 4 * g1 - g2) / (2 * step[i])
         else:
             hess[:, i] = (at(x + e) - at(x - e)) / (2 * step[i])
+    if k:
+        hess[:k, :k] = known[1]
+        hess[k:, :k] = hess[:k, k:].T
     return 0.5 * (hess + hess.T), nfeval
 
 
 def check_optimum_with_gradient(value_and_grad, optsum, warn=True, step=None,
-                                stencil="central"):
+                                stencil="central", known=None):
     """:func:`check_optimum` with an exact gradient: the Hessian from differences of the
     gradient (:func:`gradient_hessian`) instead of 2n² values, then a Newton step.
 
     ``stencil="central"`` spends 2n gradients and gives a Hessian good for standard
     errors; ``"forward"`` spends n, and its ~1e-3 relative error moves neither the
     checks (a scaled gradient against 2e-3, positive definiteness) nor, noticeably, the
-    Newton step. The record keeps the stencil, the point and the steps, so a consumer
-    that needs the central Hessian can take it there (``vcov_hessian`` does).
+    Newton step. ``known`` = (k, block) supplies the leading k-by-k block (a GLMM's β
+    block from its PIRLS factor) and saves k gradients; the record's stencil then says
+    "forward+known". The record keeps the stencil, the point and the steps, so a
+    consumer that needs the central Hessian can take it there (``vcov_hessian`` does).
     """
     x = np.asarray(optsum.final, dtype=float)
     lower = np.asarray(optsum.lowerbd, dtype=float)
@@ -345,7 +354,10 @@ def check_optimum_with_gradient(value_and_grad, optsum, warn=True, step=None,
     # no evaluation at x again to leave the model's state there: the Newton step's trial
     # starts PIRLS from the last stencil point as well as from x, and the caller
     # evaluates its optimum afresh
-    hess, spent = gradient_hessian(value_and_grad, x, step, lower, stencil, grad=grad)
+    hess, spent = gradient_hessian(value_and_grad, x, step, lower, stencil, grad=grad,
+                                   known=known)
+    if known is not None:
+        stencil = stencil + "+known"
     record = ConvergenceCheck.from_derivatives(grad, hess, nfeval=spent + 1, boundary=boundary,
                                                stencil=stencil, point=x, step=step)
     optsum.derivs = record
