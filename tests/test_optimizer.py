@@ -83,3 +83,23 @@ def test_lmm_optimizer_argument_is_checked():
     m = mm.LinearMixedModel("yield ~ 1 + (1 | batch)", mm.dataset("dyestuff"))
     with pytest.raises(ValueError, match="optimizer"):
         m.fit(optimizer="newton")
+
+
+def test_lmm_gradient_search_that_stops_short_is_continued(monkeypatch):
+    """Where the check after L-BFGS-B fails (here: a search cut off after 3 evaluations),
+    BOBYQA goes on from the best point and the fit ends at lme4's optimum."""
+    import mixedmodels.lmm as lmm_module
+
+    real = lmm_module.minimize_with_gradient
+
+    def cut_short(value_and_grad, optsum, progress=False):
+        optsum.maxfeval = 3
+        return real(value_and_grad, optsum, progress=progress)
+
+    monkeypatch.setattr(lmm_module, "minimize_with_gradient", cut_short)
+    data = mm.dataset("penicillin")
+    fit = mm.LinearMixedModel("diameter ~ 1 + (1 | plate) + (1 | sample)",
+                              data).fit(optimizer="lbfgs")
+    assert fit.optsum.optimizer == "L-BFGS-B+LN_BOBYQA"
+    assert fit.optsum.derivs.converged
+    assert fit.objective == pytest.approx(332.188348668501, abs=1e-6)
