@@ -544,23 +544,25 @@ def polish_with_gradient(value_and_grad, optsum, warn=True, max_steps=3, start=N
     boundary = np.isfinite(lower) & (x <= lower)
     free = ~boundary
     hess, spent = (optsum.derivs.hessian, optsum.derivs.nfeval) if hessian is None else hessian
-    chol = None
+    hinv = None
     if free.any() and np.all(np.isfinite(hess)):
+        h = hess[np.ix_(free, free)]
         try:
-            chol = np.linalg.cholesky(0.5 * (hess[np.ix_(free, free)]
-                                             + hess[np.ix_(free, free)].T))
+            np.linalg.cholesky(0.5 * (h + h.T))       # positive definite, or no step
+            # small (the parameters of θ): one inverse, then each step a product
+            hinv = np.linalg.inv(0.5 * (h + h.T))
         except np.linalg.LinAlgError:
             pass        # no Newton step; the check below says why
     tol = 1e-11 * max(1.0, abs(optsum.fmin))
 
     def newton(g):
         g = np.asarray(g, dtype=float)[free]
-        half = np.linalg.solve(chol, g)
-        return np.linalg.solve(chol.T, half), float(half @ half)
+        step = hinv @ g
+        return step, float(g @ step)
 
     val, grad = value_and_grad(x) if start is None else start
     nfeval = 1 if start is None else 0
-    for _ in range(max_steps if chol is not None else 0):
+    for _ in range(max_steps if hinv is not None else 0):
         grad = np.asarray(grad, dtype=float)
         if not np.all(np.isfinite(grad[free])):
             break
