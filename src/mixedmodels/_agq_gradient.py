@@ -39,20 +39,21 @@ One node (z = 0, w = 1) gives π = 1, A = 0, C = 1/M: the Laplace gradient
 ∂d/∂p + ∂ log M/∂p of _gradient.py.
 
 **Cost.** Everything is per (node, row) pair or per level. The compiled
-``_kernels._glm.agq_value_gradient`` forms the value as ``agq_deviance`` does (the
-same loops, so the same bits) and keeps dev'_ik on the way; the chain rule is then two
-short passes without a transcendental function, and X̃'r. So an evaluation with the
-gradient costs about what one without it does: PIRLS plus one pass over the K·n pairs
-(contra, n = 1934, K = 9: ~0.2 ms and ~0.6 ms, the pass's exp and log1p per pair
-being most of it). Its NumPy twin, :func:`value_and_gradient_numpy`, runs the family's
-``update`` over all pairs at once and the same formulas in bincounts.
+``_kernels._agq.agq_value_gradient`` forms the value as ``_kernels._agq.agq_deviance``
+does (the same loops, so the same bits) and keeps dev'_ik on the way; it takes the rows
+level by level, and a level's chain rule right after its nodes; then X̃'r. So an
+evaluation with the gradient costs about what one without it does: PIRLS plus one pass
+over the K·n pairs (contra, n = 1934, K = 9: ~0.2 ms and ~0.1 ms; the pass cost
+~0.6 ms with an exp and a log1p per pair, before the level-wise loops of _agq.pyx).
+Its NumPy twin, :func:`value_and_gradient_numpy`, runs the NumPy twin of the family's
+``update`` over all pairs at once and the same formulas in bincounts;
+``_agq_numpy.agq_value_gradient`` is the twin of the kernel's own arguments and loops.
 """
-import weakref
-
 import numpy as np
 
-from ._agq import gauss_hermite_normal
-from ._kernels import _glm
+from ._agq import gauss_hermite_normal, kernel_kind, level_rows
+from ._kernels import _agq
+from ._kernels._glm_numpy import update as update_numpy
 
 __all__ = ["agq_gradient", "agq_value_and_gradient", "supports_agq_gradient",
            "value_and_gradient_numpy"]
@@ -93,7 +94,7 @@ def agq_value_and_gradient(model, theta, beta_w, nAGQ=None, family=None, compile
     family : Family, optional
         The model's family (accepted for symmetry with ``laplace_value_and_gradient``).
     compiled : bool, default True
-        By ``_kernels._glm.agq_value_gradient``, or by its NumPy twin
+        By ``_kernels._agq.agq_value_gradient``, or by its NumPy twin
         :func:`value_and_gradient_numpy`.
 
     Returns
@@ -135,48 +136,32 @@ def _inputs(model, theta, nAGQ):
     return term, z, np.ascontiguousarray(z * theta[0]), sd, nodes, weights
 
 
-class _Scratch:
-    """The (node, row) and (node, level) arrays of one model and rule, allocated once."""
-
-    def __init__(self, model, K):
-        nlev = model.reterms[0].nlevels
-        self.dev1 = np.empty((K, model.n))
-        self.pi = np.empty((K, nlev))
-        self.gz = np.empty((K, nlev))
-        self.r = np.empty(model.n)
-
-
-_SCRATCH = weakref.WeakKeyDictionary()
-
-
-def _scratch(model, K):
-    per_model = _SCRATCH.setdefault(model, {})
-    s = per_model.get(K)
-    if s is None or s.dev1.shape != (K, model.n):
-        s = per_model[K] = _Scratch(model, K)
-    return s
-
-
 def _value_and_gradient_at_modes(model, theta, u, nAGQ, fam, compiled=True):
     """(value, gradient) at the modes ``u`` PIRLS has just left (the model's state and
-    its level-wise factor at (β̃, θ)): one pass of ``_kernels._glm.agq_value_gradient``
+    its level-wise factor at (β̃, θ)): one pass of ``_kernels._agq.agq_value_gradient``
     for the value, θ's component and the rows r of X̃'r."""
     if not compiled:
         return value_and_gradient_numpy(model, theta, u, nAGQ, fam)
-    term, z, zlam, sd, nodes, weights = _inputs(model, theta, nAGQ)
+    kind = kernel_kind(fam)
+    rows = level_rows(model, fam, model.prior_w)
     st = model.state
-    scr = _scratch(model, nodes.size)
-    value, grad_theta = _glm.agq_value_gradient(
-        fam.code, fam.link.code, st.fixed, zlam, z, term.codes, model.y, model.prior_w,
-        np.ascontiguousarray(u), sd, nodes, weights, float(theta[0]), st.wrkwt, st.mu,
-        scr.pi, scr.gz, scr.dev1, scr.r)
-    return value, np.concatenate([model.X.T @ scr.r, [grad_theta]])
+    nodes, weights = gauss_hermite_normal(nAGQ)
+    r = np.empty(model.n)
+    value, grad_theta = _agq.agq_value_gradient(
+        kind, st.fixed, float(theta[0]), rows.z, rows.y, rows.yb, rows.w, rows.wc,
+        rows.order, rows.starts, np.ascontiguousarray(u, dtype=float),
+        1.0 / model.workspace.blockdiag_diagonal(), nodes, weights, rows.rowconst,
+        st.wrkwt, st.mu, r)
+    grad = np.empty(model.p + 1)
+    np.dot(r, model.X, out=grad[:-1])
+    grad[-1] = grad_theta
+    return value, grad
 
 
 def value_and_gradient_numpy(model, theta, u, nAGQ, family=None):
-    """NumPy twin of ``_kernels._glm.agq_value_gradient`` (with X̃'r formed): the
-    family's compiled ``update`` over the K·n (node, row) pairs at once, bincounts per
-    (node, level), then the chain rule of the module Notes per level and row."""
+    """NumPy twin of ``_kernels._agq.agq_value_gradient`` (with X̃'r formed): the NumPy
+    twin of the family's ``update`` over the K·n (node, row) pairs at once, bincounts
+    per (node, level), then the chain rule of the module Notes per level and row."""
     fam = model.family if family is None else family
     term, z, zlam, s, nodes, weights = _inputs(model, theta, nAGQ)
     codes, nlev, K = term.codes, term.nlevels, nodes.size
@@ -194,8 +179,8 @@ def value_and_gradient_numpy(model, theta, u, nAGQ, family=None):
     v = u[None, :] + nodes[:, None] * s[None, :]                 # (K, nlev)
     eta = st.fixed[None, :] + zlam[None, :] * v[:, codes]
     mu, devresid = np.empty(eta.size), np.empty(eta.size)
-    fam.update(eta.reshape(-1), np.tile(y, K), np.tile(pw, K), mu, np.empty(eta.size),
-               np.empty(eta.size), np.empty(eta.size), devresid)
+    update_numpy(fam.code, fam.link.code, eta.reshape(-1), np.tile(y, K), np.tile(pw, K), mu,
+                 np.empty(eta.size), np.empty(eta.size), np.empty(eta.size), devresid)
     dev1 = -2.0 * pw[None, :] * (y[None, :] - mu.reshape(K, -1))
     dv = v * v + per_node_level(devresid)
     d0 = u * u + level_sum(st.devresid)
@@ -222,5 +207,6 @@ def value_and_gradient_numpy(model, theta, u, nAGQ, family=None):
     explicit = np.sum(pi * v * gz)
     U = th * u * Wz2 + 0.5 * level_sum(dev1_0 * z)
     dM = 2.0 * th * Wz2 + th * th * u * T
-    grad_theta = explicit - np.sum(EM * U) + np.sum(C * dM)
+    # the deviance is even in θ: exactly 0 at θ = 0, as the kernel returns it
+    grad_theta = 0.0 if th == 0.0 else explicit - np.sum(EM * U) + np.sum(C * dM)
     return value, np.concatenate([model.X.T @ r, [grad_theta]])
