@@ -12,6 +12,13 @@ struct mm_chol {
     cholmod_factor *L;
     cholmod_dense *X, *Y, *E; /* workspaces kept between solves */
     int n;
+    /* the selected inversion (mm_chol_selected_inverse), allocated on first use */
+    size_t unnz;              /* entries of the unit factor below (diagonal included) */
+    int *up, *ui;             /* P M P' = U D U': U unit lower, CSC, diagonal first */
+    double *ux, *ud;          /* U's values (1 on the diagonal) and D */
+    double *zx;               /* (P M P')^{-1} on U's pattern */
+    int *mark;                /* row -> its slot in the column being inverted, or -1 */
+    int *gstart, *gslot, *grow; /* M's slots grouped by the column of U that holds them */
 };
 
 mm_chol *mm_chol_new(int n, int *colptr, int *rowind, double *x, int mode, int *status)
@@ -58,6 +65,8 @@ void mm_chol_free(mm_chol *h)
     if (h->X) cholmod_free_dense(&h->X, &h->c);
     if (h->Y) cholmod_free_dense(&h->Y, &h->c);
     if (h->E) cholmod_free_dense(&h->E, &h->c);
+    free(h->up); free(h->ui); free(h->ux); free(h->ud); free(h->zx); free(h->mark);
+    free(h->gstart); free(h->gslot); free(h->grow);
     cholmod_finish(&h->c);
     free(h);
 }
@@ -147,6 +156,222 @@ int mm_chol_backward(mm_chol *h, int nrhs, double *b, int ld)
     scale_by_d(h, nrhs, b, ld);
     int s = solve_into(h, CHOLMOD_Lt, nrhs, b, ld);
     return s ? s : solve_into(h, CHOLMOD_Pt, nrhs, b, ld);
+}
+
+/* -- selected inversion ------------------------------------------------------------ */
+
+/* Entries of the factor, diagonal included, as stored column by column. */
+static size_t factor_entries(const cholmod_factor *L)
+{
+    size_t total = 0;
+    if (L->is_super) {
+        const int *super = L->super, *pi = L->pi;
+        for (size_t k = 0; k < L->nsuper; k++) {
+            size_t ncols = (size_t)(super[k + 1] - super[k]);
+            size_t nrows = (size_t)(pi[k + 1] - pi[k]);
+            total += ncols * nrows - ncols * (ncols - 1) / 2;   /* the lower trapezoid */
+        }
+    } else {
+        const int *nz = L->nz;
+        for (size_t j = 0; j < L->n; j++) total += (size_t)nz[j];
+    }
+    return total;
+}
+
+/* (Re)allocate the arrays of the unit factor for unnz entries; 0 or a negative status. */
+static int unit_arrays(mm_chol *h, size_t unnz)
+{
+    if (h->up != NULL && h->unnz == unnz) return 0;
+    free(h->ui); free(h->ux); free(h->zx);
+    h->ui = malloc(unnz * sizeof(int));
+    h->ux = malloc(unnz * sizeof(double));
+    h->zx = malloc(unnz * sizeof(double));
+    if (h->up == NULL) {
+        h->up = malloc(((size_t)h->n + 1) * sizeof(int));
+        h->ud = malloc((size_t)h->n * sizeof(double));
+        h->mark = malloc((size_t)h->n * sizeof(int));
+        if (h->mark) for (int j = 0; j < h->n; j++) h->mark[j] = -1;
+    }
+    h->unnz = unnz;
+    if (!h->ui || !h->ux || !h->zx || !h->up || !h->ud || !h->mark) {
+        free(h->ui); free(h->ux); free(h->zx);
+        h->ui = NULL; h->ux = h->zx = NULL;
+        h->unnz = 0;
+        return CHOLMOD_OUT_OF_MEMORY;
+    }
+    return 0;
+}
+
+/* Copy the current numeric factor as P M P' = U D U' with U unit lower triangular in
+ * packed CSC, whatever CHOLMOD's form: a simplicial L D L' is that already (D sits on
+ * L's diagonal), an L L' factor (simplicial or supernodal) is U = L diag(L)^{-1},
+ * D = diag(L)^2. Returns 0, or CHOLMOD_INVALID where the factor is not numeric and
+ * positive definite. */
+static int unit_factor(mm_chol *h)
+{
+    const cholmod_factor *L = h->L;
+    if (L->xtype != CHOLMOD_REAL || L->minor < L->n) return CHOLMOD_INVALID;
+    int s = unit_arrays(h, factor_entries(L));
+    if (s) return s;
+    int *up = h->up, *ui = h->ui;
+    double *ux = h->ux, *ud = h->ud;
+    const double *x = L->x;
+    size_t t = 0;
+    up[0] = 0;
+    if (L->is_super) {
+        const int *super = L->super, *pi = L->pi, *px = L->px, *ls = L->s;
+        for (size_t k = 0; k < L->nsuper; k++) {
+            int ncols = super[k + 1] - super[k];
+            int nrows = pi[k + 1] - pi[k];
+            const int *rows = ls + pi[k];
+            for (int jj = 0; jj < ncols; jj++) {
+                const double *col = x + px[k] + (size_t)jj * nrows;
+                int j = super[k] + jj;
+                double diag = col[jj];
+                if (!(diag > 0.0) || rows[jj] != j) return CHOLMOD_INVALID;
+                ud[j] = diag * diag;
+                for (int r = jj; r < nrows; r++, t++) {
+                    ui[t] = rows[r];
+                    ux[t] = r == jj ? 1.0 : col[r] / diag;
+                }
+                up[j + 1] = (int)t;
+            }
+        }
+    } else {
+        const int *lp = L->p, *li = L->i, *nz = L->nz;
+        for (int j = 0; j < h->n; j++) {
+            int p0 = lp[j];
+            if (nz[j] < 1) return CHOLMOD_INVALID;
+            double diag = x[p0];
+            if (!(diag > 0.0) || li[p0] != j) return CHOLMOD_INVALID;
+            double scale = L->is_ll ? 1.0 / diag : 1.0;
+            ud[j] = L->is_ll ? diag * diag : diag;
+            for (int q = 0; q < nz[j]; q++, t++) {
+                ui[t] = li[p0 + q];
+                ux[t] = q == 0 ? 1.0 : x[p0 + q] * scale;
+            }
+            up[j + 1] = (int)t;
+        }
+    }
+    return 0;
+}
+
+/* Group M's slots (lower CSC, original order) by the column of U that holds their entry:
+ * slot (i, j) sits at row max(Pinv i, Pinv j) of column min(Pinv i, Pinv j). Made once:
+ * M's pattern and the permutation are fixed when the handle is made. */
+static int group_slots(mm_chol *h)
+{
+    if (h->gstart != NULL) return 0;
+    int n = h->n;
+    const int *ap = h->A.p, *ai = h->A.i, *perm = h->L->Perm;
+    size_t nnz = (size_t)ap[n];
+    int *pinv = malloc((size_t)n * sizeof(int));
+    int *fill = malloc((size_t)n * sizeof(int));
+    int *gstart = calloc((size_t)n + 1, sizeof(int));
+    int *gslot = malloc((nnz ? nnz : 1) * sizeof(int));
+    int *grow = malloc((nnz ? nnz : 1) * sizeof(int));
+    if (!pinv || !fill || !gstart || !gslot || !grow) {
+        free(pinv); free(fill); free(gstart); free(gslot); free(grow);
+        return CHOLMOD_OUT_OF_MEMORY;
+    }
+    for (int k = 0; k < n; k++) pinv[perm ? perm[k] : k] = k;
+    for (int j = 0; j < n; j++)             /* count per column of U, then place */
+        for (int q = ap[j]; q < ap[j + 1]; q++) {
+            int a = pinv[ai[q]], b = pinv[j];
+            gstart[(a < b ? a : b) + 1]++;
+        }
+    for (int j = 0; j < n; j++) gstart[j + 1] += gstart[j];
+    memcpy(fill, gstart, (size_t)n * sizeof(int));
+    for (int j = 0; j < n; j++)
+        for (int q = ap[j]; q < ap[j + 1]; q++) {
+            int a = pinv[ai[q]], b = pinv[j];
+            int col = a < b ? a : b;
+            gslot[fill[col]] = q;
+            grow[fill[col]++] = a < b ? b : a;
+        }
+    free(fill);
+    free(pinv);
+    h->gstart = gstart;
+    h->gslot = gslot;
+    h->grow = grow;
+    return 0;
+}
+
+/* Takahashi's recurrences on U's pattern, right to left: with Z = (U D U')^{-1},
+ *     Z_ij = -sum_{k in S_j} Z_ik U_kj  (i in S_j),   Z_jj = 1/D_j - sum_{k in S_j} U_kj Z_kj,
+ * S_j the rows below the diagonal of column j. Every Z_ik with i, k in S_j lies on the
+ * pattern (the elimination's fill makes S_j a clique), in column min(i, k): walking
+ * column k of Z meets each pair {i, k} of S_j once, which is counted as a check. M's
+ * slots held by column j are read off while its rows are marked. */
+int mm_chol_selected_inverse(mm_chol *h, double *out)
+{
+    int s = unit_factor(h);
+    if (!s) s = group_slots(h);
+    if (s) return s;
+    const int *up = h->up, *ui = h->ui, *gstart = h->gstart, *gslot = h->gslot, *grow = h->grow;
+    const double *ux = h->ux, *ud = h->ud;
+    double *zx = h->zx;
+    int *mark = h->mark;
+    for (int j = h->n - 1; j >= 0; j--) {
+        int p0 = up[j], p1 = up[j + 1];
+        for (int t = p0 + 1; t < p1; t++) {
+            mark[ui[t]] = t;
+            zx[t] = 0.0;
+        }
+        long long pairs = 0, below = p1 - p0 - 1;
+        for (int t = p0 + 1; t < p1; t++) {
+            int k = ui[t];
+            double ukj = ux[t];
+            zx[t] -= zx[up[k]] * ukj;               /* Z_kk U_kj */
+            for (int tt = up[k] + 1; tt < up[k + 1]; tt++) {
+                int m = mark[ui[tt]];
+                if (m < 0) continue;
+                pairs++;
+                zx[m] -= zx[tt] * ukj;              /* Z_ik U_kj, i > k */
+                zx[t] -= zx[tt] * ux[m];            /* Z_ki U_ij */
+            }
+        }
+        double d = 1.0 / ud[j];
+        for (int t = p0 + 1; t < p1; t++) d -= ux[t] * zx[t];
+        zx[p0] = d;
+        int missing = pairs != below * (below - 1) / 2;
+        for (int g = gstart[j]; g < gstart[j + 1]; g++) {
+            int row = grow[g];
+            if (row == j) out[gslot[g]] = d;
+            else if (mark[row] >= 0) out[gslot[g]] = zx[mark[row]];
+            else missing = 1;
+        }
+        for (int t = p0 + 1; t < p1; t++) mark[ui[t]] = -1;
+        if (missing) return CHOLMOD_INVALID;
+    }
+    return 0;
+}
+
+int mm_chol_supernodes(const mm_chol *h, int *nsuper, const int **super, const int **pi,
+                       const int **px, const int **rows, const double **x, size_t *xsize)
+{
+    const cholmod_factor *L = h->L;
+    if (!L->is_super || L->xtype != CHOLMOD_REAL || L->minor < L->n) return CHOLMOD_INVALID;
+    *nsuper = (int)L->nsuper;
+    *super = L->super;
+    *pi = L->pi;
+    *px = L->px;
+    *rows = L->s;
+    *x = L->x;
+    *xsize = L->xsize;
+    return 0;
+}
+
+int mm_chol_unit_factor(mm_chol *h, const int **p, const int **i, const double **x,
+                        const double **d)
+{
+    int s = unit_factor(h);
+    if (s) return s;
+    *p = h->up;
+    *i = h->ui;
+    *x = h->ux;
+    *d = h->ud;
+    return 0;
 }
 
 const int *mm_chol_perm(const mm_chol *h) { return h->L->Perm; }

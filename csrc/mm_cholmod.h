@@ -10,6 +10,8 @@
 #ifndef MM_CHOLMOD_H
 #define MM_CHOLMOD_H
 
+#include <stddef.h>
+
 typedef struct mm_chol mm_chol;
 
 /* mode: 0 automatic, 1 simplicial, 2 supernodal. Returns NULL on failure and writes
@@ -30,6 +32,30 @@ double mm_chol_logdet(const mm_chol *h);
  * Return 0 or a negative CHOLMOD status. */
 int mm_chol_forward(mm_chol *h, int nrhs, double *b, int ld);
 int mm_chol_backward(mm_chol *h, int nrhs, double *b, int ld);
+
+/* M^{-1} on M's own pattern, by a selected inversion of the current factor (Takahashi's
+ * recurrences on the pattern of L, entry by entry: about the work of one simplicial
+ * factorization; _cholmod.pyx inverts a supernodal factor block by block with BLAS).
+ * out has the length of M's lower-CSC values and receives M^{-1}'s entry at each of
+ * their slots.
+ * Returns 0, CHOLMOD_OUT_OF_MEMORY, or CHOLMOD_INVALID where the handle holds no
+ * positive definite factor (or its pattern is not an elimination's). */
+int mm_chol_selected_inverse(mm_chol *h, double *out);
+
+/* A supernodal factor's arrays, as CHOLMOD holds them (L L'): supernode k has columns
+ * super[k] .. super[k+1]-1, row indices rows[pi[k]] .. rows[pi[k+1]-1] (its own columns
+ * first), and its values column-major at x + px[k], one column per row list; x has
+ * xsize entries. Pointers into the handle, valid until its next call. Returns 0, or
+ * CHOLMOD_INVALID where the factor is not a factorized supernodal one. */
+int mm_chol_supernodes(const mm_chol *h, int *nsuper, const int **super, const int **pi,
+                       const int **px, const int **rows, const double **x, size_t *xsize);
+
+/* The current factor as P M P' = U D U' with U unit lower triangular: CSC column
+ * pointers p (n + 1), row indices i (diagonal first in each column), values x (1 on the
+ * diagonal) and D (n); pointers into the handle, valid until its next call. For the
+ * NumPy twin of the selected inversion. Returns 0 or a status as above. */
+int mm_chol_unit_factor(mm_chol *h, const int **p, const int **i, const double **x,
+                        const double **d);
 
 /* The fill-reducing permutation (length n), whether the factor is supernodal, and the
  * number of nonzeros in L (for reporting the path a model takes). */

@@ -41,23 +41,29 @@ with M° (a sparse LU here: M° is not the matrix in the workspace). Were the La
 determinant taken with W° (as glmmTMB does, and as glmm.py does for the dispersion
 families), g would need dW°/dη, which has the third derivative of the log density.
 
-**Blocks of M⁻¹.** Term 0 (the most levels) makes the block A = M₀₀ block diagonal by
-level; with M = [[A, B], [B', C]] and the columns of M⁻¹ at the other terms' indices,
-[G; S⁻¹] = M⁻¹E₂ (S = C - B'A⁻¹B, G = -A⁻¹BS⁻¹; forward and backward solves with the
-workspace's CHOLMOD factor, in batches of whole levels), the level blocks of M⁻¹ on term
-0 are A_l⁻¹ - K_l'A_l⁻¹ with K_l = B_lG_l' = Σ_{i in l} W_i ζ_{i,0} y_i' and
-y_i = Σ_{s>0} G_{l0(i),(s,l_s(i))} ζ_{i,s}. So the solves run over q - q₀ columns only
-(none for a single term), and everything else is a few passes over the rows.
+**Blocks of M⁻¹.** c needs M⁻¹ only on the block pattern of Z'Z (the level pairs that
+share a row), which is M's own pattern: a selected inversion of the workspace's factor
+(at the modes: PIRLS left it there) gives exactly that, ``factor.selected_inverse``:
+Takahashi's recurrences on the pattern of CHOLMOD's L (entry by entry for a simplicial
+factor, csrc/mm_cholmod.c; supernode by supernode with BLAS, _cholmod.pyx), or on the
+dense-tail factor S⁻¹ whole and per level of term 0 the blocks at the tail levels it
+meets (_densetail.pyx). Each costs one to three factorizations, where the columns of
+M⁻¹ at the q - q₀ indices after term 0 by solves cost q - q₀ forward and backward
+solves (grouseticks' 181: 0.7 ms against 20 µs). With one term M is block diagonal and
+its level blocks are inverted directly.
 
-**Cost** (beyond the PIRLS call that puts the state at the modes): q - q₀ forward plus
-backward solves with the factor, one more for the adjoint, and O(n k²) row passes.
-Measured (one thread) over an L-BFGS-B run, where each objective is a warm-started
-PIRLS at a new point: 0.5-1.4 times the objective's own time on contra, grouseticks and
-verbagg, 2 times on contra with (1 + urban | dist), ~3 times on cbpp (56 rows: NumPy's
-per-call overhead, 0.1 ms). On a binary insteval (73,421 rows, q = 4114, 1142 solve
-columns) 0.6 s against 0.2 s for a warm objective. A selected inversion (Takahashi's
-recurrence on L's pattern) would bring the solves to about one factorization, but needs
-the factor's columns, which the CHOLMOD shim does not expose.
+**Cost** (beyond the PIRLS call that puts the state at the modes): one selected
+inversion, one solve with the factor for the adjoint, and two compiled passes over the
+rows (``laplace_leverage_pass`` before the solve, ``laplace_residual_pass`` after; the
+single-term kernel ``laplace_blockdiag_gradient`` does all of it level by level).
+Measured per call (one thread, CPU time on a shared machine), against the columns of
+M⁻¹ by solves and NumPy's passes before: verbagg (7,584 rows, dense tail r = 24)
+0.3 ms against 0.9 ms, under half a warm PIRLS value; grouseticks with three terms (403
+rows, CHOLMOD, no fill) 0.05 against 0.85 ms, half a warm value; a binary insteval
+(73,421 rows, dense tail r = 1,142) 60 against 110-130 ms, of which 35 ms are LAPACK's
+dense S⁻¹ (dpotri), ~1.2 warm values; the same on CHOLMOD's supernodal factor 80
+against 200 ms. The non-canonical links keep NumPy's passes and a sparse LU of M° for
+the adjoint.
 """
 import weakref
 
@@ -66,14 +72,13 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from ._dispersion import link_derivatives, observed_weights, variance_derivatives
-from ._kernels._gradient import laplace_blockdiag_gradient
-from ._linalg._densetail import DenseTailFactor
+from ._kernels._gradient import (
+    laplace_blockdiag_gradient,
+    laplace_leverage_pass,
+    laplace_residual_pass,
+)
 
 __all__ = ["laplace_gradient", "laplace_gradient_reference", "laplace_value_and_gradient"]
-
-# Target size of one batch of M⁻¹ columns (q rows by a batch of whole levels): the work
-# does not depend on it, only how it is cut up.
-_BATCH_BYTES = 1 << 22
 
 
 def _check_model(model, family):
@@ -153,8 +158,8 @@ def _response_side(model, fam):
 
 class _Structure:
     """What the gradient needs of the block structure, independent of θ and y: per term
-    the levels of the rows, their z, the u indices of each row's level, and the rows
-    sorted by level (for the batches of M⁻¹ columns). Built once per workspace."""
+    the levels of the rows, their z and the u indices of each row's level, and where
+    each value of Z'Z's blocks sits in M's lower CSC pattern. Built once per workspace."""
 
     def __init__(self, ws):
         pat = ws.pattern
@@ -170,23 +175,20 @@ class _Structure:
         # index of (row i, column a of term t) in u
         self.idx = [self.uoff[t] + self.codes[t][:, None] * self.kk[t] + np.arange(self.kk[t])
                     for t in range(self.nterm)]
-        self.batches = [self._plan(s) for s in range(1, self.nterm)]
+        self.gather = None if pat.pos is None else _block_slots(pat)
 
-    def _plan(self, s):
-        """Batches of whole levels of term s > 0: (unit rows, rows of the data, their
-        columns within the batch)."""
-        ks, nls, offs, q = self.kk[s], self.nlev[s], self.uoff[s], self.q
-        width = max(16, _BATCH_BYTES // (8 * q))
-        step = max(1, width // ks)
-        order = np.argsort(self.codes[s], kind="stable")
-        bounds = np.searchsorted(self.codes[s][order], np.arange(0, nls + step, step))
-        plan = []
-        for b, first in enumerate(range(0, nls, step)):
-            m = min(step, nls - first) * ks
-            sel = order[bounds[b]:bounds[b + 1]]
-            cols = ((self.codes[s][sel] - first) * ks)[:, None] + np.arange(ks)
-            plan.append((offs + first * ks + np.arange(m), sel, cols))
-        return plan
+
+def _block_slots(pat):
+    """For each value of Z'Z's blocks (the layout of ``avals``), the slot of M's lower
+    CSC pattern that holds it, or its transpose above the diagonal of a diagonal block."""
+    slots = np.array(pat.pos, dtype=np.intp)
+    for t, k in enumerate(int(k) for k in pat.kk):
+        if k == 1:
+            continue
+        offs = pat.blk_off[(pat.blk_diag == 1) & (pat.blk_tr == t)]
+        a, d = np.triu_indices(k, 1)                # above the diagonal: (a, d), a < d
+        slots[offs[:, None] + (a + d * k)] = pat.pos[offs[:, None] + (d + a * k)]
+    return slots
 
 
 _STRUCTURES = weakref.WeakKeyDictionary()
@@ -247,93 +249,41 @@ class _Rows:
         return sp.csr_matrix((vals, (rows, cols)), shape=(n, self.q))
 
 
-def _own_coefficients(model, rows, W):
-    """c_{i,t} = (M⁻¹Λ'Z'e_i) at row i's own level of each term, (n, k_t) per term, and
-    the level blocks of M⁻¹ on term 0 (nlev₀, k₀, k₀).
-
-    See the module Notes: A_l from the rows, the other terms' columns of M⁻¹ by solves
-    with the workspace's factor (at the modes: PIRLS left it there).
-    """
-    n = rows.codes[0].size
-    k0 = rows.kk[0]
-    zeta0 = rows.zeta[0]
+def _one_term_coefficients(rows, W):
+    """One term: c_i = M_l⁻¹ζ_i and the level blocks M_l⁻¹ (nlev, k, k), M_l = A_l from
+    the rows."""
+    k0, zeta0 = rows.kk[0], rows.zeta[0]
     A = rows.level_sum(W[:, None, None] * zeta0[:, :, None] * zeta0[:, None, :], 0)
     A += np.eye(k0)
     Ainv = np.linalg.inv(A)
+    return [np.einsum("iab,ib->ia", Ainv[rows.codes[0]], zeta0)], Ainv
+
+
+def _selected_inverse(ws):
+    """M⁻¹ at the slots of M's lower CSC pattern, from the workspace's factor (CHOLMOD's or
+    the dense tail's ``selected_inverse``: see the module Notes)."""
+    out = np.empty(len(ws.pattern.indices))
+    ws.factor.selected_inverse(out)
+    return out
+
+
+def _coefficients_from_inverse(model, rows, minv):
+    """c_{i,t} = Σ_s M⁻¹[(t, l_t(i)), (s, l_s(i))] ζ_{i,s} (n, k_t) per term, from M⁻¹ at
+    the slots of M's lower pattern (``minv``): the NumPy twin of the first half of
+    ``laplace_leverage_pass``."""
+    pat = model.workspace.pattern
+    vals = minv[rows.s.gather]                 # M⁻¹ on Z'Z's blocks, the layout of avals
+    n = rows.s.n
     c = [np.zeros((n, k)) for k in rows.kk]
-    if rows.nterm == 1:
-        c[0] = np.einsum("iab,ib->ia", Ainv[rows.codes[0]], zeta0)
-        return c, Ainv
-    factor = model.workspace.factor
-    y = np.zeros((n, k0))                       # y_i = G_{l0(i), ·} ζ_{i, s>0}
-    tail = _dense_tail_of(model.workspace)
-    if tail is not None:
-        _tail_blocks(rows, tail, y, c)
-    for s, plan in enumerate(rows.s.batches if tail is None else (), start=1):
-        for units, sel, cols in plan:
-            e = np.zeros((rows.q, units.size), order="F")
-            e[units, np.arange(units.size)] = 1.0
-            factor.forward(e)
-            factor.backward(e)                  # e = M⁻¹[:, this batch of levels]
-            if sel.size == 0:
-                continue
-            zs = rows.zeta[s][sel]
-            # term 0's rows of these columns: G
-            g_blk = e[rows.idx[0][sel][:, :, None], cols[:, None, :]]          # (nb, k0, ks)
-            y[sel] += np.einsum("iab,ib->ia", g_blk, zs)
-            c[s][sel] += np.einsum("iab,ia->ib", g_blk, rows.zeta[0][sel])
-            for t in range(1, rows.nterm):
-                s_blk = e[rows.idx[t][sel][:, :, None], cols[:, None, :]]      # (nb, kt, ks)
-                c[t][sel] += np.einsum("iab,ib->ia", s_blk, zs)
-    K = rows.level_sum(W[:, None, None] * zeta0[:, :, None] * y[:, None, :], 0)
-    minv0 = Ainv - np.einsum("lba,lbc->lac", K, Ainv)
-    minv0 = 0.5 * (minv0 + minv0.transpose(0, 2, 1))
-    c[0] = np.einsum("iab,ib->ia", minv0[rows.codes[0]], zeta0) + y
-    return c, minv0
-
-
-# Where the dense tail replaces the solves: S⁻¹ is r-by-r in memory and r³/3 flops,
-# against r solves with a factor that may be far sparser.
-_REST_MAX = 2000
-_TAILS = weakref.WeakKeyDictionary()
-
-
-def _dense_tail_of(ws):
-    """A factorized dense-tail factor of the workspace's current M: its own, or one made on
-    the same values where CHOLMOD factors it (grouseticks, r = 181); None above
-    ``_REST_MAX``."""
-    factor = ws.factor
-    if isinstance(factor, DenseTailFactor):
-        return factor
-    q0 = int(ws.pattern.uoff[1])
-    if ws.q - q0 > _REST_MAX:
-        return None
-    tail = _TAILS.get(ws)
-    if tail is None:
-        pat = ws.pattern
-        tail = _TAILS[ws] = DenseTailFactor(pat.indptr, pat.indices, ws._mx,
-                                            int(pat.kk[0]), q0)
-    tail.factorize()                            # the values the workspace factored last
-    return tail
-
-
-def _tail_blocks(rows, tail, y, c):
-    """The batch loop of :func:`_own_coefficients` from the dense tail: per row, the block
-    of G at its own levels (``g_blocks``) and of S⁻¹ at its pairs of levels, instead of
-    M⁻¹'s columns (grouseticks: 0.7 ms for all 181 columns)."""
-    q0 = int(rows.uoff[1])
-    sinv = tail.tail_inverse()
-    level0 = np.ascontiguousarray(rows.codes[0], dtype=np.int32)
-    for s in range(1, rows.nterm):
-        zs = rows.zeta[s]
-        cs = rows.idx[s] - q0                   # (n, ks): tail columns of each row's level
-        g_blk = tail.g_blocks(sinv, level0, np.ascontiguousarray(cs[:, 0], dtype=np.int64),
-                              rows.kk[s])       # (n, k0, ks)
-        y += np.einsum("iab,ib->ia", g_blk, zs)
-        c[s] += np.einsum("iab,ia->ib", g_blk, rows.zeta[0])
-        for t in range(1, rows.nterm):
-            s_blk = sinv[(rows.idx[t] - q0)[:, :, None], cs[:, None, :]]   # (n, kt, ks)
-            c[t] += np.einsum("iab,ib->ia", s_blk, zs)
+    for p, (tr, tc) in enumerate(zip(pat.pair_tr, pat.pair_tc)):
+        kr, kc = rows.kk[tr], rows.kk[tc]
+        # block entry (a, d) at a + d·kr: (n, kc, kr) read, then [i, a, d]
+        blk = vals[pat.rowoff[p][:, None] + np.arange(kr * kc)].reshape(n, kc, kr)
+        blk = blk.transpose(0, 2, 1)
+        c[tr] += np.einsum("iad,id->ia", blk, rows.zeta[tc])
+        if tr != tc:
+            c[tc] += np.einsum("iad,ia->id", blk, rows.zeta[tr])
+    return c
 
 
 def _solve_m(model, rows, minv0, rhs):
@@ -355,10 +305,11 @@ def _theta_gradient(model, rows, per_row):
 
 
 def _gradient_at_modes(model, theta, u, fam):
-    ws = model.workspace
-    if ws.factor is None and _compiled_case(fam):
-        return _one_term_compiled(model, ws, theta, u, fam)
-    return _gradient_at_modes_numpy(model, theta, u, fam)
+    if not _compiled_case(fam):
+        return _gradient_at_modes_numpy(model, theta, u, fam)
+    if model.workspace.factor is None:
+        return _one_term_compiled(model, model.workspace, theta, u, fam)
+    return _multi_term_compiled(model, model.workspace, theta, u, fam)
 
 
 def _compiled_case(fam):
@@ -378,11 +329,41 @@ def _one_term_compiled(model, ws, theta, u, fam):
     return np.concatenate([grad_beta, [grad_t[e, a] for _, e, a in layout.entries]])
 
 
-def _gradient_at_modes_numpy(model, theta, u, fam):
-    """Every case, and the compiled one-term kernel's twin."""
+def _multi_term_compiled(model, ws, theta, u, fam, minv=None):
+    """Several terms, canonical link: M⁻¹ on M's pattern by the factor's selected
+    inversion (or ``minv``, for tests), then the row passes of the module Notes around the
+    adjoint solve."""
+    pat, st, layout = ws.pattern, model.state, model.layout
+    if minv is None:
+        minv = _selected_inverse(ws)
+    blocks = minv[_structure(ws).gather]      # M⁻¹ on Z'Z's blocks, the layout of avals
+    lam = layout.lam(theta)
+    g, a = np.empty(model.n), np.empty(ws.q)
+    grad_t = np.empty(layout.nlam)
+    laplace_leverage_pass(pat.zcat, pat.zoff, pat.kk, pat.codes, pat.uoff, pat.rowoff,
+                          pat.pair_tr, pat.pair_tc, blocks, lam, layout.lam_off, st.wrkwt,
+                          st.mu, fam.link.name == "logit", g, a, grad_t)
+    v = np.asfortranarray(a[:, None])          # the adjoint: v = M⁻¹ Λ'Z'g
+    ws.factor.forward(v)
+    ws.factor.backward(v)
+    r = np.empty(model.n)
+    laplace_residual_pass(pat.zcat, pat.zoff, pat.kk, pat.codes, pat.uoff, lam,
+                          layout.lam_off, st.wrkwt, st.wrkresid, g,
+                          np.ascontiguousarray(u), v[:, 0], r, grad_t)
+    return np.concatenate([model.X.T @ r, grad_t[layout.index]])
+
+
+def _gradient_at_modes_numpy(model, theta, u, fam, minv=None):
+    """Every case, and the compiled kernels' twin (``minv``: M⁻¹ at M's pattern, else the
+    factor's selected inverse)."""
     rows = _Rows(model, theta)
     d, W, Wo, dW, canonical = _response_side(model, fam)
-    c, minv0 = _own_coefficients(model, rows, W)
+    if rows.nterm == 1:
+        c, minv0 = _one_term_coefficients(rows, W)
+    else:
+        minv0 = None
+        c = _coefficients_from_inverse(
+            model, rows, _selected_inverse(model.workspace) if minv is None else minv)
     h = sum(np.einsum("ia,ia->i", rows.zeta[t], c[t]) for t in range(rows.nterm))
     g = h * dW
     a = rows.zlam_t(g)
@@ -397,6 +378,52 @@ def _gradient_at_modes_numpy(model, theta, u, fam):
     per_row = [r[:, None] * rows.at_levels(u, t) - 0.5 * d[:, None] * rows.at_levels(v, t)
                + 2.0 * W[:, None] * c[t] for t in range(rows.nterm)]
     return np.concatenate([grad_beta, _theta_gradient(model, rows, per_row)])
+
+
+# -- twins of the selected inversions --------------------------------------------------
+def _takahashi_numpy(indptr, indices, data, d, perm, m_indptr, m_indices):
+    """NumPy twin of CHOLMOD's ``selected_inverse``: Takahashi's recurrences on the pattern
+    of the unit factor P M P' = U D U' (``SparseCholesky.unit_factor``), read at the slots
+    of M's lower pattern (``m_indptr``, ``m_indices``).
+
+    Column by column from the last, Z = (U D U')⁻¹ on U's pattern:
+    Z[S_j, j] = -Z[S_j, S_j] U[S_j, j], Z_jj = 1/D_j - U[S_j, j]'Z[S_j, j], S_j the
+    rows of column j below the diagonal. Dense storage, for tests.
+    """
+    q = len(indptr) - 1
+    z = np.zeros((q, q))
+    for j in range(q - 1, -1, -1):
+        rows = indices[indptr[j] + 1:indptr[j + 1]]
+        ucol = data[indptr[j] + 1:indptr[j + 1]]
+        z[rows, j] = -z[np.ix_(rows, rows)] @ ucol
+        z[j, rows] = z[rows, j]
+        z[j, j] = 1.0 / d[j] - ucol @ z[rows, j]
+    pinv = np.empty(q, dtype=np.intp)
+    pinv[perm] = np.arange(q)
+    cols = np.repeat(np.arange(q), np.diff(m_indptr))
+    return z[pinv[m_indices], pinv[cols]]
+
+
+def _dense_tail_selected_inverse_numpy(indptr, indices, mx, k0, q0):
+    """NumPy twin of ``DenseTailFactor.selected_inverse``: the block formula of its
+    docstring on the dense M (term 0's levels by Cholesky, S⁻¹ by inversion), read at the
+    slots of M's lower pattern."""
+    q = len(indptr) - 1
+    cols = np.repeat(np.arange(q), np.diff(indptr))
+    m = np.zeros((q, q))
+    m[indices, cols] = mx
+    m = np.tril(m) + np.tril(m, -1).T
+    a, b, c = m[:q0, :q0], m[q0:, :q0], m[q0:, q0:]
+    la = np.zeros_like(a)
+    for lev in range(q0 // k0):
+        blk = slice(lev * k0, (lev + 1) * k0)
+        la[blk, blk] = np.linalg.cholesky(a[blk, blk])
+    la_inv = np.linalg.inv(la)
+    w = la_inv @ b.T                            # W = L_A⁻¹B'
+    sinv = np.linalg.inv(c - w.T @ w)
+    y = sinv @ w.T @ la_inv                     # S⁻¹W'L_A⁻¹
+    minv = np.block([[la_inv.T @ (la_inv + w @ y), -y.T], [-y, sinv]])
+    return minv[indices, cols]
 
 
 # -- the plain version, for checking -------------------------------------------------

@@ -20,7 +20,9 @@ The factor reads M's lower triangle in the CSC layout the CHOLMOD factor reads (
 values ``mx`` that ``ThetaFactorizer`` writes), and offers the same calls: factorize(),
 logdet(), forward(b), backward(b), with no fill-reducing permutation (P = I). With P = I
 the factor is the Cholesky factor of M itself, so its NumPy twin is
-``numpy.linalg.cholesky`` of the dense M (tests/test_blocked.py).
+``numpy.linalg.cholesky`` of the dense M (tests/test_blocked.py). ``selected_inverse``
+gives M⁻¹ on M's own pattern (for the Laplace gradient, _gradient.py), held to a dense
+twin in tests/test_gradient_selinv.py.
 """
 from libc.math cimport log, sqrt
 from libc.stdlib cimport malloc, free
@@ -29,7 +31,7 @@ from libc.string cimport memset
 import numpy as np
 
 from scipy.linalg.cython_lapack cimport dpotrf, dpotri
-from scipy.linalg.cython_blas cimport dtrsm
+from scipy.linalg.cython_blas cimport dgemv, dtrsm
 
 from mixedmodels._linalg._blocked cimport chol_inplace
 
@@ -77,6 +79,7 @@ cdef class DenseTailFactor:
     cdef double[::1] l0             # level factors L_l, column-major k0-by-k0 each
     cdef double[::1] w              # W = L_A⁻¹B', at B's CSC slots
     cdef double[::1, :] s           # S, then L_S (lower)
+    cdef double[::1, :] sinv        # S⁻¹ for selected_inverse, allocated on first use
     cdef double _logdet
     cdef readonly bint factored
 
@@ -99,6 +102,7 @@ cdef class DenseTailFactor:
         self.w = np.zeros(len(mx))
         self.s = np.zeros((self.r, self.r), order="F")
         self.factored = False
+        self.sinv = None
 
     @property
     def is_supernodal(self):
@@ -208,6 +212,134 @@ cdef class DenseTailFactor:
         if info:
             raise np.linalg.LinAlgError("S is singular")
         return out
+
+    def selected_inverse(self, double[::1] out):
+        """out <- M⁻¹ at the slots of M's lower CSC pattern (the layout of ``mx``), from the
+        last factorization.
+
+        With M = [[A, B'], [B, C]], L_A L_A' = A, W = L_A⁻¹B' and S = L_S L_S':
+
+            M⁻¹ = [[A⁻¹ + L_A⁻ᵀ W S⁻¹ W' L_A⁻¹,  -L_A⁻ᵀ W S⁻¹],
+                   [-S⁻¹ W' L_A⁻¹,                S⁻¹        ]],
+
+        so with S⁻¹ whole (LAPACK's dpotri on L_S) and, for each level l of term 0 with
+        the tail rows R_l it meets, Y_l = S⁻¹[R_l, R_l] W_l' L_l⁻¹ (n_l-by-k₀):
+        the tail block is -Y_l and the level's own block L_l⁻ᵀ(L_l⁻¹ + W_l Y_l). That is
+        Σ_l n_l² k₀ flops beyond S⁻¹, as much as forming S. NumPy twin:
+        _gradient._dense_tail_selected_inverse_numpy.
+        """
+        if not self.factored:
+            raise ValueError("the factor holds no factorization")
+        if out.shape[0] != self.indices.shape[0]:
+            raise ValueError(f"out has {out.shape[0]} entries; M's pattern has "
+                             f"{self.indices.shape[0]}")
+        if self.r > 0 and self.sinv is None:
+            self.sinv = np.zeros((self.r, self.r), order="F")
+        cdef int status
+        with nogil:
+            status = self._selected_inverse(&out[0])
+        if status == 2:
+            raise MemoryError()
+        if status:
+            raise np.linalg.LinAlgError("S is singular")
+
+    cdef int _selected_inverse(self, double *out) noexcept nogil:
+        cdef int k0 = self.k0, q0 = self.q0, r = self.r, info = 0, a, c, e
+        cdef Py_ssize_t lev, j, t, t2, nr, maxr = 0, base
+        cdef double v
+        cdef const int *ip = &self.indptr[0]
+        cdef const int *ix = &self.indices[0]
+        cdef const int *fr = &self.first_rest[0] if q0 > 0 else NULL
+        cdef const double *w = &self.w[0]
+        cdef const double *lo
+        cdef double *si = &self.sinv[0, 0] if r > 0 else NULL
+        cdef double *x
+        cdef double *y
+        cdef double *blk
+        cdef double *zl
+        cdef const double *col
+        cdef Py_ssize_t *rows
+        cdef int nri, inc = 1
+        cdef double one = 1.0, zero = 0.0
+        if r > 0:
+            for c in range(r):
+                for e in range(c, r):
+                    si[e + c * r] = self.s[e, c]
+            dpotri(b"L", &r, si, &r, &info)
+            if info != 0:
+                return 1
+            for c in range(r):
+                for e in range(c + 1, r):
+                    si[c + e * r] = si[e + c * r]
+        for j in range(q0, q0 + r):             # the tail: S⁻¹
+            for t in range(ip[j], ip[j + 1]):
+                out[t] = si[(ix[t] - q0) + (j - q0) * r]
+        for lev in range(self.nlev0):
+            maxr = max(maxr, ip[lev * k0 + 1] - fr[lev * k0])
+        x = <double *> malloc((2 * maxr * k0 + 2 * k0 * k0 + 1) * sizeof(double))
+        rows = <Py_ssize_t *> malloc((maxr + 1) * sizeof(Py_ssize_t))
+        if x == NULL or rows == NULL:
+            free(x)
+            free(rows)
+            return 2
+        y = x + maxr * k0
+        blk = y + maxr * k0                     # L_l⁻¹ + W_l Y_l
+        zl = blk + k0 * k0                      # the level's block of M⁻¹
+        for lev in range(self.nlev0):
+            lo = &self.l0[lev * k0 * k0]
+            base = fr[lev * k0]
+            nr = ip[lev * k0 + 1] - base
+            for t in range(nr):                 # R as tail indices
+                rows[t] = ix[base + t] - q0
+            if nr > 0 and rows[nr - 1] - rows[0] == nr - 1:
+                # R a run of the tail (verbagg: every subject meets every item): BLAS
+                nri = <int> nr
+                for c in range(k0):
+                    dgemv(b"N", &nri, &nri, &one, si + rows[0] * (r + 1), &r,
+                          &w[fr[lev * k0 + c]], &inc, &zero, &x[c * nr], &inc)
+            else:
+                for t in range(nr * k0):
+                    x[t] = 0.0
+                for t2 in range(nr):            # x = S⁻¹[R, R] W_l', down S⁻¹'s columns
+                    col = si + rows[t2] * r
+                    for c in range(k0):
+                        v = w[fr[lev * k0 + c] + t2]
+                        for t in range(nr):
+                            x[t + c * nr] += col[rows[t]] * v
+            for t in range(nr):                 # y = x L_l⁻¹, row by row
+                for c in range(k0 - 1, -1, -1):
+                    v = x[t + c * nr]
+                    for a in range(c + 1, k0):
+                        v -= lo[a + c * k0] * y[t + a * nr]
+                    y[t + c * nr] = v / lo[c + c * k0]
+            for c in range(k0):                 # the tail rows of the level's columns
+                for t in range(nr):
+                    out[fr[lev * k0 + c] + t] = -y[t + c * nr]
+            for c in range(k0):                 # blk = L_l⁻¹ + W_l y
+                for a in range(k0):
+                    v = 0.0
+                    for t in range(nr):
+                        v += w[fr[lev * k0 + a] + t] * y[t + c * nr]
+                    blk[a + c * k0] = v
+                for a in range(c, k0):          # column c of L_l⁻¹ (lower)
+                    v = 1.0 if a == c else 0.0
+                    for e in range(c, a):
+                        v -= lo[a + e * k0] * zl[e]
+                    zl[a] = v / lo[a + a * k0]
+                    blk[a + c * k0] += zl[a]
+            for c in range(k0):                 # zl = L_l⁻ᵀ blk
+                for a in range(k0 - 1, -1, -1):
+                    v = blk[a + c * k0]
+                    for e in range(a + 1, k0):
+                        v -= lo[e + a * k0] * zl[e + c * k0]
+                    zl[a + c * k0] = v / lo[a + a * k0]
+            for c in range(k0):                 # its lower triangle, at the level's slots
+                j = lev * k0 + c
+                for t in range(ip[j], fr[j]):
+                    out[t] = zl[(ix[t] - lev * k0) + c * k0]
+        free(x)
+        free(rows)
+        return 0
 
     def g_blocks(self, const double[::1, :] sinv, const int[::1] level,
                  const i64[::1] col, int ks):
