@@ -41,7 +41,14 @@ extensions = [
     ext("mixedmodels._linalg._densetail", ["src/mixedmodels/_linalg/_densetail.pyx"]),
     ext("mixedmodels._kernels._glm", ["src/mixedmodels/_kernels/_glm.pyx"]),
     ext("mixedmodels._kernels._gradient", ["src/mixedmodels/_kernels/_gradient.pyx"]),
+    ext("mixedmodels._kernels._lmm_gradient", ["src/mixedmodels/_kernels/_lmm_gradient.pyx"]),
+    ext("mixedmodels._kernels._agq", ["src/mixedmodels/_kernels/_agq.pyx"]),
 ]
+# MM_BUILD_ONLY=mixedmodels._kernels._glm,... rebuilds just those modules (work on one
+# kernel while another is half-edited)
+_only = os.environ.get("MM_BUILD_ONLY")
+if _only:
+    extensions = [e for e in extensions if e.name in _only.split(",")]
 
 setup(
     ext_modules=cythonize(

@@ -16,7 +16,7 @@ import mixedmodels as mm
 from mixedmodels._linalg._pattern import build_structure, pair_keys_of
 from mixedmodels._linalg._twins import dense_lambda, dense_z
 from mixedmodels._linalg.system import BlockedSystem
-from mixedmodels._lmm_gradient import has_exact_gradient, lmm_value_and_gradient
+from mixedmodels._lmm_gradient import gradient_route, has_exact_gradient, lmm_value_and_gradient
 
 
 def _richardson(f, x):
@@ -69,6 +69,7 @@ def _dense_gradient(model, theta):
 
 def _models():
     ss, pen, pas = mm.dataset("sleepstudy"), mm.dataset("penicillin"), mm.dataset("pastes")
+    ss["day"] = ss["days"].astype(str)
     rng = np.random.default_rng(4)
     n = 600
     df = pd.DataFrame(dict(x=rng.normal(size=n), g=rng.integers(0, 25, n),
@@ -85,10 +86,20 @@ def _models():
         ("y ~ 1 + x + (1 + x | g) + (1 | h) + (1 | k)", df, {"weights": "w", "offset": "o"}),
         ("y ~ 1 + x + (1 + x | g) + (1 | h) + (1 | k)", df, {"REML": True, "weights": "w"}),
         ("y ~ 0 + (1 | g)", df, {}),
+        ("diameter ~ 1 + (1 | plate) + (1 | sample)", pen, {"REML": True}),
+        # a vector-valued first term with a scalar second one; a vector-valued tail term
+        ("y ~ 1 + x + (1 + x | g) + (1 | h)", df, {"REML": True, "weights": "w"}),
+        ("y ~ 1 + x + (1 | g) + (1 + x | h)", df, {"REML": True}),
+        ("reaction ~ 1 + days + (1 + days | subj) + (1 | day)", ss, {}),
+        ("y ~ 0 + (1 | g) + (1 | h) + (1 | k)", df, {"weights": "w"}),
+        ("y ~ 0 + (1 | g) + (1 | h)", df, {"REML": True}),
     ]
 
 
-@pytest.fixture(scope="module", params=range(8), ids=lambda i: f"model{i}")
+N_MODELS = len(_models())
+
+
+@pytest.fixture(scope="module", params=range(N_MODELS), ids=lambda i: f"model{i}")
 def model_and_thetas(request):
     f, df, kw = _models()[request.param]
     with warnings.catch_warnings():
@@ -146,14 +157,48 @@ def test_out_of_core_workspace_has_the_same_gradient():
     assert np.array_equal(g1, g2)
 
 
-def test_large_crossed_models_fall_back_to_differences():
+def test_large_crossed_models_take_the_dense_tail():
+    # q = 1,630 (beyond the old dense M⁻¹'s 1,500): the dense tail's S⁻¹ is 30-square
     rng = np.random.default_rng(0)
     n = 20_000
     df = pd.DataFrame(dict(g=rng.integers(0, 1600, n), h=rng.integers(0, 30, n)))
     df["y"] = rng.normal(size=1600)[df.g] + rng.normal(size=n)
+    m = mm.LinearMixedModel("y ~ 1 + (1 | g) + (1 | h)", df, REML=True)
+    assert gradient_route(m.workspace) == "dense-tail"
+    th = np.array([0.9, 0.3])
+    val, grad = lmm_value_and_gradient(m, th)
+    assert val == m.objective(th)
+    ref = _richardson(m.objective, th)
+    assert np.max(np.abs(grad - ref)) < 2e-6 * max(1.0, np.max(np.abs(ref)))
+
+
+def test_cholmod_models_whose_tail_is_dear_fall_back_to_differences():
+    # nested: CHOLMOD's factor has no fill, a dense tail of 1,500 would cost ~10⁴ times
+    i = np.arange(6000)
+    df = pd.DataFrame(dict(g=i // 2, h=i // 4))
+    df["y"] = np.random.default_rng(0).normal(size=len(df)) + (df.h % 7) * 0.3
     m = mm.LinearMixedModel("y ~ 1 + (1 | g) + (1 | h)", df)
+    assert m.path == "cholmod"
     assert not has_exact_gradient(m.workspace)
     assert lmm_value_and_gradient(m, np.array([1.0, 1.0])) is None
+
+
+@pytest.mark.parametrize("reml", [False, True])
+def test_cholmod_factored_models_take_a_dense_tail_beside(monkeypatch, reml):
+    import mixedmodels._linalg.system as system
+
+    f, df = "diameter ~ 1 + (1 | plate) + (1 | sample)", mm.dataset("penicillin")
+    tail = mm.LinearMixedModel(f, df, REML=reml)
+    monkeypatch.setattr(system, "DENSE_TAIL", False)
+    chol = mm.LinearMixedModel(f, df, REML=reml)
+    assert chol.path == "cholmod" and gradient_route(chol.workspace) == "side-tail"
+    assert gradient_route(tail.workspace) == "dense-tail"
+    for th in (np.array([1.5, 3.2]), np.array([0.2, 0.0]), np.array([2.0, 0.7])):
+        v1, g1 = lmm_value_and_gradient(tail, th)
+        v2, g2 = lmm_value_and_gradient(chol, th)
+        assert v2 == pytest.approx(v1, rel=1e-12)     # two factorizations of one M
+        assert np.allclose(g2, g1, rtol=1e-10, atol=1e-10)
+        assert np.allclose(g2, _dense_gradient(chol, th), rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("reml", [False, True])

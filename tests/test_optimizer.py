@@ -92,9 +92,9 @@ def test_lmm_gradient_search_that_stops_short_is_continued(monkeypatch):
 
     real = lmm_module.minimize_with_gradient
 
-    def cut_short(value_and_grad, optsum, progress=False):
+    def cut_short(value_and_grad, optsum, **kwargs):
         optsum.maxfeval = 3
-        return real(value_and_grad, optsum, progress=progress)
+        return real(value_and_grad, optsum, **kwargs)
 
     monkeypatch.setattr(lmm_module, "minimize_with_gradient", cut_short)
     data = mm.dataset("penicillin")

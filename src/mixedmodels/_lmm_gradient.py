@@ -18,83 +18,123 @@ where _ll is the k_t-by-k_t block of level l of term t. (log det M + log det S i
 log-determinant of the whole [Z X] block; its derivative is 2 tr(A⁻¹[Λ'C; X'WZ]Λ_j)
 with A⁻¹'s random-effects rows M⁻¹ + V S⁻¹V' and -V S⁻¹.)
 
-K's diagonal blocks need M⁻¹ on the block pattern of C. One term: M is block diagonal
-and everything is per level. Several terms with q up to ``DENSE_MAX``: M⁻¹ densely.
-Larger models have no gradient here (None): M⁻¹ on the pattern of C would take the dense
-tail's [G; S⁻¹] (insteval: S⁻¹ and ~10⁸ flops for G, about six evaluations' worth, more
-than the Richardson step it would replace) or a selected inversion of a sparse factor,
-which the CHOLMOD shim does not expose.
+K's diagonal blocks need M⁻¹ on the block pattern of C, by one of three routes
+(:func:`gradient_route`, chosen once per workspace):
+
+- "one-term": M is block diagonal, everything is per level (compiled,
+  ``lmm_blockdiag_gradient`` in _kernels/_gradient.pyx);
+- "dense-tail": the workspace's factor eliminates term 0 level by level and holds the rest
+  as one dense block S (_densetail.pyx). M⁻¹ on C's pattern is then S⁻¹ (LAPACK's dpotri
+  on the tail's factor, 2r³/3 flops against the factorization's r³/3) and per level l of
+  term 0 a k₀-by-n_l product with S⁻¹'s block at the n_l tail levels l meets (the flops
+  of l's share of S): one compiled call (``DenseTailGradient``, _kernels/_lmm_gradient.pyx)
+  after the objective's own factorization;
+- "side-tail": the same with a dense-tail factor of the same M made beside CHOLMOD's, where
+  CHOLMOD factors the model (its tail is sparser than S) but S is still cheap to factor
+  and invert.
+
+A CHOLMOD model takes the side tail only where that costs at most ``GRADIENT_BUDGET``
+evaluations (by flop counts at the rates system.py measured); otherwise there is no
+gradient here (None) and the fit uses differences of the objective. A selected inversion
+of the sparse factor would cover those, but the CHOLMOD shim does not expose its columns.
+
+Measured on one thread (CPU time, minima): penicillin value 5.7 µs, value and gradient
+12.5 µs (S⁻¹ 1 µs, the compiled pass 3.6 µs, the rest Python); insteval (r = 1,142) value
+19 ms, value and gradient 58 ms: S⁻¹ 32 ms (dpotri has twice the flops of the
+factorization's dpotrf), the compiled pass 5.5 ms.
 """
 import weakref
 
 import numpy as np
 import scipy.linalg as sla
-import scipy.sparse as sp
-from scipy.linalg.lapack import dpotrf, dpotri
 
 from ._kernels._gradient import lmm_blockdiag_gradient
+from ._kernels._lmm_gradient import DenseTailGradient
 from ._linalg._blocked import upper_solve
+from ._linalg._densetail import DenseTailFactor
+from ._linalg.system import _dense_tail_flops
 
-__all__ = ["DENSE_MAX", "has_exact_gradient", "lmm_value_and_gradient"]
+__all__ = ["GRADIENT_BUDGET", "gradient_route", "has_exact_gradient",
+           "lmm_value_and_gradient"]
 
-# Above this q a dense M⁻¹ costs more than the evaluations a gradient saves.
-DENSE_MAX = 1500
+# A gradient is cheap while it costs at most this many evaluations of the objective.
+GRADIENT_BUDGET = 4.0
+# Seconds per flop and per call, from system.py's measurements: LAPACK's dense kernels
+# ~20 GFlop/s on one thread, CHOLMOD's ~6.
+_DENSE_RATE, _CHOLMOD_RATE = 2e10, 6e9
+_CALL_SECONDS = 2e-5
 
 
 def has_exact_gradient(ws):
-    """Whether :func:`lmm_value_and_gradient` is available (and cheap) for this workspace."""
-    return ws.factor is None or ws.q <= DENSE_MAX
+    """Whether :func:`lmm_value_and_gradient` is available, and cheap, for this workspace."""
+    return gradient_route(ws) is not None
 
 
-class _Crossproducts:
-    """C = Z'WZ densely (several terms) or as its level blocks (one term), read from the
-    workspace's block values, and where θ goes in a dense Λ; rebuilt when the values
-    change."""
-
-    def __init__(self, ws):
-        pat, layout = ws.pattern, ws.layout
-        self.avals = ws.avals.copy()
-        if ws.factor is None:
-            k, nlev = int(pat.kk[0]), int(pat.nlev[0])
-            # each level's block is stored column-major; the upper triangle of a diagonal
-            # block may be left unwritten, so mirror the lower one
-            blocks = self.avals[:nlev * k * k].reshape(nlev, k, k).transpose(0, 2, 1)
-            self.blocks = np.tril(blocks) + np.tril(blocks, -1).transpose(0, 2, 1)
-            return
-        q = ws.q
-        keep = pat.pos >= 0
-        data = np.zeros(len(pat.indices))
-        data[pat.pos[keep]] = self.avals[keep]
-        lower = sp.csc_matrix((data, pat.indices, pat.indptr), shape=(q, q)).toarray()
-        self.dense = lower + np.tril(lower, -1).T
-        # flat positions in a dense Λ of every θ component, level by level
-        flat, counts = [], []
-        for t, e, a in layout.entries:
-            k, off = int(pat.kk[t]), int(pat.uoff[t])
-            base = off + np.arange(int(pat.nlev[t])) * k
-            flat.append((base + e) * q + base + a)
-            counts.append(len(base))
-        self.lam_flat = np.concatenate(flat)
-        self.lam_counts = np.array(counts)
-        self.upper = np.triu_indices(q, 1)
-        self.idx = [int(pat.uoff[t]) + np.arange(int(pat.nlev[t]) * int(pat.kk[t])).reshape(
-            int(pat.nlev[t]), int(pat.kk[t])) for t in range(pat.nterm)]
-
-    def lam(self, theta):
-        q = self.dense.shape[0]
-        out = np.zeros(q * q)
-        out[self.lam_flat] = np.repeat(theta, self.lam_counts)
-        return out.reshape(q, q)
+_ROUTES = weakref.WeakKeyDictionary()
 
 
-_CACHE = weakref.WeakKeyDictionary()
+class _Route:
+    """How a workspace's gradient is computed: ``kind`` and, on the tail routes, the
+    dense-tail factor (the workspace's or one of its own) and the compiled pass bound to
+    the workspace's arrays."""
+
+    def __init__(self, kind, ws=None, tail=None):
+        self.kind = kind
+        self.tail = tail
+        self.kernel = self.ztxy = None
+        if tail is not None:
+            pat, layout = ws.pattern, ws.layout
+            self.kernel = DenseTailGradient(pat.indptr, pat.indices, ws._mx, ws.avals,
+                                            aval_at(pat), ws._lam, layout.lam_off,
+                                            layout.index, pat.kk, pat.uoff)
+
+    def bind(self, ws):
+        """The compiled pass, bound to the workspace's current product arrays (which it
+        allocates anew when the number of columns of [X y] changes)."""
+        if self.ztxy is not ws.ztxy:
+            self.kernel.bind_products(ws.ztxy, ws._r)
+            self.ztxy = ws.ztxy
+        return self.kernel
 
 
-def _crossproducts(ws):
-    c = _CACHE.get(ws)
-    if c is None or not np.array_equal(c.avals, ws.avals):
-        c = _CACHE[ws] = _Crossproducts(ws)
-    return c
+def gradient_route(ws):
+    """"one-term", "dense-tail", "side-tail" or None (module docstring)."""
+    return _route(ws).kind
+
+
+def _route(ws):
+    route = _ROUTES.get(ws)
+    if route is None:
+        route = _ROUTES[ws] = _choose_route(ws)
+    return route
+
+
+def _choose_route(ws):
+    if ws.factor is None:
+        return _Route("one-term")
+    if isinstance(ws.factor, DenseTailFactor):
+        return _Route("dense-tail", ws, ws.factor)
+    pat = ws.pattern
+    q0, k0, r = int(pat.uoff[1]), int(pat.kk[0]), ws.q - int(pat.uoff[1])
+    tail_flops = _dense_tail_flops(pat.indptr, k0, q0)     # None: too large to hold
+    if tail_flops is None:
+        return _Route(None)
+    evaluation = ws.factor.flops / _CHOLMOD_RATE + _CALL_SECONDS
+    gradient = (tail_flops + 2.0 * r ** 3 / 3.0) / _DENSE_RATE + _CALL_SECONDS
+    if gradient > GRADIENT_BUDGET * evaluation:
+        return _Route(None)
+    return _Route("side-tail", ws, DenseTailFactor(pat.indptr, pat.indices, ws._mx, k0, q0))
+
+
+def aval_at(pat):
+    """For every CSC slot of M's lower triangle, the index in avals of C's value there
+    (each slot has exactly one: the blocks' entries on or below the diagonal)."""
+    keep = np.flatnonzero(pat.pos >= 0)
+    out = np.full(len(pat.indices), -1, dtype=np.int64)
+    out[pat.pos[keep]] = keep
+    if np.any(out < 0):
+        raise ValueError("a slot of M's pattern has no value of C")
+    return out
 
 
 def lmm_value_and_gradient(model, theta):
@@ -108,46 +148,39 @@ def lmm_value_and_gradient(model, theta):
         the system is singular.
     """
     ws = model.workspace
-    if not has_exact_gradient(ws):
+    route = _route(ws)
+    if route.kind is None:
         return None
     theta = np.asarray(theta, dtype=float)
     try:
-        val, _, r, pwrss = model._evaluate(theta)
+        val, _, r, _ = model._evaluate(theta)
+        if route.kind == "one-term":
+            return float(val), _one_term_compiled(model, ws, theta, r)
+        return float(val), _dense_tail_gradient(model, ws, route)
     except np.linalg.LinAlgError:
         return np.inf, np.full(theta.size, np.nan)
-    p, pat, layout = model.p, ws.pattern, ws.layout
+
+
+def _dense_tail_gradient(model, ws, route):
+    """The tail routes: S⁻¹ and the compiled pass, at the θ just evaluated."""
+    tail = route.tail
+    if tail is not ws.factor:
+        tail.factorize()                        # the M the workspace has just written
+    return route.bind(ws).gradient(tail.tail_inverse(), model.REML, float(model._dfr))
+
+
+def _modes(ws, r, p):
+    """β̂ and û = M⁻¹Λ'Z'W(y - Xβ̂), from the factorization's r and forward-solved products."""
     beta = r[:p, p].copy()
     upper_solve(r, beta)
     u = ws.backward(np.asfortranarray((ws.rzxy[:, p] - ws.rzxy[:, :p] @ beta)[:, None]))[:, 0]
-    zx, zy = ws.ztxy[:, :p], ws.ztxy[:, p]
-    if ws.factor is None:
-        return float(val), _one_term_compiled(model, ws, theta, r, beta, u)
-    cross = _crossproducts(ws)
-    ktrace, cb, v, clv = _dense(cross, theta, u, zx)
-    zres = zy - cb - zx @ beta                      # Z'Wε
-    if model.REML and p:
-        rx = r[:p, :p]
-        vt = sla.solve_triangular(rx, v.T, trans="T", lower=False, check_finite=False).T
-        wt = sla.solve_triangular(rx, (zx - clv).T, trans="T", lower=False,
-                                  check_finite=False).T          # V RX⁻¹, Wₓ RX⁻¹
-    scale = model._dfr / pwrss
-    per_term = []
-    for t in range(pat.nterm):
-        k, nl, off = int(pat.kk[t]), int(pat.nlev[t]), int(pat.uoff[t])
-        sl = slice(off, off + k * nl)
-        # [e, a]: ∂/∂T_t[e, a] of log det M, plus d/r² times that of r²
-        g = 2.0 * ktrace[t] - 2.0 * scale * (zres[sl].reshape(nl, k).T @ u[sl].reshape(nl, k))
-        if model.REML and p:
-            g -= 2.0 * np.einsum("laj,lej->ea", vt[sl].reshape(nl, k, p),
-                                 wt[sl].reshape(nl, k, p))
-        per_term.append(g)
-    grad = np.array([per_term[t][e, a] for t, e, a in layout.entries])
-    return float(val), grad
+    return beta, u
 
 
-def _one_term_compiled(model, ws, theta, r, beta, u):
+def _one_term_compiled(model, ws, theta, r):
     """One term, in one compiled pass over the levels (``lmm_blockdiag_gradient``)."""
     p, layout = model.p, ws.layout
+    beta, u = _modes(ws, r, p)
     k = int(ws.pattern.kk[0])
     if model.REML and p:
         rinv = np.eye(p)
@@ -172,13 +205,11 @@ _NO_SCHUR = np.zeros((0, 0))
 def one_term_sums_numpy(model, theta):
     """NumPy twin of ``lmm_blockdiag_gradient``: (ktrace, rss, schur) at θ, each [e, a]."""
     ws = model.workspace
-    val, _, r, pwrss = model._evaluate(np.asarray(theta, dtype=float))
+    _, _, r, _ = model._evaluate(np.asarray(theta, dtype=float))
     p = model.p
-    beta = r[:p, p].copy()
-    upper_solve(r, beta)
-    u = ws.backward(np.asfortranarray((ws.rzxy[:, p] - ws.rzxy[:, :p] @ beta)[:, None]))[:, 0]
+    beta, u = _modes(ws, r, p)
     zx, zy = ws.ztxy[:, :p], ws.ztxy[:, p]
-    (ktrace,), cb, v, clv = _one_term(_crossproducts(ws).blocks, ws.layout.templates(theta)[0],
+    (ktrace,), cb, v, clv = _one_term(_level_blocks(ws), ws.layout.templates(theta)[0],
                                       u, zx)
     nl, k = ws.pattern.nlev[0], ws.pattern.kk[0]
     zres = zy - cb - zx @ beta
@@ -211,20 +242,101 @@ def _one_term(blocks, tmpl, u, zx):
     return [ktrace], cb, v, clv
 
 
-def _dense(cross, theta, u, zx):
-    """Several terms, M⁻¹ dense. Returns per term Σ_l K_ll, Cb, V and CΛV."""
-    lam = cross.lam(theta)
-    cl = cross.dense @ lam                           # CΛ
-    m = lam.T @ cl
-    m.flat[::m.shape[0] + 1] += 1.0
-    # LAPACK's Cholesky inverse: numpy.linalg.inv (LU) took 2.5 times as long
-    chol, info = dpotrf(m, lower=1, clean=0, overwrite_a=1)
-    if info == 0:
-        minv, info = dpotri(chol, lower=1, overwrite_c=1)
-    if info:
-        raise np.linalg.LinAlgError("M is not positive definite")
-    minv[cross.upper] = minv.T[cross.upper]          # dpotri fills the lower triangle
-    k_full = cl @ minv
-    ktrace = [k_full[idx[:, :, None], idx[:, None, :]].sum(axis=0) for idx in cross.idx]
-    v = minv @ (lam.T @ zx)
-    return ktrace, cl @ u, v, cl @ v
+def _level_blocks(ws):
+    """A one-term workspace's level blocks of C = Z'WZ, (levels, k, k). Each is stored
+    column-major, and the upper triangle of a diagonal block may be left unwritten, so
+    the lower one is mirrored."""
+    pat = ws.pattern
+    k, nlev = int(pat.kk[0]), int(pat.nlev[0])
+    blocks = ws.avals[:nlev * k * k].reshape(nlev, k, k).transpose(0, 2, 1)
+    return np.tril(blocks) + np.tril(blocks, -1).transpose(0, 2, 1)
+
+
+# -- the NumPy twin of the compiled dense-tail pass --------------------------------------
+def dense_tail_sums_numpy(model, theta):
+    """NumPy twin of ``DenseTailGradient``: its sums (3, len(lam): Σ K_mm, Σ (Z'Wε)_m û_m',
+    Σ (Wₓ S⁻¹V')_mm per template entry, laid out as lam) and the gradient at θ, with the
+    same blocks of M⁻¹ (module docstring of _kernels/_lmm_gradient.pyx) formed from dense
+    copies of M and C, and S⁻¹ from NumPy's inverse of the Schur complement."""
+    ws = model.workspace
+    theta = np.asarray(theta, dtype=float)
+    _, _, r, _ = model._evaluate(theta)
+    pat, layout = ws.pattern, ws.layout
+    q, q0, k0, m = ws.q, int(pat.uoff[1]), int(pat.kk[0]), ws.ztxy.shape[1]
+    p = m - 1
+    big_m = _symmetric(pat, ws._mx)
+    big_c = _symmetric(pat, ws.avals[aval_at(pat)])
+    lam = _dense_lambda(pat, layout.templates(theta))
+    levels = []                                  # (own columns, tail rows R_l, L_l, W_l)
+    schur = big_m[q0:, q0:].copy()
+    for lev in range(q0 // k0):
+        own = np.arange(lev * k0, (lev + 1) * k0)
+        rows = pat.indices[pat.indptr[lev * k0] + k0:pat.indptr[lev * k0 + 1]].astype(int)
+        chol = np.linalg.cholesky(big_m[np.ix_(own, own)])
+        w = sla.solve_triangular(chol, big_m[np.ix_(rows, own)].T, lower=True)
+        schur[np.ix_(rows - q0, rows - q0)] -= w.T @ w
+        levels.append((own, rows, chol, w))
+    sinv = np.linalg.inv(schur)
+    # M⁻¹ on C's pattern
+    minv = np.zeros((q, q))
+    tail_pattern = _symmetric(pat, np.ones(len(pat.indices)))[q0:, q0:] != 0.0
+    minv[q0:, q0:] = np.where(tail_pattern, sinv, 0.0)
+    for own, rows, chol, w in levels:
+        y = w @ sinv[np.ix_(rows - q0, rows - q0)]
+        yt = sla.solve_triangular(chol, y, lower=True, trans="T")
+        wt = sla.solve_triangular(chol, w, lower=True, trans="T")
+        ainv = np.linalg.inv(chol @ chol.T)
+        minv[np.ix_(own, own)] = ainv + yt @ wt.T
+        minv[np.ix_(own, rows)] = -yt
+        minv[np.ix_(rows, own)] = -yt.T
+    k_full = big_c @ lam @ minv
+    # [V, M⁻¹Λ'Z'Wy] through the same blocks
+    xb = lam.T @ ws.ztxy
+    for own, rows, chol, w in levels:
+        xb[own] = sla.solve_triangular(chol, xb[own], lower=True)
+        xb[rows] -= w.T @ xb[own]
+    xb[q0:] = sinv @ xb[q0:]
+    for own, rows, chol, w in levels:
+        xb[own] = sla.solve_triangular(chol, xb[own] - w @ xb[rows], lower=True, trans="T")
+    beta = sla.solve_triangular(r[:p, :p], r[:p, p], lower=False)
+    v = xb[:, :p]
+    u = xb[:, p] - v @ beta
+    zres = ws.ztxy[:, p] - big_c @ lam @ u - ws.ztxy[:, :p] @ beta
+    wx = ws.ztxy[:, :p] - big_c @ lam @ v
+    reml = model.REML and p > 0
+    if reml:
+        vt = sla.solve_triangular(r[:p, :p], v.T, trans="T", lower=False).T    # V RX⁻¹
+        wt = sla.solve_triangular(r[:p, :p], wx.T, trans="T", lower=False).T   # Wₓ RX⁻¹
+    sums = np.zeros((3, layout.nlam))
+    for t in range(pat.nterm):
+        k, nl, off = int(pat.kk[t]), int(pat.nlev[t]), int(pat.uoff[t])
+        idx = off + np.arange(nl * k).reshape(nl, k)
+        blocks = [k_full[idx[:, :, None], idx[:, None, :]].sum(axis=0),
+                  zres[idx].T @ u[idx],
+                  np.einsum("lej,laj->ea", wt[idx], vt[idx]) if reml else np.zeros((k, k))]
+        for row, block in zip(sums, blocks):
+            row[layout.lam_off[t]:layout.lam_off[t] + k * k] = block.ravel(order="F")
+    scale = model._dfr / float(r[-1, -1]) ** 2
+    grad = 2.0 * (sums[0] - scale * sums[1] - sums[2])[layout.index]
+    return sums, grad
+
+
+def _symmetric(pat, values):
+    """The dense symmetric matrix whose lower triangle is ``values`` in M's CSC layout."""
+    q = len(pat.indptr) - 1
+    lower = np.zeros((q, q))
+    cols = np.repeat(np.arange(q), np.diff(pat.indptr))
+    lower[pat.indices, cols] = values
+    return lower + np.tril(lower, -1).T
+
+
+def _dense_lambda(pat, templates):
+    """Λ densely: T_t on every level of every term."""
+    q = len(pat.indptr) - 1
+    lam = np.zeros((q, q))
+    for t, tmpl in enumerate(templates):
+        k, off = int(pat.kk[t]), int(pat.uoff[t])
+        for lev in range(int(pat.nlev[t])):
+            sl = slice(off + lev * k, off + (lev + 1) * k)
+            lam[sl, sl] = tmpl
+    return lam

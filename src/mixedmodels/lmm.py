@@ -20,9 +20,9 @@ from ._linalg._blocked import upper_solve
 
 from ._lmm_gradient import has_exact_gradient, lmm_value_and_gradient
 from ._model import MixedModelSpec
-from ._optimize import (BOUND_PROBE, ConvergenceWarning, OptSummary, check_optimum,
-                        check_with_exact_gradient, leave_the_bound, minimize,
-                        minimize_with_gradient, polish_with_gradient, rectify)
+from ._optimize import (BOUND_PROBE, ConvergenceWarning, LastValueAndGradient, OptSummary,
+                        check_optimum, check_with_exact_gradient, leave_the_bound, minimize,
+                        minimize_with_gradient, rectify)
 from ._results import MixedModelFit
 
 
@@ -221,15 +221,22 @@ class LinearMixedModel(MixedModelSpec):
             theta0, step = self._check_theta(initial), np.full(self.layout.ntheta, 0.75)
         optsum = OptSummary(initial=theta0, lowerbd=self.layout.lower, initial_step=step)
         bounded = np.flatnonzero(np.isfinite(self.layout.lower))
+        value_and_grad = LastValueAndGradient(self._value_and_gradient_safe)
         if use_gradient:
-            minimize_with_gradient(self._value_and_gradient_safe, optsum, progress=progress)
-            leave_the_bound(self._value_and_gradient_safe, optsum, bounded, progress)
+            # the polish of the check ends the fit with Newton steps on the exact
+            # gradient: L-BFGS-B need not chase the last digits (insteval's objective of
+            # 2.4e5 wobbles by 1e-8 at the optimum, and a 1e-14 rule spent 40 line-search
+            # evaluations there before ending ABNORMAL)
+            minimize_with_gradient(value_and_grad, optsum, progress=progress,
+                                   ftol=self._LBFGS_FTOL)
+            leave_the_bound(value_and_grad, optsum, bounded, progress, ftol=self._LBFGS_FTOL)
         else:
             minimize(self._objective_unchecked, optsum, progress=progress)
-        rectify(self._objective_unchecked, optsum, bounded,
-                near=BOUND_PROBE if use_gradient else None)
+        # BOBYQA stops within ~1e-4 of a boundary optimum; a component farther off is
+        # in the interior, and a trial at zero would cost an evaluation (insteval: 3)
+        rectify(self._objective_unchecked, optsum, bounded, near=BOUND_PROBE)
         if check_convergence:
-            record = self._check_optimum(optsum, use_gradient, warn=False)
+            record = self._check_optimum(optsum, warn=False, value_and_grad=value_and_grad)
             if use_gradient and not record.converged:
                 # L-BFGS-B's report of success is no proof: where the check disagrees,
                 # BOBYQA goes on from the best point found, and the check runs again
@@ -237,6 +244,8 @@ class LinearMixedModel(MixedModelSpec):
             for msg in optsum.derivs.messages:
                 warnings.warn(msg, ConvergenceWarning, stacklevel=2)
         return LinearMixedModelFit(self, self._optimum(optsum.final), optsum)
+
+    _LBFGS_FTOL = 1e-12
 
     def _continue_with_bobyqa(self, optsum, bounded, progress):
         again = OptSummary(initial=optsum.final.copy(), lowerbd=optsum.lowerbd,
@@ -249,7 +258,7 @@ class LinearMixedModel(MixedModelSpec):
         optsum.optimizer, optsum.returnvalue = "L-BFGS-B+LN_BOBYQA", again.returnvalue
         optsum.feval = len(optsum.fitlog)
         rectify(self._objective_unchecked, optsum, bounded)
-        self._check_optimum(optsum, True, warn=False)
+        self._check_optimum(optsum, warn=False)
 
     def _gradient_search_pays(self):
         """Whether "auto" takes L-BFGS-B: where an evaluation is dear (the sizes of
@@ -266,16 +275,14 @@ class LinearMixedModel(MixedModelSpec):
         """
         return self._moment_start_pays() and all(t.ncols == 1 for t in self.reterms)
 
-    def _check_optimum(self, optsum, use_gradient, warn=True):
+    def _check_optimum(self, optsum, warn=True, value_and_grad=None):
         ws = self.workspace
         if not has_exact_gradient(ws):
             return check_optimum(self._objective_unchecked, optsum, warn=warn)
-        if use_gradient or ws.factor is None:
-            # the Hessian from differences of the exact gradient, then Newton steps
-            return check_with_exact_gradient(self._value_and_gradient, optsum, warn=warn)
-        # the dense gradient costs more than the n² values of a Hessian
-        check_optimum(self._objective_unchecked, optsum, refine=False, warn=False)
-        return polish_with_gradient(self._value_and_gradient, optsum, restore=False, warn=warn)
+        value_and_grad = value_and_grad or self._value_and_gradient
+        # the Hessian from forward differences of the exact gradient (n + 1 gradients,
+        # against n² + n + 1 values), then Newton steps with it
+        return check_with_exact_gradient(value_and_grad, optsum, warn=warn)
 
     def _value_and_gradient_safe(self, theta):
         # the optimizer's entry, as _objective_unchecked
