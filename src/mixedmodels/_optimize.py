@@ -521,7 +521,7 @@ def _refine(objective, optsum, record, boundary, lower, step):
         objective(x)
 
 
-def check_with_exact_gradient(value_and_grad, optsum, warn=True, step=None):
+def check_with_exact_gradient(value_and_grad, optsum, warn=True, step=None, max_steps=3):
     """lme4's check with an exact gradient that is cheap (a one-term LMM): the Hessian
     from forward differences of the gradient (n gradients; an O(h) error of ~1e-3
     relative, which neither the checks nor a Newton step notice), then
@@ -540,6 +540,7 @@ def check_with_exact_gradient(value_and_grad, optsum, warn=True, step=None):
         hess[:, i] = (np.asarray(value_and_grad(x + e)[1], dtype=float) - grad) / step[i]
     hess = 0.5 * (hess + hess.T)
     return polish_with_gradient(value_and_grad, optsum, warn=warn, start=(val, grad),
+                                max_steps=max_steps,
                                 restore=False, hessian=(hess, n + 1))
 
 
