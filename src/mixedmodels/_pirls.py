@@ -14,6 +14,13 @@ the deviance's own rounding noise exceeds that (binomial counts of 10^5 trials),
 full Newton step below STEP_TOL ends the iteration instead. The
 factorization of the last pass is
 the one at the modes, so log det(L) for the Laplace approximation comes from it.
+
+With β fixed (the Laplace and quadrature objectives over (β, θ)) the loop below runs in
+compiled code, _kernels._glm.PirlsKernel, bound once per model (kept on the PIRLS
+state): each evaluation is one pass over the rows that also accumulates the
+cross-products the next factorization needs, and an iteration makes no Python call of
+its own. The Python loop remains for PIRLS over β and u (the ``fast`` stage) and as the
+compiled loop's twin in the tests (``compiled=False``).
 """
 import warnings
 
@@ -22,6 +29,8 @@ import numpy as np
 from ._kernels import _glm
 from ._linalg._blocked import matvec, upper_solve
 
+
+_EMPTY = np.empty(0)    # the kernels read an empty weight array as unit weights
 
 # A Newton step below this (relative to the modes' size) ends PIRLS: the next one would
 # change the modes by its square, far below anything the objective resolves.
@@ -39,8 +48,9 @@ class PirlsState:
         self.wrkresid = np.zeros(n)
         self.devresid = np.zeros(n)
         self.fixed = np.zeros(n)            # X β + offset
-        self.work1 = np.zeros((n, 1))       # the working response, u-only PIRLS
+        self.work1 = np.zeros((n, 1))       # the working response, u-only Python loop
         self.workx = None                   # [X, working response], PIRLS over β and u
+        self.kernel = None                  # the compiled PIRLS bound to these arrays
 
     def evaluate(self, family, y, prior_w, eta):
         if eta is not self.eta:
@@ -49,22 +59,40 @@ class PirlsState:
                              self.wrkresid, self.devresid)
 
 
-def _pirls_compiled(model, fam, theta, beta, u, pw, tol, maxiter, max_halving):
-    """One term, β fixed: the whole loop in _kernels._glm.pirls_blockdiag."""
-    system, st, term = model.workspace, model.state, model.reterms[0]
+def _row_kernel(model):
+    """The compiled PIRLS of the model's workspace and state (_glm.PirlsKernel), made
+    once and kept on the state while the arrays it is bound to stay the same."""
+    system, st = model.workspace, model.state
+    system.bind_products(1)
+    kernel = st.kernel
+    if kernel is None or not kernel.bound_to(system.avals, system.ztxy, system.xtxy,
+                                             system.rzxy, model.y):
+        kernel = st.kernel = _glm.PirlsKernel(
+            system.pattern, system.layout.lam_off, system.factorizer, system.avals,
+            system.ztxy, system.xtxy, system.rzxy, model.y, st.fixed, st.eta, st.mu,
+            st.mu_eta, st.wrkwt, st.wrkresid, st.devresid)
+    return kernel
+
+
+def _pirls_kernel(model, fam, theta, beta, u, pw, tol, maxiter, max_halving):
+    """β fixed: the loop below in _glm.PirlsKernel.pirls (for one term the arithmetic
+    of _glm.pirls_blockdiag)."""
+    st = model.state
+    kernel = _row_kernel(model)
     matvec(model.X, beta, model.offset_or_zero, st.fixed)
-    logdet, dev, iters, converged = _glm.pirls_blockdiag(
-        fam.code, fam.link.code, st.fixed, term.z, term.codes, model.y, pw,
-        system.layout.lam(theta), u, system.blockdiag_diagonal(), st.eta, st.mu, st.mu_eta,
-        st.wrkwt, st.wrkresid, st.devresid, tol, maxiter, max_halving, STEP_TOL, fam.param)
-    if not converged:
+    logdet, dev, iters, converged, exhausted = kernel.pirls(
+        fam.code, fam.link.code, fam.param,
+        _EMPTY if pw is None else np.ascontiguousarray(pw, dtype=float),
+        np.ascontiguousarray(theta, dtype=float), u,
+        tol, maxiter, max_halving, STEP_TOL)
+    if exhausted:
         warnings.warn(f"PIRLS did not converge in {maxiter} iterations at theta={np.round(theta, 6).tolist()}; "
                       "the conditional modes may be inaccurate", RuntimeWarning)
     return u, beta, logdet, dev, converged
 
 
 def pirls(model, theta, beta, u, vary_beta=False, prior_w=None, family=None, tol=1e-13,
-          maxiter=100, max_halving=30):
+          maxiter=100, max_halving=30, compiled=True):
     """Run PIRLS; return (u, beta, logdet_l, sum of deviance residuals, converged).
 
     ``model`` supplies: family, y, prior_w, offset_or_zero, X (the working fixed-effects
@@ -73,6 +101,8 @@ def pirls(model, theta, beta, u, vary_beta=False, prior_w=None, family=None, tol
     model's family (the negative binomial at a trial θ). With
     ``vary_beta`` the blocked system carries the columns [X, working response] and β
     is re-solved with u; otherwise only the working response relative to Xβ.
+    With ``vary_beta=False`` the loop runs in compiled code (``compiled=False`` runs the
+    Python loop below instead: the compiled loops' twin, for the tests).
     """
     system, st = model.workspace, model.state
     fam = model.family if family is None else family
@@ -81,8 +111,8 @@ def pirls(model, theta, beta, u, vary_beta=False, prior_w=None, family=None, tol
     p = X.shape[1]
     u = np.array(u, dtype=float, copy=True)
     beta = np.array(beta, dtype=float, copy=True)
-    if system.path == "block-diagonal" and not vary_beta:
-        return _pirls_compiled(model, fam, theta, beta, u, pw, tol, maxiter, max_halving)
+    if not vary_beta and compiled:
+        return _pirls_kernel(model, fam, theta, beta, u, pw, tol, maxiter, max_halving)
     if vary_beta and (st.workx is None or st.workx.shape[1] != p + 1):
         st.workx = np.ascontiguousarray(np.column_stack([X, np.zeros(len(y))]))
 

@@ -270,3 +270,24 @@ def loglik(family, y, mu, prior_w, phi, out, param=math.nan, link=-1, eta=None):
             v = -0.5 * (np.log(2.0 * np.pi * phi) - np.log(w) + w * (y - mu) ** 2 / phi)
         out[:] = np.where(w != 0.0, v, 0.0)
     return float(np.sum(out))
+
+
+def row_pass(pattern, templates, u, fixed, y, prior_w, family, link, outputs,
+             param=math.nan):
+    """NumPy twin of ``PirlsKernel.evaluate`` (one evaluation of the compiled PIRLS):
+    η = fixed + ZΛu, ``update`` at η into ``outputs`` (mu, mu_eta, wrkwt, wrkresid,
+    devresid), and the cross-products at the new working weights W for the working
+    response r = η - fixed + wrkresid: the blocks of Z'WZ (in ``accumulate_blocks``'
+    layout), Z'W r and r'W r. Dense and slow.
+
+    Returns (deviance, eta, avals, ztr, xtx).
+    """
+    from .._linalg import _twins
+    z = _twins.dense_z(pattern)
+    lam = _twins.dense_lambda(pattern, templates)
+    eta = np.asarray(fixed, dtype=np.float64) + z @ (lam @ np.asarray(u, dtype=np.float64))
+    dev = update(family, link, eta, y, prior_w, *outputs, param=param)
+    w = outputs[2]
+    r = eta - fixed + outputs[3]
+    avals = _twins.accumulate_blocks(pattern, w)
+    return dev, eta, avals, z.T @ (w * r), float(np.sum(w * r * r))

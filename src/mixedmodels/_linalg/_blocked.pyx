@@ -16,10 +16,13 @@ level by level with no sparse machinery at all.
 Each kernel writes into caller-allocated arrays and runs without the GIL; its NumPy twin
 is in _twins.py and tests/test_blocked.py holds the two together.
 """
-from libc.math cimport log, sqrt, NAN
+from libc.math cimport log, sqrt, frexp, NAN, M_LN2
+from libc.string cimport memset
+
+import numpy as np
 from libc.stdlib cimport malloc, free
 
-ctypedef long long i64
+# i64 is declared in _blocked.pxd
 
 
 def accumulate_blocks(const double[:, ::1] zcat, const i64[:, ::1] rowoff,
@@ -108,21 +111,62 @@ cdef void _scatter_lambda(const double[::1] avals, const i64[::1] blk_off,
                           const double[::1] lam, const i64[::1] lam_off, const int[::1] kk,
                           const i64[::1] pos, double[::1] mx, double *tmp) noexcept nogil:
     # tmp: 2 * maxk * maxk doubles of scratch
-    cdef Py_ssize_t nblk = blk_off.shape[0], b
-    cdef int kr, kc, a, d, maxk = 0, t
-    cdef i64 off, idx
+    cdef Py_ssize_t nblk = blk_off.shape[0], b = 0, e, t2
+    cdef int kr, kc, a, d, maxk = 0, t, tr, tc
+    cdef i64 off, idx, o0
+    cdef double lr, lc, v
+    cdef bint diag
+    cdef const double *pa
+    cdef const i64 *pp
+    cdef double *pm
     for t in range(kk.shape[0]):
         maxk = max(maxk, kk[t])
     cdef double *M = tmp + maxk * maxk
-    for b in range(nblk):
-        kr = kk[blk_tr[b]]
-        kc = kk[blk_tc[b]]
-        off = blk_off[b]
+    while b < nblk:
+        tr = blk_tr[b]
+        tc = blk_tc[b]
+        kr = kk[tr]
+        kc = kk[tc]
         if kr == 1 and kc == 1:
-            M[0] = lam[lam_off[blk_tr[b]]] * avals[off] * lam[lam_off[blk_tc[b]]]
-        else:
-            congruence(&avals[off], &lam[lam_off[blk_tr[b]]], &lam[lam_off[blk_tc[b]]],
-                       kr, kc, tmp, M)
+            # a run of scalar blocks of one term pair (the blocks come pair by pair):
+            # one multiply-add and a store each, the template entries held in registers
+            e = b + 1
+            while e < nblk and blk_tr[e] == tr and blk_tc[e] == tc:
+                e += 1
+            lr = lam[lam_off[tr]]
+            lc = lam[lam_off[tc]]
+            diag = blk_diag[b]
+            o0 = blk_off[b]
+            if blk_off[e - 1] - o0 == e - 1 - b:
+                # the run's values are contiguous (as _pattern lays them out): two
+                # streams in, one scattered store out, no branch on the block kind
+                pa = &avals[o0]
+                pp = &pos[o0]
+                pm = &mx[0]
+                if diag:
+                    for t2 in range(e - b):
+                        idx = pp[t2]
+                        if idx >= 0:
+                            pm[idx] = lr * pa[t2] * lc + 1.0
+                else:
+                    for t2 in range(e - b):
+                        idx = pp[t2]
+                        if idx >= 0:
+                            pm[idx] = lr * pa[t2] * lc
+                b = e
+                continue
+            while b < e:
+                off = blk_off[b]
+                v = lr * avals[off] * lc
+                if diag:
+                    v += 1.0
+                idx = pos[off]
+                if idx >= 0:
+                    mx[idx] = v
+                b += 1
+            continue
+        off = blk_off[b]
+        congruence(&avals[off], &lam[lam_off[tr]], &lam[lam_off[tc]], kr, kc, tmp, M)
         if blk_diag[b]:
             for a in range(kr):
                 M[a + a * kr] += 1.0
@@ -131,6 +175,7 @@ cdef void _scatter_lambda(const double[::1] avals, const i64[::1] blk_off,
                 idx = pos[off + a + d * kr]
                 if idx >= 0:
                     mx[idx] = M[a + d * kr]
+        b += 1
 
 
 cdef int _maxk(const int[::1] kk) noexcept nogil:
@@ -191,6 +236,28 @@ def lambda_apply(const double[::1, :] src, const i64[::1] uoff, const int[::1] k
     """
     with nogil:
         _lambda_apply(src, uoff, kk, nlev, lam, lam_off, transpose, dst)
+
+
+cdef void lambda_times_c(const double *lam, const i64 *lam_off, const i64 *uoff,
+                         const int *kk, const int *nlev, int nterm, const double *u,
+                         double *out) noexcept nogil:
+    """out <- Λ u for one vector u (length q): the arithmetic of _lambda_apply (not
+    transposed), on raw pointers for the compiled PIRLS."""
+    cdef Py_ssize_t l
+    cdef int t, k, a, e
+    cdef i64 r0
+    cdef double s
+    cdef const double *T
+    for t in range(nterm):
+        k = kk[t]
+        T = &lam[lam_off[t]]
+        for l in range(nlev[t]):
+            r0 = uoff[t] + l * k
+            for a in range(k):
+                s = 0.0
+                for e in range(a + 1):
+                    s += T[a + e * k] * u[r0 + e]
+                out[r0 + a] = s
 
 
 cdef double blockdiag_factor_c(const double *avals, const double *lam, int k, Py_ssize_t nlev,
@@ -422,6 +489,234 @@ def matvec(const double[:, ::1] x, const double[::1] beta, const double[::1] bas
             out[i] = s
 
 
+cdef class SimplicialFactor:
+    cdef readonly int n
+    cdef int[::1] lp, li, perm
+    cdef i64[::1] dest
+    cdef double[::1] lx, x
+    cdef int[::1] nxt, head, link
+    cdef readonly double logdet_value
+    """L L' = P M P' on the pattern of another factor's symbolic analysis, numerically.
+
+    For the small multi-term models whose CHOLMOD factor is simplicial (grouseticks:
+    q = 584, nnz(L) = 1,508), a CHOLMOD refactorization is mostly call overhead (~18 µs
+    against ~5 here, its log-determinant and each solve ~3-8 µs against ~1). The
+    compiled PIRLS therefore refactors with this object inside its loop, on CHOLMOD's
+    permutation P and pattern of L (so the same fill), and calls CHOLMOD once, for the
+    factorization at the modes that the workspace keeps (see ThetaFactorizer.
+    factor_small).
+
+    Left-looking column Cholesky: column j of L is M's column j (P applied) less
+    L[j:, k] L[j, k] for the columns k < j with L[j, k] != 0, found through linked
+    lists of the columns by their next row (each column joins the list of its next row
+    once it has been used), then scaled by 1/L[j, j]. log det(L) is summed as the log of
+    the product of the diagonal (its exponent split off as it grows), one log per
+    factorization rather than one per column.
+
+    Parameters
+    ----------
+    indptr, indices : M's lower triangle, CSC (the layout of the values ``mx``)
+    perm : P as an index array (new -> old: row j of P M P' is row perm[j] of M)
+    lp, li : the pattern of L (CSC, rows ascending, each column's diagonal first),
+        which must hold every entry of P M P' (a symbolic factorization's pattern does)
+    """
+
+    def __init__(self, indptr, indices, perm, lp, li):
+        cdef int[::1] ip = np.ascontiguousarray(indptr, dtype=np.int32)
+        cdef int[::1] ix = np.ascontiguousarray(indices, dtype=np.int32)
+        cdef Py_ssize_t n = ip.shape[0] - 1, j, t, lo, hi, mid, c, r, a, b
+        perm = np.ascontiguousarray(perm, dtype=np.int32)
+        lp = np.ascontiguousarray(lp, dtype=np.int32)
+        li = np.ascontiguousarray(li, dtype=np.int32)
+        if (n < 0 or perm.shape[0] != n or lp.shape[0] != n + 1 or lp[0] != 0
+                or lp[n] != li.shape[0] or np.any(np.diff(lp) < 1)
+                or not np.array_equal(np.sort(perm), np.arange(n))
+                or ix.shape[0] != ip[n] or (li.shape[0] and (li.min() < 0 or li.max() >= n))):
+            raise ValueError("SimplicialFactor: inconsistent pattern")
+        self.n = <int> n
+        self.perm = perm
+        self.lp = lp
+        self.li = li
+        # each column: its diagonal first, rows ascending
+        for j in range(n):
+            if self.li[self.lp[j]] != j:
+                raise ValueError("SimplicialFactor: a column of L does not start at its diagonal")
+            for t in range(self.lp[j] + 1, self.lp[j + 1]):
+                if self.li[t] <= self.li[t - 1]:
+                    raise ValueError("SimplicialFactor: rows of L not ascending")
+        inv = np.empty(n, dtype=np.int32)
+        inv[perm] = np.arange(n, dtype=np.int32)
+        cdef int[::1] iv = inv
+        self.dest = np.empty(ix.shape[0], dtype=np.int64)
+        # where each value of M lands in L: entry (i, j) of M is (inv i, inv j) of
+        # P M P', in the lower triangle at (max, min)
+        for j in range(n):
+            for t in range(ip[j], ip[j + 1]):
+                if ix[t] < 0 or ix[t] >= n:
+                    raise ValueError("SimplicialFactor: row index out of range")
+                a = iv[ix[t]]
+                b = iv[j]
+                r = a if a > b else b
+                c = b if a > b else a
+                lo = self.lp[c]
+                hi = self.lp[c + 1]
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if self.li[mid] < r:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                if lo == self.lp[c + 1] or self.li[lo] != r:
+                    raise ValueError("SimplicialFactor: M has an entry outside L's pattern")
+                self.dest[t] = lo
+        self.lx = np.zeros(li.shape[0])
+        self.x = np.zeros(max(n, 1))
+        self.nxt = np.zeros(max(n, 1), dtype=np.int32)
+        self.head = np.zeros(max(n, 1), dtype=np.int32)
+        self.link = np.zeros(max(n, 1), dtype=np.int32)
+        self.logdet_value = NAN
+
+    cdef int factor_c(self, const double *mx) noexcept nogil:
+        """Factor at the values mx (M's lower CSC); 1 if not positive definite."""
+        cdef int n = self.n, j, k, knext, i
+        cdef Py_ssize_t p, pend, t, nnz = self.lx.shape[0], nm = self.dest.shape[0]
+        cdef const int *lp = &self.lp[0]
+        cdef const int *li = &self.li[0]
+        cdef const i64 *dest = &self.dest[0] if nm > 0 else NULL
+        cdef double *lx = &self.lx[0]
+        cdef double *x = &self.x[0]
+        cdef int *nxt = &self.nxt[0]
+        cdef int *head = &self.head[0]
+        cdef int *link = &self.link[0]
+        cdef double d, ljk, prod = 1.0
+        cdef int ex, eacc = 0
+        memset(lx, 0, nnz * sizeof(double))
+        for t in range(nm):
+            lx[dest[t]] = mx[t]
+        for j in range(n):
+            head[j] = -1
+        for j in range(n):
+            # column j of P M P' (lower part) into x
+            for p in range(lp[j], lp[j + 1]):
+                x[li[p]] = lx[p]
+            # less L[j:, k] L[j, k] for the columns k in row j's list
+            k = head[j]
+            while k >= 0:
+                knext = link[k]
+                p = nxt[k]                  # where L[j, k] sits in column k
+                pend = lp[k + 1]
+                ljk = lx[p]
+                while p < pend:
+                    x[li[p]] -= lx[p] * ljk
+                    p += 1
+                # k joins the list of its next row below j
+                p = nxt[k] + 1
+                nxt[k] = <int> p
+                if p < pend:
+                    i = li[p]
+                    link[k] = head[i]
+                    head[i] = k
+                k = knext
+            d = x[j]
+            x[j] = 0.0
+            if not d > 0.0:
+                # leave x zeroed for the next call
+                for p in range(lp[j] + 1, lp[j + 1]):
+                    x[li[p]] = 0.0
+                for i in range(n):
+                    x[i] = 0.0
+                self.logdet_value = NAN
+                return 1
+            d = sqrt(d)
+            lx[lp[j]] = d
+            for p in range(lp[j] + 1, lp[j + 1]):
+                lx[p] = x[li[p]] / d
+                x[li[p]] = 0.0
+            p = lp[j] + 1
+            nxt[j] = <int> p
+            if p < lp[j + 1]:
+                i = li[p]
+                link[j] = head[i]
+                head[i] = j
+            prod *= d
+            if prod > 1e150 or prod < 1e-150:
+                prod = frexp(prod, &ex)
+                eacc += ex
+        self.logdet_value = log(prod) + eacc * M_LN2
+        return 0
+
+    cdef void forward_c(self, double *b) noexcept nogil:
+        """b <- L⁻¹ P b for one vector."""
+        cdef int n = self.n, j
+        cdef Py_ssize_t p
+        cdef double v
+        cdef double *x = &self.x[0]
+        for j in range(n):
+            x[j] = b[self.perm[j]]
+        for j in range(n):
+            v = x[j] / self.lx[self.lp[j]]
+            x[j] = v
+            for p in range(self.lp[j] + 1, self.lp[j + 1]):
+                x[self.li[p]] -= self.lx[p] * v
+        for j in range(n):
+            b[j] = x[j]
+            x[j] = 0.0
+
+    cdef void backward_c(self, double *b) noexcept nogil:
+        """b <- P' L'⁻¹ b for one vector."""
+        cdef int n = self.n, j
+        cdef Py_ssize_t p
+        cdef double v
+        cdef double *x = &self.x[0]
+        for j in range(n - 1, -1, -1):
+            v = b[j]
+            for p in range(self.lp[j] + 1, self.lp[j + 1]):
+                v -= self.lx[p] * b[self.li[p]]
+            b[j] = v / self.lx[self.lp[j]]
+        for j in range(n):
+            x[self.perm[j]] = b[j]
+        for j in range(n):
+            b[j] = x[j]
+            x[j] = 0.0
+
+    def factorize(self, const double[::1] mx):
+        """Factor at M's values mx; raises numpy.linalg.LinAlgError if M is not positive
+        definite."""
+        cdef int status
+        if mx.shape[0] != self.dest.shape[0]:
+            raise ValueError(f"mx has {mx.shape[0]} values; M's pattern has {self.dest.shape[0]}")
+        with nogil:
+            status = self.factor_c(&mx[0] if mx.shape[0] > 0 else NULL)
+        if status:
+            raise np.linalg.LinAlgError("random-effects block not positive definite")
+
+    def logdet(self):
+        """log det(L) of the last factorization (NaN after a failed one)."""
+        return self.logdet_value
+
+    def forward(self, double[::1, :] b):
+        """In place: b <- L⁻¹ P b (n-by-m, Fortran)."""
+        self._check(b)
+        cdef Py_ssize_t c
+        for c in range(b.shape[1]):
+            self.forward_c(&b[0, c])
+        return b
+
+    def backward(self, double[::1, :] b):
+        """In place: b <- P' L'⁻¹ b (n-by-m, Fortran)."""
+        self._check(b)
+        cdef Py_ssize_t c
+        for c in range(b.shape[1]):
+            self.backward_c(&b[0, c])
+        return b
+
+    def _check(self, b):
+        if not self.logdet_value == self.logdet_value:
+            raise ValueError("the factor holds no factorization")
+        if b.shape[0] != self.n:
+            raise ValueError(f"b has {b.shape[0]} rows; the factor has {self.n}")
+
+
 cdef class ThetaFactorizer:
     """The per-θ work of the blocked system in one call, over views bound once.
 
@@ -441,9 +736,12 @@ cdef class ThetaFactorizer:
     cdef double[::1, :] rzxy
     cdef const double[:, ::1] xtxy
     cdef double[:, ::1] r
-    cdef object factor
-    cdef int k0
+    cdef readonly object factor
+    cdef readonly int k0
     cdef double *tmp
+    cdef readonly SimplicialFactor small
+    cdef readonly bint small_allowed, last_small
+    cdef object _m_pattern
 
     def __cinit__(self, *args, **kwargs):
         self.tmp = NULL
@@ -469,10 +767,22 @@ cdef class ThetaFactorizer:
             self.pos = pattern.pos
         self.factor = factor
         self.k0 = pattern.kk[0]
+        self.small = None
+        self.small_allowed = False
+        self.last_small = False
+        self._m_pattern = None
         cdef int maxk = _maxk(self.kk)
         self.tmp = <double *> malloc(2 * maxk * maxk * sizeof(double))
         if self.tmp == NULL:
             raise MemoryError()
+
+    def allow_small(self, indptr, indices):
+        """Let the compiled PIRLS refactor with a SimplicialFactor on the (simplicial)
+        CHOLMOD factor's pattern between the factorizations the workspace keeps (see
+        ``factor_small``); built after its first CHOLMOD factorization (``tf_factor``).
+        indptr, indices: M's lower CSC pattern."""
+        self._m_pattern = (indptr, indices)
+        self.small_allowed = True
 
     def bind_products(self, ztxy, rzxy, xtxy, r):
         self.ztxy = ztxy
@@ -485,14 +795,28 @@ cdef class ThetaFactorizer:
 
         A non-positive-definite block diagonal gives a NaN log-determinant.
         """
-        cdef Py_ssize_t i
         cdef double logdet
         cdef int status = -1
+        self.set_theta(theta)
+        logdet = self.factor_now(schur, &status)
+        return logdet, status
+
+    cdef int set_theta(self, const double[::1] theta) except -1:
+        """Λ's templates from θ (into ``lam``, which the factorization reads)."""
+        cdef Py_ssize_t i
         if theta.shape[0] != self.lam_index.shape[0]:
             raise ValueError("theta has the wrong length")
-        cdef Py_ssize_t j, nlev0 = self.lblocks.shape[0] // (self.k0 * self.k0)
         for i in range(theta.shape[0]):
             self.lam[self.lam_index[i]] = theta[i]
+        return 0
+
+    cdef double factor_now(self, bint schur, int *status) except? -1.0:
+        """The factorization at the templates ``lam`` holds (see ``factorize``); the
+        compiled PIRLS calls this once per iteration. Errors of the factor propagate."""
+        cdef double logdet
+        cdef Py_ssize_t j, nlev0 = self.lblocks.shape[0] // (self.k0 * self.k0)
+        status[0] = -1
+        self.last_small = False
         with nogil:
             _lambda_apply(self.ztxy, self.uoff, self.kk, self.nlev, self.lam, self.lam_off,
                           True, self.rzxy)
@@ -504,7 +828,7 @@ cdef class ThetaFactorizer:
                     for j in range(self.rzxy.shape[1]):
                         blockdiag_solve_c(&self.lblocks[0], self.k0, nlev0, &self.rzxy[0, j], False)
             if logdet != logdet:
-                return logdet, status
+                return logdet
         else:
             with nogil:
                 _scatter_lambda(self.avals, self.blk_off, self.blk_tr, self.blk_tc,
@@ -515,6 +839,97 @@ cdef class ThetaFactorizer:
             self.factor.forward(self.rzxy)
         if schur:
             with nogil:
-                status = _schur_cholesky(self.xtxy, self.rzxy, self.r)
-        return logdet, status
+                status[0] = _schur_cholesky(self.xtxy, self.rzxy, self.r)
+        return logdet
 
+    def _make_small(self):
+        # the CHOLMOD factor's permutation and pattern of L; where they cannot be had or
+        # used (any error: this is only a faster route) CHOLMOD does every factorization
+        try:
+            lp, li, _, _ = self.factor.unit_factor()
+            self.small = SimplicialFactor(self._m_pattern[0], self._m_pattern[1],
+                                          self.factor.perm, lp, li)
+        except Exception:
+            self.small_allowed = False
+            self.small = None
+
+    cdef double factor_small(self) except? -1.0:
+        """``factor_now`` with the SimplicialFactor in place of CHOLMOD (which keeps its
+        last factorization): the templates' congruence into mx, the numeric factor, the
+        forward solve of rzxy. Returns log det(L), NaN if M is not positive definite.
+        Call only once ``small`` exists (a CHOLMOD factorization has been made)."""
+        cdef Py_ssize_t j
+        cdef int status
+        self.last_small = True
+        with nogil:
+            _lambda_apply(self.ztxy, self.uoff, self.kk, self.nlev, self.lam, self.lam_off,
+                          True, self.rzxy)
+            _scatter_lambda(self.avals, self.blk_off, self.blk_tr, self.blk_tc,
+                            self.blk_diag, self.lam, self.lam_off, self.kk, self.pos,
+                            self.mx, self.tmp)
+            status = self.small.factor_c(&self.mx[0])
+            if status == 0:
+                for j in range(self.rzxy.shape[1]):
+                    self.small.forward_c(&self.rzxy[0, j])
+        if status:
+            return NAN
+        return self.small.logdet_value
+
+    cdef int backward_last(self, object b_arr, double *b) except -1:
+        """b <- P' L'⁻¹ b (one vector; b_arr its q-by-1 Fortran array) with the factor of
+        the last factorization: the SimplicialFactor, the level blocks, or CHOLMOD's."""
+        cdef Py_ssize_t nlev0
+        if self.last_small:
+            self.small.backward_c(b)
+        elif self.factor is None:
+            nlev0 = self.lblocks.shape[0] // (self.k0 * self.k0)
+            blockdiag_solve_c(&self.lblocks[0], self.k0, nlev0, b, True)
+        else:
+            self.factor.backward(b_arr)
+        return 0
+
+
+# -- the factorizer from other compiled modules (see _blocked.pxd) ------------------------
+
+cdef ThetaFactorizer _tf(object tf):
+    if not isinstance(tf, ThetaFactorizer):
+        raise TypeError("expected a ThetaFactorizer")
+    return <ThetaFactorizer> tf
+
+
+cdef int tf_set_theta(object tf, const double[::1] theta) except -1:
+    return _tf(tf).set_theta(theta)
+
+
+cdef double *tf_lam(object tf) except NULL:
+    cdef ThetaFactorizer t = _tf(tf)
+    if t.lam.shape[0] == 0:
+        raise ValueError("the factorizer has no templates")
+    return &t.lam[0]
+
+
+cdef Py_ssize_t tf_lam_size(object tf) except -1:
+    return _tf(tf).lam.shape[0]
+
+
+cdef double tf_factor(object tf, bint small) except? -1.0:
+    """The factorization at the templates set (no Schur complement): the
+    SimplicialFactor's with ``small`` (where it exists), else the workspace's own."""
+    cdef ThetaFactorizer t = _tf(tf)
+    cdef int status
+    cdef double logdet
+    if small and t.small is not None:
+        return t.factor_small()
+    logdet = t.factor_now(False, &status)
+    if small and t.small_allowed and t.factor is not None:
+        # the pattern of L exists once CHOLMOD has factored: the next ones are ours
+        t._make_small()
+    return logdet
+
+
+cdef bint tf_has_small(object tf) except -1:
+    return _tf(tf).small is not None
+
+
+cdef int tf_backward(object tf, object b_arr, double *b) except -1:
+    return _tf(tf).backward_last(b_arr, b)

@@ -206,6 +206,10 @@ class BlockedSystem:
             pat, self.layout, self.avals, self._lam,
             self._lblocks if self.factor is None else self._empty,
             self._empty if self.factor is None else self._mx, self.factor)
+        if isinstance(self.factor, SparseCholesky) and not self.factor.is_supernodal:
+            # the compiled PIRLS refactors a simplicial CHOLMOD pattern itself between the
+            # factorizations the workspace keeps (_blocked.SimplicialFactor)
+            self._theta_step.allow_small(pat.indptr, pat.indices)
 
     # -- cross-products -------------------------------------------------------------
     def set_products(self, xy, weights=None):
@@ -222,6 +226,16 @@ class BlockedSystem:
         self._bind_products(m)
         _blocked.accumulate_zt(pat.zcat, pat.codes, pat.uoff, pat.zoff, pat.kk, w, xy, self.ztxy)
         _blocked.weighted_crossprod(xy, w, self.xtxy)
+
+    @property
+    def factorizer(self):
+        """The compiled per-θ step (_blocked.ThetaFactorizer), bound to this workspace's
+        arrays: the compiled PIRLS (_kernels._glm.PirlsKernel) drives it directly."""
+        return self._theta_step
+
+    def bind_products(self, m):
+        """Make the cross-product arrays (ztxy, rzxy, xtxy) those of m columns of [X y]."""
+        self._bind_products(m)
 
     def _bind_products(self, m):
         """Arrays for m columns of [X y], bound to the factorizer (which holds views of
