@@ -393,12 +393,18 @@ def test_compiled_pirls_refactors_with_the_simplicial_factor(monkeypatch):
 # ------------------------------------------------------------------ Bernoulli-logit SIMD
 
 
+SIMD_WIDTHS = [w for w in (4, 8) if _glm.simd_width() >= w]
+
+
 @pytest.mark.skipif(not _glm.simd_enabled(), reason="no AVX2/FMA on this machine or build")
-def test_simd_bernoulli_logit_matches_the_scalar_loop():
-    """The four-row AVX2 loop against the scalar loop (and both against the twin), over
-    the whole range of eta: the tails, the clamps, huge, infinite and NaN eta."""
+@pytest.mark.parametrize("width", SIMD_WIDTHS)
+@pytest.mark.parametrize("n", [4003, 4006])
+def test_simd_bernoulli_logit_matches_the_scalar_loop(width, n):
+    """The four-row AVX2 and eight-row AVX-512 loops against the scalar loop (and both
+    against the twin), over the whole range of eta: the tails, the clamps, huge,
+    infinite and NaN eta; n not a multiple of 4 (and 8), with and without a four-row
+    step after the eight-row ones."""
     rng = np.random.default_rng(12)
-    n = 4003                                        # not a multiple of 4
     eta = np.concatenate([rng.normal(0.0, 3.0, n - 403), rng.uniform(-800, 800, 360),
                           [0.0, -0.0, 1e-300, -1e-300, 36.0, -36.0, 37.0, -37.0, 700.0,
                            -700.0, 745.5, -745.5, 746.0, -746.0, 1e308, -1e308, np.inf,
@@ -411,10 +417,15 @@ def test_simd_bernoulli_logit_matches_the_scalar_loop():
     try:
         outs = {}
         for simd in (True, False):
-            _glm.simd_enabled(simd)
+            _glm.simd_width(width if simd else 0)
             out = [np.full(n, np.nan) for _ in range(5)]
             dev = _glm.update(fam.code, fam.link.code, eta, y, w, *out)
             outs[simd] = (dev, out)
+        _glm.simd_width(width)
+        ok = ~np.isnan(eta)
+        m = int(ok.sum())
+        got = [np.full(m, np.nan) for _ in range(5)]
+        dev = _glm.update(fam.code, fam.link.code, eta[ok], y[ok], w[ok], *got)
     finally:
         _glm.simd_enabled(True)
     finite = np.isfinite(eta)
@@ -424,12 +435,31 @@ def test_simd_bernoulli_logit_matches_the_scalar_loop():
         np.testing.assert_array_equal(a[~finite], b[~finite])
     assert np.isnan(outs[True][0]) and np.isnan(outs[False][0])
     # without the NaN row: the deviance is the sum of the residuals, and the twin's
-    ok = ~np.isnan(eta)
-    m = int(ok.sum())
-    got = [np.full(m, np.nan) for _ in range(5)]
-    dev = _glm.update(fam.code, fam.link.code, eta[ok], y[ok], w[ok], *got)
     assert dev == pytest.approx(np.sum(got[4]), rel=1e-14)
     ref = [np.full(m, np.nan) for _ in range(5)]
     twin.update(fam.code, fam.link.code, eta[ok], y[ok], w[ok], *ref)
     for a, b in zip(got, ref):
         np.testing.assert_allclose(a, b, rtol=KERNEL, atol=1e-300)
+
+
+@pytest.mark.skipif(8 not in SIMD_WIDTHS, reason="no AVX-512 on this machine or build")
+def test_simd_widths_give_the_same_rows():
+    """Eight rows at a time do each row's arithmetic as four at a time do: the same
+    per-row results, bit for bit (the deviance's sum differs in its last bits)."""
+    rng = np.random.default_rng(5)
+    n = 1003
+    eta = np.concatenate([rng.normal(0.0, 4.0, n - 3), [40.0, -750.0, 1e-300]])
+    y = (rng.uniform(size=n) < 0.5).astype(float)
+    fam = F.Bernoulli()
+    outs = {}
+    try:
+        for width in (4, 8):
+            _glm.simd_width(width)
+            out = [np.full(n, np.nan) for _ in range(5)]
+            dev = _glm.update(fam.code, fam.link.code, eta, y, np.empty(0), *out)
+            outs[width] = (dev, out)
+    finally:
+        _glm.simd_enabled(True)
+    for a, b in zip(outs[4][1], outs[8][1]):
+        np.testing.assert_array_equal(a, b)
+    assert outs[8][0] == pytest.approx(outs[4][0], rel=1e-14)

@@ -69,6 +69,39 @@ def householder_qr(X):
     return q, r
 
 
+def _raise_lstsq(err, flag):
+    raise np.linalg.LinAlgError("SVD did not converge in Linear Least Squares")
+
+
+def least_squares(A, b):
+    """``numpy.linalg.lstsq(A, b, rcond=None)[0]`` of a float64 matrix and vector, bit
+    for bit: the same LAPACK call (``dgelsd``) through NumPy's gufunc, without the
+    wrapper's type dispatch, which costs more than the solve of a small system.
+
+    Parameters
+    ----------
+    A : (n, p) float64 ndarray, n >= 1
+    b : (n,) float64 ndarray
+
+    Returns
+    -------
+    (p,) ndarray
+    """
+    n, p = A.shape
+    if (_umath_linalg is None or n == 0 or A.dtype != np.float64 or b.dtype != np.float64
+            or not (A.dtype.isnative and b.dtype.isnative) or b.shape != (n,)):
+        return np.linalg.lstsq(A, b, rcond=None)[0]
+    # the wrapper's default rcond
+    rcond = _EPS * max(n, p)
+    with np.errstate(call=_raise_lstsq, invalid="call", over="ignore", divide="ignore",
+                     under="ignore"):
+        x = _umath_linalg.lstsq(A, b[:, None], rcond, signature="ddd->ddid")[0]
+    return x[:, 0].copy()
+
+
+_EPS = float(np.finfo(np.float64).eps)
+
+
 def _clearly_far_from_aliased(R, absdiag):
     """True when no column can be near-aliased (see ``NEAR_ALIAS``), judged from R̃.
 
@@ -103,7 +136,7 @@ class FixedEffectsBasis:
         log |det R̃|, the REML criterion's constant.
     """
 
-    def __init__(self, X, names=None, warn=True):
+    def __init__(self, X, names=None, warn=True, qr=None):
         X = np.asarray(X, dtype=np.float64)
         n, p = X.shape
         self.p = p
@@ -113,7 +146,9 @@ class FixedEffectsBasis:
             self.Rinv = np.zeros((0, 0))
             self.logabsdet = 0.0
             return
-        q, r = householder_qr(X)
+        # ``qr``: householder_qr(X), when the caller has it already (the formula layer's
+        # rank test takes it); q is ours to overwrite
+        q, r = householder_qr(X) if qr is None else qr
         scale = math.sqrt(max(n, 1))
         if r.shape[0] == p:
             # the p-by-p arithmetic in Python floats: the same IEEE operations, in the
@@ -124,14 +159,15 @@ class FixedEffectsBasis:
             Rl = [[(v * s) / scale for v in row] for row, s in zip(rl, signs)]
             self.R = np.array(Rl)
             absdiag = np.array([abs(Rl[i][i]) for i in range(p)])
-            # X = q * (signs * scale)
-            self.X = np.ascontiguousarray(q * np.array([s * scale for s in signs]))
+            # X = q * (signs * scale), in place (C-contiguous, as householder_qr makes it)
+            q *= np.array([s * scale for s in signs])
+            self.X = np.ascontiguousarray(q)
         else:
             signs = np.where(r.diagonal() < 0, -1.0, 1.0)
             self.X = np.ascontiguousarray(q * (signs * scale))
             self.R = (r * signs[:, None]) / scale
             absdiag = np.abs(self.R.diagonal())
-        self.logabsdet = float(np.log(absdiag).sum())
+        self.logabsdet = float(np.add.reduce(np.log(absdiag)))
         # R̃⁻¹ once, by the plain-loop solve of _blocked: LAPACK's triangular solve
         # cost milliseconds per call waking the BLAS threads on a busy machine
         r = np.ascontiguousarray(self.R)
@@ -155,6 +191,10 @@ class FixedEffectsBasis:
                     "errors carry about "
                     f"{max(0, int(-np.log10(worst)))} fewer significant digits; centring or "
                     "rescaling those predictors would restore them", stacklevel=4)
+
+    # numpy.linalg.lstsq's solution, bit for bit (the GLM start's IRLS, in the working
+    # basis, reaches it through the model's basis)
+    least_squares = staticmethod(least_squares)
 
     def to_working(self, beta):
         """β̃ = R̃ β."""

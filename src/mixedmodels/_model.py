@@ -19,7 +19,7 @@ from ._linalg._pattern import term_order
 from ._linalg.system import BlockedSystem, ThetaLayout
 from ._results import random_effects_matrix
 from .formula import build_design
-from .formula._design import _as_frame
+from .formula._design import _as_frame, _design_and_qr
 
 
 class MixedModelSpec:
@@ -46,11 +46,13 @@ class MixedModelSpec:
                  na_action="drop", drop_zero_weights=False):
         self._t0 = time.perf_counter()   # set-up time: the subclasses finish the clock
         self.formula = formula
-        design = build_design(formula, data, contrasts=contrasts, weights=weights,
-                              offset=offset, na_action=na_action)
+        # build_design, keeping the QR of X that its rank test makes
+        qr = []
+        design = _design_and_qr(formula, data, contrasts, weights, offset, na_action, qr)
         if drop_zero_weights and design.weights is not None and np.any(design.weights == 0):
             design = _without_zero_weights(design, formula, data, contrasts, weights, offset,
                                            na_action)
+            qr = []
         self.design = design
         if not design.reterms:
             raise ValueError(f"formula {formula!r} has no random-effects term like (1 | g); "
@@ -59,7 +61,7 @@ class MixedModelSpec:
         self.reterms = [design.reterms[i] for i in order]
         self.layout = ThetaLayout([t.ncols for t in self.reterms],
                                   [bool(t.zerocorr) for t in self.reterms])
-        self.fixed = FixedEffectsBasis(design.X, design.coef_names)
+        self.fixed = FixedEffectsBasis(design.X, design.coef_names, qr=qr[0] if qr else None)
         self._workspace = None
         self._Z = None
 

@@ -17,10 +17,12 @@ the one at the modes, so log det(L) for the Laplace approximation comes from it.
 
 With β fixed (the Laplace and quadrature objectives over (β, θ)) the loop below runs in
 compiled code, _kernels._glm.PirlsKernel, bound once per model (kept on the PIRLS
-state): each evaluation is one pass over the rows that also accumulates the
+state) to the rows, the workspace, the state's arrays, X and the offset: Xβ + offset is
+formed there, each evaluation is one pass over the rows that also accumulates the
 cross-products the next factorization needs, and an iteration makes no Python call of
 its own. The Python loop remains for PIRLS over β and u (the ``fast`` stage) and as the
-compiled loop's twin in the tests (``compiled=False``).
+compiled loop's twin in the tests (``compiled=False``). (The one-term Laplace value and
+gradient call the kernel directly: _gradient._one_term_value_and_gradient.)
 """
 import warnings
 
@@ -59,35 +61,39 @@ class PirlsState:
                              self.wrkresid, self.devresid)
 
 
-def _row_kernel(model):
-    """The compiled PIRLS of the model's workspace and state (_glm.PirlsKernel), made
-    once and kept on the state while the arrays it is bound to stay the same."""
+def row_kernel(model):
+    """The compiled PIRLS of the model's workspace and state (_glm.PirlsKernel, bound to
+    X and the offset too), made once and kept on the state while the arrays it is bound
+    to stay the same."""
     system, st = model.workspace, model.state
     system.bind_products(1)
     kernel = st.kernel
+    X, off = model.X, model.offset_or_zero
     if kernel is None or not kernel.bound_to(system.avals, system.ztxy, system.xtxy,
-                                             system.rzxy, model.y):
+                                             system.rzxy, model.y, X, off):
         kernel = st.kernel = _glm.PirlsKernel(
             system.pattern, system.layout.lam_off, system.factorizer, system.avals,
             system.ztxy, system.xtxy, system.rzxy, model.y, st.fixed, st.eta, st.mu,
-            st.mu_eta, st.wrkwt, st.wrkresid, st.devresid)
+            st.mu_eta, st.wrkwt, st.wrkresid, st.devresid, x=X, offset=off,
+            lam_index=system.layout.index)
     return kernel
 
 
+def warn_exhausted(theta, maxiter):
+    warnings.warn(f"PIRLS did not converge in {maxiter} iterations at theta={np.round(theta, 6).tolist()}; "
+                  "the conditional modes may be inaccurate", RuntimeWarning)
+
+
 def _pirls_kernel(model, fam, theta, beta, u, pw, tol, maxiter, max_halving):
-    """β fixed: the loop below in _glm.PirlsKernel.pirls (for one term the arithmetic
-    of _glm.pirls_blockdiag)."""
-    st = model.state
-    kernel = _row_kernel(model)
-    matvec(model.X, beta, model.offset_or_zero, st.fixed)
-    logdet, dev, iters, converged, exhausted = kernel.pirls(
+    """β fixed: the loop below in _glm.PirlsKernel.pirls (fixed = Xβ + offset formed
+    there, as matvec forms it)."""
+    logdet, dev, iters, converged, exhausted = row_kernel(model).pirls(
         fam.code, fam.link.code, fam.param,
         _EMPTY if pw is None else np.ascontiguousarray(pw, dtype=float),
         np.ascontiguousarray(theta, dtype=float), u,
-        tol, maxiter, max_halving, STEP_TOL)
+        tol, maxiter, max_halving, STEP_TOL, beta)
     if exhausted:
-        warnings.warn(f"PIRLS did not converge in {maxiter} iterations at theta={np.round(theta, 6).tolist()}; "
-                      "the conditional modes may be inaccurate", RuntimeWarning)
+        warn_exhausted(theta, maxiter)
     return u, beta, logdet, dev, converged
 
 
@@ -174,6 +180,5 @@ def pirls(model, theta, beta, u, vary_beta=False, prior_w=None, family=None, tol
                      or (halvings == 0 and newton_step <= STEP_TOL * (1.0 + float(np.max(np.abs(u), initial=0.0)))))
         u, beta, pdev, dev = new_u, new_beta, new_pdev, new_dev
     else:
-        warnings.warn(f"PIRLS did not converge in {maxiter} iterations at theta={np.round(theta, 6).tolist()}; "
-                      "the conditional modes may be inaccurate", RuntimeWarning)
+        warn_exhausted(theta, maxiter)
     return u, beta, logdet, dev, converged

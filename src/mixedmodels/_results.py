@@ -27,15 +27,14 @@ class MixedModelFit:
     _frozen = False
 
     def _init_record(self, model, optimum, optsum, **extra):
-        for name, value in {**optimum, **extra}.items():
+        record = {**optimum, **extra}
+        for name, value in record.items():
             if isinstance(value, np.ndarray):
-                value = value.copy()
+                value = record[name] = value.copy()
                 value.flags.writeable = False
-            object.__setattr__(self, name, value)
-        object.__setattr__(self, "model", model)
-        object.__setattr__(self, "optsum", optsum)
-        object.__setattr__(self, "_cache", {})
-        object.__setattr__(self, "_frozen", True)
+        record.update(model=model, optsum=optsum, _cache={}, _frozen=True)
+        # the instance's own attributes, set at once (__setattr__ refuses them)
+        self.__dict__.update(record)
 
     def __setattr__(self, name, value):
         if self._frozen:

@@ -144,17 +144,27 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
     def _refuse_degenerate_response(self):
         """Responses whose GLM estimates are infinite: lme4 refuses them too."""
         fam, y, w = self.family, self.y, self.prior_w
+        if fam.name not in ("Bernoulli", "Binomial", "Poisson"):
+            return
+        # the response over the rows of positive weight (validate refused NaN), by its
+        # range: every value is 0 (or 1) when the smallest and the largest are
         used = w > 0
+        yu = y if used.all() else y[used]
+        if yu.size:
+            lo, hi = yu.min(), yu.max()
+            zeros, ones = lo == 0 and hi == 0, lo == 1 and hi == 1
+        else:
+            zeros = ones = True     # as numpy.all of nothing
         if fam.name in ("Bernoulli", "Binomial"):
             # all failures or all successes: the intercept runs off to ∓∞
-            if np.all(y[used] == 0) or np.all(y[used] == 1):
-                which = "successes" if np.all(y[used] == 1) else "failures"
+            if zeros or ones:
+                which = "successes" if ones else "failures"
                 raise ValueError(
                     f"response {self.design.response_name!r} is constant: every observation "
                     f"is {which}, so the fixed effects have no finite estimate (lme4: "
                     "'Response is constant')")
         elif fam.name == "Poisson":
-            if np.all(y[used] == 0):
+            if zeros:
                 raise ValueError(
                     f"response {self.design.response_name!r} is all zeros: a Poisson mean of "
                     "zero has no finite linear predictor (lme4: 'Response is constant')")
@@ -184,17 +194,31 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         if self.estimates_family_param:
             fam = fam.with_param(1e8)        # a Poisson-like start for β
         eta = fam.link.link(fam.starting_mu(y, w))
+        least_squares = self.fixed.least_squares
         st = self.state
         beta = np.zeros(X.shape[1])
         dev_old = np.inf
+        # scratch for the weighted working matrix and response (the same operations as
+        # X * sw[:, None] and (eta - off + wrkresid) * sw, written in place)
+        xw = np.empty_like(X)
+        zw = np.empty_like(y)
+        zero_offset = self.design.offset is None
         for _ in range(50):
             dev = st.evaluate(fam, y, w, eta)
             if abs(dev_old - dev) <= 1e-10 * (abs(dev) + 1e-10):
                 break
             dev_old = dev
             sw = np.sqrt(st.wrkwt)
-            beta = np.linalg.lstsq(X * sw[:, None], (eta - off + st.wrkresid) * sw, rcond=None)[0]
-            eta = X @ beta + off
+            np.multiply(X, sw[:, None], out=xw)
+            if zero_offset:
+                np.add(eta, st.wrkresid, out=zw)    # eta - 0.0 is eta, bit for bit
+            else:
+                np.subtract(eta, off, out=zw)
+                zw += st.wrkresid
+            zw *= sw
+            beta = least_squares(xw, zw)
+            eta = X @ beta
+            eta += off
         if self.has_dispersion:
             return beta, pearson_dispersion(fam, y, st.mu, w, self.n - self.p)
         if self.estimates_family_param:
@@ -550,7 +574,7 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         else:
             ll_obs = fam.loglik(self.y, mu, self.prior_w, 1.0, eta=eta)
             # the saturated part, constant in μ: lme4's logLik is the full family log density
-            saturated = float(np.sum(ll_obs) + 0.5 * np.sum(devresid))
+            saturated = float(np.add.reduce(ll_obs) + 0.5 * np.add.reduce(devresid))
             deviance = value
             objective = -2.0 * (-0.5 * value + saturated)
         vcov_w = self._vcov_working(theta, beta_w, phi, fam)

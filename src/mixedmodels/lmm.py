@@ -71,7 +71,8 @@ class LinearMixedModel(MixedModelSpec):
     def _response_changed(self):
         d = self.design
         self.y_fit = d.y if d.offset is None else d.y - d.offset
-        if np.ptp(self.y_fit) == 0:
+        y = self.y_fit
+        if y.max() - y.min() == 0:     # numpy.ptp, without its dispatch
             what = "response" if d.offset is None else "response less its offset"
             raise ValueError(f"{what} '{d.response_name}' is constant ({self.y_fit[0]:g}): "
                              "there is no variance to partition")

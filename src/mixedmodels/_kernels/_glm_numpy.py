@@ -291,3 +291,21 @@ def row_pass(pattern, templates, u, fixed, y, prior_w, family, link, outputs,
     r = eta - fixed + outputs[3]
     avals = _twins.accumulate_blocks(pattern, w)
     return dev, eta, avals, z.T @ (w * r), float(np.sum(w * r * r))
+
+
+def predicted_modes(codes, z, wrkwt, wrkresid, avals, lam, u, dfixed, dlam):
+    """NumPy twin of the warm start of ``PirlsKernel.laplace`` (one scalar term): the
+    first-order change of the modes u of the last call (at template λ, with the working
+    weights W, residuals ρ and level sums A_l = Σ W z² there) when Xβ + offset moves by
+    ``dfixed`` and λ by ``dlam``:
+
+        du_l = -m_l [λ Σ_{i in l} W_i z_i dfixed_i + dlam (½ S_l + λ A_l u_l)],
+        m_l = 1/(λ² A_l + 1),  S_l = Σ_{i in l} -2 W_i ρ_i z_i.
+
+    Returns du (length nlev = len(u))."""
+    nlev = len(u)
+    w, z = np.asarray(wrkwt, float), np.asarray(z, float)
+    m = 1.0 / (lam * np.asarray(avals, float) * lam + 1.0)
+    s = np.bincount(codes, weights=-2.0 * w * np.asarray(wrkresid, float) * z, minlength=nlev)
+    b = np.bincount(codes, weights=w * z * np.asarray(dfixed, float), minlength=nlev)
+    return -m * (lam * b + dlam * (0.5 * s + lam * avals * u))

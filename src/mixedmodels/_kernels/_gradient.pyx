@@ -159,14 +159,218 @@ def lmm_blockdiag_gradient(const double[::1] avals, const double[::1] lam,
     free(buf)
 
 
-# -- Laplace GLMMs, canonical links (see _gradient.py) ---------------------------------
+# -- Laplace GLMMs with one term, canonical links (see _gradient.py) -------------------
+#
+# With one term M = Λ'Z'WZΛ + I is block diagonal: level l's block M_l = T'A_l T + I,
+# A_l = Σ_{i in l} W_i z_i z_i' (the workspace's ``avals`` at the modes, which the
+# compiled PIRLS leaves there), so M_l⁻¹ is a k-by-k inverse per level and the
+# gradient two passes over the rows (the leverages and Λ'Z'g, then the residuals and
+# the traces) and X'r. Rows of one level usually come together (data sorted by the
+# grouping factor): the per-level sum of the first pass is kept in a register while
+# the level repeats, not stored through a pointer per row.
+
+cdef Py_ssize_t blockdiag_work_size(Py_ssize_t n, Py_ssize_t nlev, int k) noexcept nogil:
+    """Doubles of scratch ``blockdiag_laplace_gradient_c`` needs."""
+    return nlev * k * k + nlev * k + 2 * n + 3 * k * k + 4 * k
+
+
+cdef int blockdiag_laplace_gradient_c(const OneTerm *ot, const double *lam,
+                                      const double *avals, const double *u,
+                                      double *grad_beta, double *grad_t,
+                                      double *work) noexcept nogil:
+    """The gradient of the Laplace deviance of a one-term GLMM (canonical link) at the
+    modes u, from the level blocks A_l of Z'WZ there (``avals``, level l's k-by-k block
+    at l·k², column-major) and the state PIRLS left (W, ρ, μ in ``ot``). With the
+    notation of _gradient.py's Notes, per row i of level l (ζ_i = T'z_i, d_i = -2W_iρ_i):
+
+        c_i = M_l⁻¹ζ_i,  g_i = (ζ_i'c_i) W'_i,  v_l = M_l⁻¹ Σ_{i in l} g_i ζ_i,
+        r_i = d_i + g_i - W_i ζ_i'v_l,
+        grad_beta = X'r,   grad_t[e + a·k] = Σ_i z_ie (r_i u_la - ½ d_i v_la + 2 W_i c_ia).
+
+    ``lam`` is the template T (column-major, lower triangular), ``work`` holds
+    ``blockdiag_work_size`` doubles. Returns 1 (nothing written) if some M_l is not
+    positive definite. Levels are not checked here: the callers do (0 <= codes < nlev).
+    """
+    cdef Py_ssize_t n = ot.n, nlev = ot.nlev
+    cdef int k = ot.k
+    cdef double *minv = work
+    cdef double *v = minv + nlev * k * k
+    cdef double *g = v + nlev * k
+    cdef double *r = g + n
+    cdef double *scratch = r + n
+    if _level_inverses(avals, lam, k, nlev, minv, scratch):
+        return 1
+    if k == 1:
+        _scalar_term_passes(ot, lam[0], minv, u, v, g, r, grad_t)
+    else:
+        _vector_term_passes(ot, lam, minv, u, v, g, r, grad_t, scratch)
+    _xt_times(ot.x, n, ot.p, r, grad_beta)
+    return 0
+
+
+cdef int _level_inverses(const double *avals, const double *lam, int k, Py_ssize_t nlev,
+                         double *minv, double *scratch) noexcept nogil:
+    """minv_l = (T'A_l T + I)⁻¹ per level; 1 if one is not positive definite."""
+    cdef Py_ssize_t l
+    cdef int a, c, e
+    cdef double s, m
+    cdef double *at = scratch                   # A_l T
+    cdef double *blk
+    cdef const double *A
+    if k == 1:
+        for l in range(nlev):
+            m = lam[0] * avals[l] * lam[0] + 1.0
+            if not m > 0.0:
+                return 1
+            minv[l] = 1.0 / m
+        return 0
+    for l in range(nlev):
+        A = avals + l * k * k
+        blk = minv + l * k * k
+        for c in range(k):
+            for e in range(k):
+                s = 0.0
+                for a in range(c, k):
+                    s += A[e + a * k] * lam[a + c * k]
+                at[e + c * k] = s
+        for c in range(k):
+            for e in range(k):
+                s = 1.0 if e == c else 0.0
+                for a in range(e, k):
+                    s += lam[a + e * k] * at[a + c * k]
+                blk[e + c * k] = s
+        if _inverse_spd(blk, k, scratch + k * k):
+            return 1
+    return 0
+
+
+cdef void _scalar_term_passes(const OneTerm *ot, double lam, const double *minv,
+                              const double *u, double *v, double *g, double *r,
+                              double *grad_t) noexcept nogil:
+    # k = 1: ζ_i = λz_i, c_i = m_l ζ_i, h_i = m_l ζ_i²
+    cdef Py_ssize_t n = ot.n, i, l, cur = -1
+    cdef Py_ssize_t zs = ot.zstride
+    cdef const int *codes = ot.codes
+    cdef const double *z = ot.z
+    cdef const double *wt = ot.wrkwt
+    cdef const double *rho = ot.wrkresid
+    cdef const double *mu = ot.mu
+    cdef bint logit = ot.logit
+    cdef double zeta, w, gi, acc = 0.0, vl, d, ri, gt = 0.0, zi
+    for l in range(ot.nlev):
+        v[l] = 0.0
+    for i in range(n):                      # g_i, and Σ_{i in l} g_i ζ_i into v_l
+        l = codes[i]
+        zeta = lam * z[i * zs]
+        w = wt[i]
+        gi = zeta * zeta * minv[l] * (w * (1.0 - 2.0 * mu[i]) if logit else w)
+        g[i] = gi
+        if l != cur:
+            if cur >= 0:
+                v[cur] = acc
+            cur = l
+            acc = v[l]
+        acc += gi * zeta
+    if cur >= 0:
+        v[cur] = acc
+    for l in range(ot.nlev):                # v_l = M_l⁻¹ (Λ'Z'g)_l
+        v[l] = minv[l] * v[l]
+    for i in range(n):
+        l = codes[i]
+        zi = z[i * zs]
+        zeta = lam * zi
+        w = wt[i]
+        d = -2.0 * w * rho[i]
+        vl = v[l]
+        ri = d + g[i] - w * zeta * vl
+        r[i] = ri
+        gt += zi * (ri * u[l] - 0.5 * d * vl + 2.0 * w * minv[l] * zeta)
+    grad_t[0] = gt
+
+
+cdef void _vector_term_passes(const OneTerm *ot, const double *lam, const double *minv,
+                              const double *u, double *v, double *g, double *r,
+                              double *grad_t, double *scratch) noexcept nogil:
+    cdef Py_ssize_t n = ot.n, i, l
+    cdef int k = ot.k, a, e
+    cdef const double *zi
+    cdef const double *blk
+    cdef double *zeta = scratch
+    cdef double *c = scratch + k
+    cdef double *tmp = scratch + 2 * k
+    cdef double w, gi, d, zv, ri, s
+    for l in range(ot.nlev * k):
+        v[l] = 0.0
+    for a in range(k * k):
+        grad_t[a] = 0.0
+    for i in range(n):                      # g_i, and Σ_{i in l} g_i ζ_i into v_l
+        l = ot.codes[i]
+        _zeta(ot.z + i * ot.zstride, lam, k, zeta)
+        w = ot.wrkwt[i]
+        gi = _quad(minv + l * k * k, zeta, k, c) * (
+            w * (1.0 - 2.0 * ot.mu[i]) if ot.logit else w)
+        g[i] = gi
+        for a in range(k):
+            v[l * k + a] += gi * zeta[a]
+    for l in range(ot.nlev):                # v_l = M_l⁻¹ (Λ'Z'g)_l
+        blk = minv + l * k * k
+        for a in range(k):
+            s = 0.0
+            for e in range(k):
+                s += blk[a + e * k] * v[l * k + e]
+            tmp[a] = s
+        for a in range(k):
+            v[l * k + a] = tmp[a]
+    for i in range(n):
+        l = ot.codes[i]
+        zi = ot.z + i * ot.zstride
+        _zeta(zi, lam, k, zeta)
+        _quad(minv + l * k * k, zeta, k, c)
+        w = ot.wrkwt[i]
+        d = -2.0 * w * ot.wrkresid[i]
+        zv = 0.0
+        for a in range(k):
+            zv += zeta[a] * v[l * k + a]
+        ri = d + g[i] - w * zv
+        r[i] = ri
+        for a in range(k):
+            tmp[a] = ri * u[l * k + a] - 0.5 * d * v[l * k + a] + 2.0 * w * c[a]
+        for a in range(k):
+            for e in range(k):
+                grad_t[e + a * k] += zi[e] * tmp[a]
+
+
+cdef void _xt_times(const double *x, Py_ssize_t n, Py_ssize_t p, const double *r,
+                    double *out) noexcept nogil:
+    """out = X'r for a row-major n-by-p X, four rows at a time (four products per
+    store of out[j] rather than one: the sums over j are independent and vectorize)."""
+    cdef Py_ssize_t i = 0, j
+    cdef const double *x0
+    cdef double r0, r1, r2, r3
+    for j in range(p):
+        out[j] = 0.0
+    while i + 4 <= n:
+        x0 = x + i * p
+        r0, r1, r2, r3 = r[i], r[i + 1], r[i + 2], r[i + 3]
+        for j in range(p):
+            out[j] += (r0 * x0[j] + r1 * x0[p + j]) + (r2 * x0[2 * p + j] + r3 * x0[3 * p + j])
+        i += 4
+    while i < n:
+        x0 = x + i * p
+        for j in range(p):
+            out[j] += r[i] * x0[j]
+        i += 1
+
+
 def laplace_blockdiag_gradient(const int[::1] codes, const double[:, ::1] z,
                                const double[::1] lam, int k, const double[::1] wrkwt,
                                const double[::1] wrkresid, const double[::1] mu, bint logit,
                                const double[::1] u, const double[:, ::1] x,
                                double[::1] grad_beta, double[:, ::1] grad_t):
     """The exact gradient of the Laplace deviance of a one-term GLMM with a canonical link,
-    at the modes PIRLS left (the notation of _gradient.py's Notes).
+    at the modes PIRLS left (the notation of _gradient.py's Notes), with the level blocks
+    A_l = Σ_{i in l} W_i z_i z_i' summed here from the rows (the compiled PIRLS reads
+    them from the workspace instead: ``blockdiag_laplace_gradient_c``).
 
     Per row i of level l, with ζ_i = T'z_i, W_i the working weight, d_i = -2 W_i ρ_i (ρ the
     working residual), W'_i = W_i(1 - 2μ_i) (logit) or W_i (log):
@@ -174,89 +378,49 @@ def laplace_blockdiag_gradient(const int[::1] codes, const double[:, ::1] z,
         v_l = M_l⁻¹ Σ_i g_i ζ_i,     r_i = d_i + g_i - W_i ζ_i'v_l,
         grad_beta = Σ_i r_i x_i,     grad_t[e, a] = Σ_i z_ie (r_i u_la - ½ d_i v_la + 2 W_i c_ia).
     Writes grad_beta (p) and grad_t (k-by-k, [e, a]). NumPy twin: _gradient._gradient_at_modes.
-    Raises ValueError if some M_l is not positive definite.
+    Raises ValueError if some M_l is not positive definite or the arrays do not fit.
     """
-    cdef Py_ssize_t n = codes.shape[0], i, j, l
-    cdef Py_ssize_t p = x.shape[1]
-    cdef Py_ssize_t nlev = u.shape[0] // k
-    cdef int a, e, bad = 0
-    cdef double s, w, dw, h, g, d, r, zv
-    cdef double *minv = <double *> malloc((nlev * k * k + nlev * k + 4 * k + 2 * k * k)
-                                          * sizeof(double))
-    if minv == NULL:
+    cdef Py_ssize_t n = codes.shape[0], i, l, nlev
+    cdef int a, e
+    cdef OneTerm ot
+    cdef double w
+    if k < 1 or u.shape[0] % k != 0 or z.shape[1] < k or lam.shape[0] < k * k:
+        raise ValueError("laplace_blockdiag_gradient: inconsistent term sizes")
+    nlev = u.shape[0] // k
+    if (z.shape[0] != n or wrkwt.shape[0] != n or wrkresid.shape[0] != n
+            or mu.shape[0] != n or x.shape[0] != n or grad_beta.shape[0] != x.shape[1]
+            or grad_t.shape[0] != k or grad_t.shape[1] != k or n == 0 or nlev == 0):
+        raise ValueError("laplace_blockdiag_gradient: the arrays differ in length")
+    for i in range(n):
+        if codes[i] < 0 or codes[i] >= nlev:
+            raise ValueError(f"laplace_blockdiag_gradient: a level code is outside 0..{nlev - 1}")
+    ot.n, ot.nlev, ot.p, ot.zstride, ot.k = n, nlev, x.shape[1], z.shape[1], k
+    ot.codes = &codes[0]
+    ot.z = &z[0, 0]
+    ot.x = &x[0, 0] if x.shape[1] > 0 else NULL
+    ot.wrkwt, ot.wrkresid, ot.mu, ot.logit = &wrkwt[0], &wrkresid[0], &mu[0], logit
+    cdef double *avals = <double *> malloc((nlev * k * k + k * k
+                                           + blockdiag_work_size(n, nlev, k)) * sizeof(double))
+    if avals == NULL:
         raise MemoryError()
-    cdef double *av = minv + nlev * k * k      # Σ g ζ per level, then v_l
-    cdef double *zeta = av + nlev * k
-    cdef double *c = zeta + k
-    cdef double *tmp = c + k
-    cdef double *work = tmp + 2 * k
-    cdef double *blk
+    cdef double *gt = avals + nlev * k * k
+    cdef double *work = gt + k * k
+    cdef int bad
     with nogil:
         for l in range(nlev * k * k):
-            minv[l] = 0.0
-        for l in range(nlev * k):
-            av[l] = 0.0
-        for j in range(p):
-            grad_beta[j] = 0.0
-        for e in range(k):
-            for a in range(k):
-                grad_t[e, a] = 0.0
-        for i in range(n):                     # M_l without the identity
-            _zeta(&z[i, 0], &lam[0], k, zeta)
-            blk = &minv[codes[i] * k * k]
+            avals[l] = 0.0
+        for i in range(n):                   # A_l, whole
             w = wrkwt[i]
             for a in range(k):
-                for e in range(a, k):
-                    blk[e + a * k] += w * zeta[e] * zeta[a]
-        for l in range(nlev):
-            blk = &minv[l * k * k]
-            for a in range(k):
-                blk[a + a * k] += 1.0
-                for e in range(a + 1, k):
-                    blk[a + e * k] = blk[e + a * k]
-            if _inverse_spd(blk, k, work):
-                bad = 1
-                break
-        if not bad:
-            for i in range(n):                 # Σ_i g_i ζ_i per level
-                _zeta(&z[i, 0], &lam[0], k, zeta)
-                blk = &minv[codes[i] * k * k]
-                h = _quad(blk, zeta, k, c)
-                w = wrkwt[i]
-                dw = w * (1.0 - 2.0 * mu[i]) if logit else w
-                g = h * dw
-                for a in range(k):
-                    av[codes[i] * k + a] += g * zeta[a]
-            for l in range(nlev):              # v_l = M_l⁻¹ (Σ g ζ)_l
-                blk = &minv[l * k * k]
-                for a in range(k):
-                    s = 0.0
-                    for e in range(k):
-                        s += blk[a + e * k] * av[l * k + e]
-                    tmp[a] = s
-                for a in range(k):
-                    av[l * k + a] = tmp[a]
-            for i in range(n):
-                _zeta(&z[i, 0], &lam[0], k, zeta)
-                l = codes[i]
-                blk = &minv[l * k * k]
-                h = _quad(blk, zeta, k, c)
-                w = wrkwt[i]
-                dw = w * (1.0 - 2.0 * mu[i]) if logit else w
-                g = h * dw
-                d = -2.0 * w * wrkresid[i]
-                zv = 0.0
-                for a in range(k):
-                    zv += zeta[a] * av[l * k + a]
-                r = d + g - w * zv
-                for j in range(p):
-                    grad_beta[j] += r * x[i, j]
-                for a in range(k):
-                    tmp[a] = r * u[l * k + a] - 0.5 * d * av[l * k + a] + 2.0 * w * c[a]
                 for e in range(k):
-                    for a in range(k):
-                        grad_t[e, a] += z[i, e] * tmp[a]
-    free(minv)
+                    avals[codes[i] * k * k + e + a * k] += z[i, e] * (w * z[i, a])
+        bad = blockdiag_laplace_gradient_c(&ot, &lam[0], avals, &u[0], &grad_beta[0]
+                                           if grad_beta.shape[0] > 0 else NULL, gt, work)
+        if not bad:
+            for e in range(k):
+                for a in range(k):
+                    grad_t[e, a] = gt[e + a * k]
+    free(avals)
     if bad:
         raise ValueError("a level's block of M is not positive definite")
 

@@ -11,10 +11,16 @@ other terms. Then
 and S, the Schur complement, is r-by-r for r = q - q₀ random effects after term 0. On
 insteval (q₀ = 2,972 students, r = 1,142 lecturers and departments) S is practically dense
 once term 0 is eliminated, whatever the ordering: CHOLMOD's supernodal factorization of
-the whole M took 45-65 ms per θ on one thread, and LAPACK's dense Cholesky of S alone
-20-26 ms, S itself (a rank-k₀ update per level of term 0, Σ_l n_l² k₀ flops for n_l
-other levels met by level l) a few more. That is MixedModels.jl's layout, with a dense
-LAPACK factorization of the whole tail instead of its blocked one.
+the whole M took 45-65 ms per θ on one thread, and a dense Cholesky of S alone 10 ms,
+S itself (a rank-k₀ update per level of term 0, Σ_l n_l² k₀ flops for n_l other levels
+met by level l) 3 more. That is MixedModels.jl's layout, with one dense factorization of
+the whole tail instead of its blocked one.
+
+Per θ on insteval (one thread, CPU time): L_l and W 0.3 ms, S formed column by column
+(``_form_schur``) 2.7-2.9, its Cholesky by panels (``_blocked_cholesky``) 9.7 (LAPACK's
+one dpotrf: 12.8-13.3), L⁻¹ on the three columns of [X y] 0.75 (0.35 of it the tail,
+``_tail_solve``). The fill-reducing order CHOLMOD picks for S alone would leave 3.8 times
+fewer flops, but scattered: in blocks of 48 the factor is still 88% full.
 
 The factor reads M's lower triangle in the CSC layout the CHOLMOD factor reads (the
 values ``mx`` that ``ThetaFactorizer`` writes), and offers the same calls: factorize(),
@@ -30,8 +36,8 @@ from libc.string cimport memset
 
 import numpy as np
 
-from scipy.linalg.cython_lapack cimport dpotrf, dpotri
-from scipy.linalg.cython_blas cimport dgemv, dtrsm
+from scipy.linalg.cython_lapack cimport dlauum, dpotrf, dtrtri
+from scipy.linalg.cython_blas cimport dgemm, dgemv, dsyrk, dtrmm, dtrsm
 
 from mixedmodels._linalg._blocked cimport chol_inplace
 
@@ -67,6 +73,188 @@ cdef int _first_rest(const int[::1] ip, const int[::1] ix, int k0, int q0,
     return -1
 
 
+def _tail_columns(indptr, indices, first, int k0, int q0, int r):
+    """B' by rows of the tail: for each tail column c, the slots of B (in the first column of
+    each level of term 0) whose row is q0 + c, with their levels, levels ascending.
+    Returns (ptr, slot, level) in CSR form over c; built once per pattern."""
+    nlev0 = q0 // k0
+    starts = np.asarray(first[::k0], dtype=np.int64)[:nlev0]
+    counts = np.asarray(indptr[1:q0 + 1:k0], dtype=np.int64) - starts
+    level = np.repeat(np.arange(nlev0, dtype=np.int32), counts)
+    ahead = np.cumsum(counts) - counts             # entries of the levels before each level
+    slot = np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(starts - ahead, counts)
+    rows = np.asarray(indices, dtype=np.int64)[slot] - q0
+    order = np.argsort(rows, kind="stable")        # stable: levels stay ascending per row
+    ptr = np.zeros(r + 1, dtype=np.int32)
+    np.cumsum(np.bincount(rows, minlength=r), out=ptr[1:])
+    return ptr, slot[order].astype(np.int32), level[order]
+
+
+# panel width of the triangular inverse: 48-96 measured alike at r = 1,142
+cdef enum:
+    _INVERSE_PANEL = 64
+
+
+cdef inline int _panel_width(int n) noexcept nogil:
+    # measured on one thread (OpenBLAS 0.3.30, AVX-512): 48 best from 300 to 2,000, 96
+    # from about 3,000 on, where the trailing matrix outgrows the caches
+    return 48 if n <= 2500 else 96
+
+
+cdef int _blocked_cholesky(double *a, int n, int lda, int nb) noexcept nogil:
+    """In place: a (column-major n-by-n, leading dimension lda) <- its lower Cholesky factor,
+    right-looking by panels of nb columns: dpotrf on the panel's diagonal block, dtrsm for
+    the rows below it, dsyrk for the trailing lower triangle. Only the lower triangle is
+    read or written. Returns 0, or j > 0 when the leading j-by-j block is not positive
+    definite (dpotrf's info).
+
+    Why not one dpotrf: OpenBLAS's ran the 1,142-square tail of insteval at 33-37 GFlop/s
+    on one thread; these narrow panels keep nearly every flop in dsyrk, at 50-57 (its dgemm
+    runs 56), 13.5 against 9.5-10 ms."""
+    cdef int k = 0, kb, below, info = 0
+    cdef double one = 1.0, minus_one = -1.0
+    cdef double *diag
+    while k < n:
+        kb = min(nb, n - k)
+        diag = a + k + <Py_ssize_t> k * lda
+        dpotrf(b"L", &kb, diag, &lda, &info)
+        if info != 0:
+            return k + info
+        below = n - k - kb
+        if below > 0:
+            dtrsm(b"R", b"L", b"T", b"N", &below, &kb, &one, diag, &lda, diag + kb, &lda)
+            dsyrk(b"L", b"N", &below, &kb, &minus_one, diag + kb, &lda, &one,
+                  diag + kb + <Py_ssize_t> kb * lda, &lda)
+        k += kb
+    return 0
+
+
+def blocked_cholesky(double[::1, :] a, int nb=0):
+    """In place: a (square, Fortran) <- its lower Cholesky factor by the kernel the dense
+    tail uses (panels of nb columns; 0: its own choice), the strict upper triangle left as
+    it was. Returns 0, or j > 0 when the leading j-by-j block is not positive definite.
+    NumPy twin: numpy.linalg.cholesky (tests/test_densetail.py)."""
+    if a.shape[0] != a.shape[1]:
+        raise ValueError("a must be square")
+    cdef int n = a.shape[0], status = 0
+    if nb < 0:
+        raise ValueError("nb must be positive (or 0 for the default)")
+    if nb == 0:
+        nb = _panel_width(n)
+    if n == 0:
+        return 0
+    with nogil:
+        status = _blocked_cholesky(&a[0, 0], n, n, nb)
+    return status
+
+
+cdef int _blocked_triangular_inverse(double *a, int n, int lda, int nb) noexcept nogil:
+    """In place: the lower-triangular a (column-major n-by-n, leading dimension lda) <- its
+    inverse, by panels of nb columns from the last: the rows below a panel become
+    -L₂₂⁻¹ L₂₁ L₁₁⁻¹ (dtrmm with the inverse made so far, then dtrsm), its diagonal block
+    LAPACK's dtrtri. Only the lower triangle is touched. Returns 0, or j > 0 when a[j-1, j-1]
+    is zero (dtrtri's info).
+
+    LAPACK's dtrtri (OpenBLAS 0.3.30, one thread) took 19-20 ms on insteval's 1,142-square
+    L_S, this 12; S⁻¹ (``_tail_inverse_c``: this, then dlauum) went from 28 to 20 ms."""
+    cdef int j, jb, rest, info = 0
+    cdef double one = 1.0, minus_one = -1.0
+    cdef double *diag
+    j = ((n - 1) // nb) * nb
+    while j >= 0:
+        jb = min(nb, n - j)
+        rest = n - j - jb
+        diag = a + j + <Py_ssize_t> j * lda
+        if rest > 0:
+            dtrmm(b"L", b"L", b"N", b"N", &rest, &jb, &one, diag + jb + <Py_ssize_t> jb * lda,
+                  &lda, diag + jb, &lda)
+            dtrsm(b"R", b"L", b"N", b"N", &rest, &jb, &minus_one, diag, &lda, diag + jb, &lda)
+        dtrtri(b"L", b"N", &jb, diag, &lda, &info)
+        if info != 0:
+            return j + info
+        j -= nb
+    return 0
+
+
+def blocked_triangular_inverse(double[::1, :] a, int nb=0):
+    """In place: the lower-triangular a (square, Fortran) <- its inverse by the kernel the
+    dense tail uses (panels of nb columns; 0: its own choice), the strict upper triangle
+    left as it was. Returns 0, or j > 0 when a[j-1, j-1] is zero.
+    NumPy twin: numpy.linalg.inv of np.tril(a) (tests/test_densetail.py)."""
+    if a.shape[0] != a.shape[1]:
+        raise ValueError("a must be square")
+    cdef int n = a.shape[0], status = 0
+    if nb < 0:
+        raise ValueError("nb must be positive (or 0 for the default)")
+    if nb == 0:
+        nb = _INVERSE_PANEL
+    if n == 0:
+        return 0
+    with nogil:
+        status = _blocked_triangular_inverse(&a[0, 0], n, n, nb)
+    return status
+
+
+cdef int _tail_inverse_c(double *a, int n) noexcept nogil:
+    """In place: a (n-square, leading dimension n) holding L_S in its lower triangle <- the
+    lower triangle of S⁻¹ = L_S⁻ᵀL_S⁻¹ (what LAPACK's dpotri does, with the inverse of L_S
+    by panels). Returns 0, or nonzero when L_S is singular."""
+    cdef int info = 0
+    if _blocked_triangular_inverse(a, n, n, _INVERSE_PANEL):
+        return 1
+    dlauum(b"L", &n, a, &n, &info)
+    return info
+
+
+cdef void _mirror_lower(double *a, Py_ssize_t n) noexcept nogil:
+    """The strict upper triangle of the column-major n-square a <- its lower one, by tiles
+    of 32: a column at a time, the writes went 8n bytes apart (1.6 against 0.7-0.9 ms at
+    n = 1,142)."""
+    cdef Py_ssize_t c0, c1, i0, i1, i, c
+    for c0 in range(0, n, 32):
+        c1 = min(c0 + 32, n)
+        for i0 in range(c0, n, 32):
+            i1 = min(i0 + 32, n)
+            for i in range(i0, i1):             # row i of the tile -> column i above
+                for c in range(c0, min(c1, i)):
+                    a[c + i * n] = a[i + c * n]
+
+
+cdef void _tail_solve(const double *l, int n, double *b, int ldb, int m,
+                      bint transpose) noexcept nogil:
+    """In place b <- L⁻¹b (or L'⁻¹b with ``transpose``) for the lower-triangular n-square L
+    (leading dimension n) and n-by-m b (leading dimension ldb), by panels of 64 rows: dtrsm
+    on each diagonal block, dgemm for the rows after it (before it, for L'⁻¹).
+
+    OpenBLAS's one dtrsm over the whole L took 0.9 ms on insteval's tail (r = 1,142) with
+    the three columns of [X y], these panels 0.3 (the work is one pass over L's 5 MB)."""
+    cdef int k, kb, rest, nb = 64
+    cdef double one = 1.0, minus_one = -1.0
+    cdef double *diag
+    if transpose:
+        k = ((n - 1) // nb) * nb
+        while k >= 0:
+            kb = min(nb, n - k)
+            rest = n - k - kb
+            diag = <double *> l + k + <Py_ssize_t> k * n
+            if rest > 0:
+                dgemm(b"T", b"N", &kb, &m, &rest, &minus_one, diag + kb, &n, b + k + kb, &ldb,
+                      &one, b + k, &ldb)
+            dtrsm(b"L", b"L", b"T", b"N", &kb, &m, &one, diag, &n, b + k, &ldb)
+            k -= nb
+        return
+    k = 0
+    while k < n:
+        kb = min(nb, n - k)
+        rest = n - k - kb
+        diag = <double *> l + k + <Py_ssize_t> k * n
+        dtrsm(b"L", b"L", b"N", b"N", &kb, &m, &one, diag, &n, b + k, &ldb)
+        if rest > 0:
+            dgemm(b"N", b"N", &rest, &m, &kb, &minus_one, diag + kb, &n, b + k, &ldb, &one,
+                  b + k + kb, &ldb)
+        k += kb
+
+
 cdef class DenseTailFactor:
     """Factor of M (lower CSC pattern ``indptr``/``indices``, values ``mx``) with term 0's
     q₀ = k₀·nlev₀ columns block diagonal and the remaining r columns dense."""
@@ -76,6 +264,7 @@ cdef class DenseTailFactor:
     cdef readonly int k0, q, q0, r
     cdef readonly Py_ssize_t nlev0
     cdef int[::1] first_rest        # per column of term 0: first CSC slot with row >= q0
+    cdef int[::1] tail_ptr, tail_slot, tail_level   # B' by tail rows (_tail_columns)
     cdef double[::1] l0             # level factors L_l, column-major k0-by-k0 each
     cdef double[::1] w              # W = L_A⁻¹B', at B's CSC slots
     cdef double[::1, :] s           # S, then L_S (lower)
@@ -98,6 +287,8 @@ cdef class DenseTailFactor:
             raise ValueError("M's pattern is not that of a first term with levels of "
                              f"{k0} columns (column {bad})")
         self.first_rest = first
+        self.tail_ptr, self.tail_slot, self.tail_level = _tail_columns(
+            indptr, indices, first, k0, q0, self.r)
         self.l0 = np.zeros(self.nlev0 * k0 * k0)
         self.w = np.zeros(len(mx))
         self.s = np.zeros((self.r, self.r), order="F")
@@ -129,21 +320,32 @@ cdef class DenseTailFactor:
         self.factored = True
 
     cdef int _factorize(self) noexcept nogil:
-        cdef int k0 = self.k0, q0 = self.q0, r = self.r, info = 0, a, c, e
-        cdef Py_ssize_t lev, j, jj, t, t2, nr, i2, base
-        cdef double v, logdet = 0.0
+        cdef int r = self.r, a
+        cdef double logdet = 0.0
+        cdef double *s = &self.s[0, 0] if r > 0 else NULL
+        if self._level_factors(&logdet):
+            return 1
+        if r > 0:
+            self._form_schur()
+            if _blocked_cholesky(s, r, r, _panel_width(r)):
+                return 1
+            for a in range(r):
+                logdet += log(s[a + a * r])
+        self._logdet = logdet
+        return 0
+
+    cdef int _level_factors(self, double *logdet) noexcept nogil:
+        """Term 0 level by level: L_l (into l0) and W_l = L_l⁻¹B_l' (into w, at B's slots);
+        adds Σ log diag L_l to logdet. Returns 1 if some A_l is not positive definite."""
+        cdef int k0 = self.k0, a, c, e
+        cdef Py_ssize_t lev, j, jj, t, nr
+        cdef double v
         cdef double *lo
         cdef const int *ip = &self.indptr[0]
         cdef const int *ix = &self.indices[0]
+        cdef const int *fr = &self.first_rest[0] if self.q0 > 0 else NULL
         cdef const double *mx = &self.mx[0]
         cdef double *w = &self.w[0]
-        cdef double *s = &self.s[0, 0] if r > 0 else NULL
-        # S starts as C (the lower triangle of the trailing columns)
-        if r > 0:
-            memset(s, 0, r * r * sizeof(double))
-        for j in range(q0, q0 + r):
-            for t in range(ip[j], ip[j + 1]):
-                s[(ix[t] - q0) + (j - q0) * r] = mx[t]
         for lev in range(self.nlev0):
             lo = &self.l0[lev * k0 * k0]
             # A_l: the lower triangle of the level's own k0 columns
@@ -151,44 +353,65 @@ cdef class DenseTailFactor:
                 j = lev * k0 + c
                 for a in range(k0):
                     lo[a + c * k0] = 0.0
-                for t in range(ip[j], self.first_rest[j]):
+                for t in range(ip[j], fr[j]):
                     lo[(ix[t] - lev * k0) + c * k0] = mx[t]
-            if chol_inplace(lo, k0, &logdet):
+            if chol_inplace(lo, k0, logdet):
                 return 1
             # W_l = L_l⁻¹ B_l': column c of the level holds row c of B_l at its slots
-            j = lev * k0
-            nr = ip[j + 1] - self.first_rest[j]
+            nr = ip[lev * k0 + 1] - fr[lev * k0]
             for t in range(nr):
                 for c in range(k0):
-                    jj = lev * k0 + c
-                    v = mx[self.first_rest[jj] + t]
+                    jj = fr[lev * k0 + c]
+                    v = mx[jj + t]
                     for e in range(c):
-                        v -= lo[c + e * k0] * w[self.first_rest[lev * k0 + e] + t]
-                    w[self.first_rest[jj] + t] = v / lo[c + c * k0]
-            # S -= W_l'W_l on the levels the level meets (lower triangle), down the
-            # columns of S (rows ascend within a column of M)
-            base = self.first_rest[j]
-            for t2 in range(nr):
-                i2 = ix[base + t2] - q0
-                if k0 == 1:
-                    v = w[base + t2]
-                    for t in range(t2, nr):
-                        s[(ix[base + t] - q0) + i2 * r] -= w[base + t] * v
-                    continue
-                for t in range(t2, nr):
-                    v = 0.0
-                    for c in range(k0):
-                        jj = self.first_rest[lev * k0 + c]
-                        v += w[jj + t] * w[jj + t2]
-                    s[(ix[base + t] - q0) + i2 * r] -= v
-        if r > 0:
-            dpotrf(b"L", &r, s, &r, &info)
-            if info != 0:
-                return 1
-            for a in range(r):
-                logdet += log(s[a + a * r])
-        self._logdet = logdet
+                        v -= lo[c + e * k0] * w[fr[lev * k0 + e] + t]
+                    w[jj + t] = v / lo[c + c * k0]
         return 0
+
+    cdef void _form_schur(self) noexcept nogil:
+        """s's lower triangle <- S = C - W'W, one column of S at a time: zeros, C's column,
+        then for each level l meeting tail row c (levels ascending) -W_l[:, rows ≥ c]'W_l[:, c].
+
+        Every entry gets the same terms in the same order as a pass level by level would
+        give it (the same bits), but the writes stay in one column (≤ 32 KB at r = 4,000,
+        in L1) while W (insteval: 0.7 MB) streams past; level by level they scatter over
+        all of S (10 MB there), and with a memset of S ahead that took 6 ms against 1.
+        The strict upper triangle is never written (the factor reads the lower)."""
+        cdef int k0 = self.k0, q0 = self.q0, r = self.r, a
+        cdef Py_ssize_t c, j, t, e, p, nr, base, jj, lev
+        cdef double v
+        cdef double *col
+        cdef double *s = &self.s[0, 0]
+        cdef const int *ip = &self.indptr[0]
+        cdef const int *ix = &self.indices[0]
+        cdef const int *fr = &self.first_rest[0] if q0 > 0 else NULL
+        cdef const int *tp = &self.tail_ptr[0]
+        cdef const int *ts = &self.tail_slot[0] if self.tail_slot.shape[0] > 0 else NULL
+        cdef const int *tl = &self.tail_level[0] if self.tail_level.shape[0] > 0 else NULL
+        cdef const double *mx = &self.mx[0]
+        cdef const double *w = &self.w[0]
+        for c in range(r):
+            col = s + c * r
+            memset(col + c, 0, (r - c) * sizeof(double))
+            j = q0 + c
+            for t in range(ip[j], ip[j + 1]):
+                col[ix[t] - q0] = mx[t]
+            for e in range(tp[c], tp[c + 1]):
+                p = ts[e]
+                lev = tl[e]
+                if k0 == 1:
+                    v = w[p]
+                    for t in range(p, ip[lev + 1]):
+                        col[ix[t] - q0] -= w[t] * v
+                    continue
+                base = fr[lev * k0]
+                nr = ip[lev * k0 + 1] - base
+                for t in range(p - base, nr):
+                    v = 0.0
+                    for a in range(k0):
+                        jj = fr[lev * k0 + a]
+                        v += w[jj + t] * w[jj + p - base]
+                    col[ix[base + t] - q0] -= v
 
     def tail_inverse(self):
         """S⁻¹ (r-by-r, Fortran, both triangles), at the last factorization."""
@@ -204,11 +427,9 @@ cdef class DenseTailFactor:
             for col in range(r):
                 for i in range(col, r):
                     o[i, col] = self.s[i, col]
-            dpotri(b"L", &r, &o[0, 0], &r, &info)
+            info = _tail_inverse_c(&o[0, 0], r)
             if info == 0:
-                for col in range(r):
-                    for i in range(col + 1, r):
-                        o[col, i] = o[i, col]
+                _mirror_lower(&o[0, 0], r)
         if info:
             raise np.linalg.LinAlgError("S is singular")
         return out
@@ -222,7 +443,7 @@ cdef class DenseTailFactor:
             M⁻¹ = [[A⁻¹ + L_A⁻ᵀ W S⁻¹ W' L_A⁻¹,  -L_A⁻ᵀ W S⁻¹],
                    [-S⁻¹ W' L_A⁻¹,                S⁻¹        ]],
 
-        so with S⁻¹ whole (LAPACK's dpotri on L_S) and, for each level l of term 0 with
+        so with S⁻¹ whole (``_tail_inverse_c`` on L_S) and, for each level l of term 0 with
         the tail rows R_l it meets, Y_l = S⁻¹[R_l, R_l] W_l' L_l⁻¹ (n_l-by-k₀):
         the tail block is -Y_l and the level's own block L_l⁻ᵀ(L_l⁻¹ + W_l Y_l). That is
         Σ_l n_l² k₀ flops beyond S⁻¹, as much as forming S. NumPy twin:
@@ -265,12 +486,10 @@ cdef class DenseTailFactor:
             for c in range(r):
                 for e in range(c, r):
                     si[e + c * r] = self.s[e, c]
-            dpotri(b"L", &r, si, &r, &info)
+            info = _tail_inverse_c(si, r)
             if info != 0:
                 return 1
-            for c in range(r):
-                for e in range(c + 1, r):
-                    si[c + e * r] = si[e + c * r]
+            _mirror_lower(si, r)
         for j in range(q0, q0 + r):             # the tail: S⁻¹
             for t in range(ip[j], ip[j + 1]):
                 out[t] = si[(ix[t] - q0) + (j - q0) * r]
@@ -397,16 +616,16 @@ cdef class DenseTailFactor:
             raise ValueError(f"b has {b.shape[0]} rows; the factor has {self.q}")
 
     cdef void _solve(self, double[::1, :] b, bint transpose) noexcept nogil:
-        """L⁻¹: term 0 level by level, then the tail (dtrsm); L'⁻¹: the other way."""
+        """L⁻¹: term 0 level by level, then the tail (_tail_solve); L'⁻¹: the other way."""
         cdef int k0 = self.k0, q0 = self.q0, r = self.r, m = b.shape[1], ldb = b.shape[0]
         cdef Py_ssize_t lev, col, t, nr, j
         cdef int a, c
-        cdef double v, one = 1.0
+        cdef double v
         cdef double *x
         cdef const double *lo
         cdef const int *ix = &self.indices[0]
         if transpose and r > 0 and m > 0:
-            dtrsm(b"L", b"L", b"T", b"N", &r, &m, &one, &self.s[0, 0], &r, &b[q0, 0], &ldb)
+            _tail_solve(&self.s[0, 0], r, &b[q0, 0], ldb, m, True)
         for col in range(m):
             x = &b[0, col]
             for lev in range(self.nlev0):
@@ -436,4 +655,4 @@ cdef class DenseTailFactor:
                         v -= lo[a + c * k0] * x[lev * k0 + a]
                     x[lev * k0 + c] = v / lo[c + c * k0]
         if not transpose and r > 0 and m > 0:
-            dtrsm(b"L", b"L", b"N", b"N", &r, &m, &one, &self.s[0, 0], &r, &b[q0, 0], &ldb)
+            _tail_solve(&self.s[0, 0], r, &b[q0, 0], ldb, m, False)

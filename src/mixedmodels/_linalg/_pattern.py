@@ -69,7 +69,7 @@ def term_order(nlevels):
     return sorted(range(len(nlevels)), key=lambda t: -nlevels[t])
 
 
-def build_pattern(codes, z, nlevels):
+def build_pattern(codes, z, nlevels, general=False):
     """Build the block pattern.
 
     Parameters
@@ -77,6 +77,8 @@ def build_pattern(codes, z, nlevels):
     codes : list of int arrays (n,), level index per row, one per term, already in term order
     z : list of float arrays (n, k_t), the terms' columns
     nlevels : list of int
+    general : bool
+        Take the general code for scalar terms too (the tests hold the shortcut to it).
     """
     nterm = len(codes)
     n = len(codes[0])
@@ -94,7 +96,35 @@ def build_pattern(codes, z, nlevels):
         codes_arr[t] = codes[t]
     pairs = [(tr, tc) for tr in range(nterm) for tc in range(tr + 1)]
     rowoff = np.empty((len(pairs), n), dtype=np.int64)
+    pair_tr = np.array([p[0] for p in pairs], np.int32)
+    pair_tc = np.array([p[1] for p in pairs], np.int32)
+    fields = dict(kk=kk, nlev=nlev, uoff=uoff, zoff=zoff, zcat=zcat, codes=codes_arr,
+                  pair_tr=pair_tr, pair_tc=pair_tc, rowoff=rowoff)
+    if general:
+        fields.update(_general_blocks(codes_arr, kl, nl, kk, uoff, pairs, pair_tr, pair_tc,
+                                      rowoff))
+    elif nterm == 1:
+        fields.update(_one_term_blocks(codes_arr[0], kl[0], nl[0], rowoff[0]))
+    elif all(k == 1 for k in kl):
+        fields.update(_scalar_blocks(codes_arr, nl, uoff.tolist(), pairs, pair_tr, pair_tc,
+                                     rowoff))
+    else:
+        fields.update(_general_blocks(codes_arr, kl, nl, kk, uoff, pairs, pair_tr, pair_tc,
+                                      rowoff))
+    return _new_pattern(fields)
 
+
+def _new_pattern(fields):
+    """``BlockPattern(**fields)`` without the frozen dataclass's per-field
+    ``object.__setattr__`` (a few microseconds, as much as a small pattern's arrays)."""
+    pat = object.__new__(BlockPattern)
+    pat.__dict__.update(fields)
+    return pat
+
+
+def _general_blocks(codes_arr, kl, nl, kk, uoff, pairs, pair_tr, pair_tc, rowoff):
+    """The blocks of every term pair, ``rowoff`` (filled in), and the CSC pattern."""
+    nterm = len(kl)
     blocks = []   # (tr, tc, lr, lc, offsets) per pair
     nblk = []
     nvals = 0
@@ -119,8 +149,6 @@ def build_pattern(codes, z, nlevels):
         nblk.append(nb)
         nvals += nb * size
 
-    pair_tr = np.array([p[0] for p in pairs], np.int32)
-    pair_tc = np.array([p[1] for p in pairs], np.int32)
     if len(pairs) == 1:
         blk_off = blocks[0][4]
         blk_tr = np.zeros(nblk[0], np.int32)
@@ -135,12 +163,87 @@ def build_pattern(codes, z, nlevels):
     indptr = indices = pos = None
     if nterm > 1:
         indptr, indices, pos = _csc_lower(blocks, kk, uoff, nvals)
-    return BlockPattern(
-        kk=kk, nlev=nlev, uoff=uoff, zoff=zoff, zcat=zcat, codes=codes_arr,
-        pair_tr=pair_tr, pair_tc=pair_tc, rowoff=rowoff,
-        blk_off=blk_off, blk_tr=blk_tr, blk_tc=blk_tc, blk_diag=blk_diag,
-        nvals=int(nvals), indptr=indptr, indices=indices, pos=pos,
-    )
+    return dict(blk_off=blk_off, blk_tr=blk_tr, blk_tc=blk_tc, blk_diag=blk_diag,
+                nvals=int(nvals), indptr=indptr, indices=indices, pos=pos)
+
+
+def _one_term_blocks(codes, k, nlev, rowoff):
+    """:func:`_general_blocks` for one term (k columns, nlev levels): one k-by-k block
+    per level, M block diagonal, no CSC pattern."""
+    size = k * k
+    rowoff[...] = codes
+    if size != 1:
+        rowoff *= size
+    return dict(blk_off=np.arange(0, nlev * size, size, dtype=np.int64),
+                blk_tr=np.zeros(nlev, np.int32), blk_tc=np.zeros(nlev, np.int32),
+                blk_diag=np.ones(nlev, np.int8), nvals=nlev * size, indptr=None,
+                indices=None, pos=None)
+
+
+def _scalar_blocks(codes_arr, nl, uoff, pairs, pair_tr, pair_tc, rowoff):
+    """:func:`_general_blocks` for two or more terms of one column each, in fewer
+    NumPy calls (the same arrays: tests hold the two together).
+
+    Every block is one value, so the blocks' offsets are 0, 1, ..., nvals - 1, and
+    every block is an entry of M's lower triangle. Within a column of M the values
+    come in increasing row order (pair (tr, tc) before (tr + 1, tc), and within a
+    pair by increasing key, hence row), so sorting the entries by column alone, stably,
+    is the general code's sort by (column, row).
+    """
+    n = codes_arr.shape[1]
+    rows, cols, nblk = [], [], []
+    nvals = 0
+    # (array methods and plain assignment where a NumPy function with out= or dtype=
+    # would cost microseconds in dispatch: the arrays here are small)
+    for i, (tr, tc) in enumerate(pairs):
+        if tr == tc:
+            nb = nl[tr]
+            row = rowoff[i]
+            row[...] = codes_arr[tr]
+            if nvals:
+                row += nvals
+            seg = np.arange(uoff[tr], uoff[tr] + nb, dtype=np.int64)
+            rows.append(seg)
+            cols.append(seg)
+        else:
+            key = codes_arr[tr].astype(np.int64)
+            key *= nl[tc]
+            key += codes_arr[tc]
+            size = nl[tr] * nl[tc]
+            if size <= 4 * n + 1024:
+                # _unique_inverse's presence table, its rank shifted to the offsets
+                present = np.zeros(size, dtype=bool)
+                present[key] = True
+                uniq = present.nonzero()[0]
+                rank = np.add.accumulate(present, dtype=np.int64)
+                rank += nvals - 1
+                rank.take(key, out=rowoff[i])
+            else:
+                uniq, inverse = _unique_inverse(key, size)
+                inverse += nvals
+                rowoff[i] = inverse
+            nb = len(uniq)
+            lr, lc = np.divmod(uniq, nl[tc])
+            lr += uoff[tr]
+            lc += uoff[tc]
+            rows.append(lr)
+            cols.append(lc)
+        nblk.append(nb)
+        nvals += nb
+    rows = np.concatenate(rows)
+    cols = np.concatenate(cols)
+    order = cols.argsort(kind="stable")
+    pos = np.empty(nvals, np.int64)
+    pos[order] = np.arange(nvals, dtype=np.int64)
+    q = uoff[-1] + nl[-1]
+    indptr = np.empty(q + 1, dtype=np.int32)
+    indptr[0] = 0
+    indptr[1:] = np.add.accumulate(np.bincount(cols, minlength=q))
+    blk_tr = pair_tr.repeat(nblk)
+    blk_tc = pair_tc.repeat(nblk)
+    return dict(blk_off=np.arange(nvals, dtype=np.int64), blk_tr=blk_tr, blk_tc=blk_tc,
+                blk_diag=(blk_tr == blk_tc).astype(np.int8), nvals=int(nvals),
+                indptr=indptr, indices=rows[order].astype(np.int32), pos=pos)
 
 
 def _offsets(sizes):

@@ -44,7 +44,7 @@ import math
 import re
 import tokenize
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import pandas as pd
@@ -72,6 +72,7 @@ from ._contrasts import (
     is_grouping,
     normalize_coding,
 )
+from .._fixed import householder_qr as _householder_qr
 from ._fast import FastMatrix, fast_plan, fast_terms, term_columns
 from ._parse import ParsedFormula, parse_formula
 from ._rsyntax import canonical, single_name, to_python
@@ -555,6 +556,53 @@ def _aliased_columns(X, rtol=RANK_RTOL, gram=None):
     return aliased
 
 
+# A column whose diagonal entry of R is above this fraction of its norm is far from
+# aliased (see :func:`_qr_if_clearly_not_aliased`): a hundred times RANK_RTOL.
+_R_DIAG_MIN = 100 * RANK_RTOL
+
+
+def _qr_if_clearly_not_aliased(X):
+    """``householder_qr(X)`` when its R shows that :func:`_aliased_columns` would alias
+    no column, else None (and the caller runs that test).
+
+    Notes
+    -----
+    The test of :func:`_aliased_columns` runs Gram-Schmidt on the columns of R (the
+    same Householder R). Since R is upper triangular, the basis vectors of the columns
+    before j vanish below row j - 1, so the projections never touch entry j of column
+    j: its residual is at least |R_jj| (to the rounding of a norm), and when
+    ``|R_jj| > 1e-6 ||R_j||`` for every j, no residual is anywhere near the aliasing
+    threshold ``RANK_RTOL ||R_j||``. Only for X of at most 16 columns and at least as
+    many rows: the fitting code factors X anyway (``FixedEffectsBasis``, which takes
+    this QR), so the test costs a pass over R instead of a Gram matrix and its
+    eigenvalues.
+    """
+    n, p = X.shape
+    if p == 0 or n < p or p > 16 or X.dtype != np.float64:
+        return None
+    if p == 1 and n < 20000 and (X == 1.0).all():
+        # the intercept alone: its QR depends on n only (the copies are the caller's)
+        q, r = _intercept_qr(n)
+        return q.copy(), r.copy()
+    q, r = _householder_qr(X)
+    rl = r.tolist()
+    for j in range(p):
+        norm2 = 0.0
+        for i in range(j + 1):
+            norm2 += rl[i][j] * rl[i][j]
+        if not abs(rl[j][j]) > _R_DIAG_MIN * math.sqrt(norm2):
+            return None
+    return q, r
+
+
+@functools.lru_cache(maxsize=8)
+def _intercept_qr(n):
+    """``householder_qr`` of a column of n ones, remembered (read-only arrays)."""
+    q, r = _householder_qr(np.ones((n, 1)))
+    q.flags.writeable = r.flags.writeable = False
+    return q, r
+
+
 # Smallest eigenvalue of X's correlation matrix that :func:`_clearly_full_rank` accepts.
 _GRAM_EIG_MIN = 1e-6
 
@@ -829,6 +877,10 @@ class Design:
             values = mat.build(data)[:, 0]
             total = np.array(values) if total is None else total + values
         return total
+
+
+_RETERM_FIELDS = tuple(f.name for f in fields(ReTerm))
+_DESIGN_FIELDS = tuple(f.name for f in fields(Design))
 
 
 def _as_frame(data):
@@ -1151,6 +1203,14 @@ def build_design(formula, data, contrasts=None, weights=None, offset=None,
     return _build_design(formula, data, contrasts, weights, offset, na_action, fast=True)
 
 
+def _design_and_qr(formula, data, contrasts, weights, offset, na_action, qr_out):
+    """:func:`build_design`, appending to ``qr_out`` the QR of X its rank test made (see
+    :func:`_build_design`); one call deep, as build_design, so that the warnings of
+    :func:`_build_design` name the same caller."""
+    return _build_design(formula, data, contrasts, weights, offset, na_action, fast=True,
+                         qr_out=qr_out)
+
+
 def _model_columns(parts, parsed, codings):
     """The columns the model matrices read and the grouping columns, in formula order;
     refuses a Grouping()-coded column inside a model matrix."""
@@ -1165,8 +1225,13 @@ def _model_columns(parts, parsed, codings):
 
 
 def _build_design(formula, data, contrasts=None, weights=None, offset=None,
-                  na_action="drop", fast=True):
-    """:func:`build_design`; ``fast=False`` builds every model matrix with patsy."""
+                  na_action="drop", fast=True, qr_out=None):
+    """:func:`build_design`; ``fast=False`` builds every model matrix with patsy.
+
+    ``qr_out``: a list to which ``householder_qr(design.X)`` is appended when the rank
+    test made it (for ``FixedEffectsBasis``, which then need not); it is the caller's
+    to overwrite.
+    """
     if na_action not in ("drop", "raise"):
         raise ValueError(f"na_action must be 'drop' or 'raise', not {na_action!r}")
     data = as_table(data)
@@ -1304,7 +1369,10 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
     gram = None
     if isinstance(fixed, FastMatrix) and tall:
         gram = fixed.gram({c: values(c) for c in fixed_part.cols})
-    aliased = _aliased_columns(fixed.matrix, gram=gram)
+    qr = None if tall else _qr_if_clearly_not_aliased(fixed.matrix)
+    aliased = [] if qr is not None else _aliased_columns(fixed.matrix, gram=gram)
+    if qr_out is not None and qr is not None:
+        qr_out.append(qr)
     dropped = [fixed.names[j] for j in aliased]
     if dropped:
         warnings.warn("fixed-effects model matrix is rank deficient; dropping aliased "
@@ -1325,9 +1393,9 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
         zmat = model_matrix(part, f"the columns of random-effects term {term.text}")
         if not zmat.names:
             raise ValueError(f"random-effects term {term.text} has no columns")
-        reterms.append(ReTerm(group, codes.astype(np.int32), labels, list(zmat.names),
-                              zmat.matrix, term.zerocorr, tuple(term.grouping),
-                              components, steps, zmat))
+        reterms.append(_make_frozen(ReTerm, _RETERM_FIELDS, (
+            group, codes.astype(np.int32), labels, list(zmat.names), zmat.matrix,
+            term.zerocorr, tuple(term.grouping), components, steps, zmat)))
 
     offsets = [model_matrix(part, part.what) for part in offset_parts]
     o = None
@@ -1346,12 +1414,21 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
         term_offset = _offset_column(mat)
         o = np.array(term_offset) if o is None else o + term_offset
 
-    return Design(formula=formula, response_name=parsed.response if resp_col is None
-                  else resp_col, y=y, y_levels=y_levels, X=X,
-                  coef_names=[fixed.names[j] for j in keep], dropped=dropped,
-                  reterms=reterms, weights=w, offset=o, n=len(y), rows_used=rows,
-                  binomial_counts=counts is not None, parsed=parsed, _fixed=fixed,
-                  _keep=keep, _offsets=offsets)
+    return _make_frozen(Design, _DESIGN_FIELDS, (
+        formula, parsed.response if resp_col is None else resp_col, y, y_levels, X,
+        [fixed.names[j] for j in keep], dropped, reterms, w, o, len(y), rows,
+        counts is not None, parsed, fixed, keep, offsets))
+
+
+def _make_frozen(cls, names, values):
+    """``cls(*values)`` for a frozen dataclass given every field (``names``, in field
+    order), without the per-field ``object.__setattr__`` of its ``__init__``: a few
+    microseconds per object, a noticeable part of a small model's set-up."""
+    if len(values) != len(names):
+        raise TypeError(f"{cls.__name__} has {len(names)} fields, not {len(values)}")
+    obj = object.__new__(cls)
+    obj.__dict__.update(zip(names, values))
+    return obj
 
 
 def _or(a, b):

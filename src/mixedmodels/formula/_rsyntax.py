@@ -92,6 +92,10 @@ def canonical(text, columns, known):
     -------
     str
     """
+    if "^" not in text and "." not in text and text.isascii():
+        # every name is then a plain ASCII identifier and there is no power: the
+        # loop below would leave the text as it is
+        return text
     tokens = _tokens(text)
     out = []
     changed = False
