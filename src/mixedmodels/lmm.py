@@ -47,6 +47,10 @@ class LinearMixedModel(MixedModelSpec):
     na_action : {"drop", "raise"}
     """
 
+    # the last evaluation (θ, its numbers, the workspace's factorization count)
+    _transient = MixedModelSpec._transient + ("_last_evaluated",)
+    _last_evaluated = None
+
     def __init__(self, formula, data, *, REML=False, weights=None, offset=None,
                  contrasts=None, na_action="drop"):
         super().__init__(formula, data, weights=weights, offset=offset, contrasts=contrasts,
@@ -83,6 +87,14 @@ class LinearMixedModel(MixedModelSpec):
         ws.set_products(np.column_stack([self.X, self.y_fit]), self.design.weights)
 
     def _evaluate(self, theta):
+        result = self._factorized(theta)
+        # the record of the fit is taken where the search's last evaluation usually was:
+        # keep that point, so that the factorization there is not repeated (insteval: 13 ms)
+        self._last_evaluated = (np.array(theta, dtype=float), result,
+                                getattr(self.workspace, "nfactorized", None))
+        return result
+
+    def _factorized(self, theta):
         logdet, r = self.workspace.factorize(theta)
         pwrss = float(r[-1, -1]) ** 2
         dfr = self._dfr
@@ -361,7 +373,12 @@ class LinearMixedModel(MixedModelSpec):
     def _optimum(self, theta):
         """The numbers of the fit at θ, as a plain record (see LinearMixedModelFit)."""
         theta = np.asarray(theta, dtype=float)
-        val, logdet, r, pwrss = self._evaluate(theta)
+        last = self._last_evaluated
+        if (last is not None and last[2] is not None and np.array_equal(last[0], theta)
+                and last[2] == getattr(self.workspace, "nfactorized", None)):
+            val, logdet, r, pwrss = last[1]
+        else:
+            val, logdet, r, pwrss = self._evaluate(theta)
         p = self.p
         beta_w = r[:p, p].copy()
         upper_solve(r, beta_w)

@@ -289,6 +289,7 @@ class BlockedSystem:
         Afterwards ``self.rzxy`` holds L⁻¹PΛ'Z'W[X y]. With ``schur=False`` the dense
         Schur complement is skipped (PIRLS over u alone needs only L) and r is None.
         """
+        self.nfactorized = getattr(self, "nfactorized", 0) + 1     # lets callers reuse a result
         logdet, status = self._theta_step.factorize(theta, schur)
         if not np.isfinite(logdet):
             raise np.linalg.LinAlgError("random-effects block not positive definite")
