@@ -15,6 +15,7 @@ import pytest
 
 import mixedmodels as mm
 from mixedmodels._lmm_gradient import _ROUTES, gradient_route, lmm_value_and_gradient
+from test_lmm_gradient import _richardson
 
 pytestmark = pytest.mark.slow
 
@@ -24,20 +25,6 @@ FORMULA = "y ~ 1 + service + (1 | s) + (1 | d) + (1 | dept)"
 @pytest.fixture(scope="module")
 def insteval():
     return mm.dataset("insteval")
-
-
-def _richardson(f, x):
-    g = np.empty(x.size)
-    for j in range(x.size):
-        h = 1e-3 * max(abs(x[j]), 0.1)
-        e = np.zeros(x.size)
-        e[j] = 1.0
-
-        def d(s):
-            return (f(x + s * e) - f(x - s * e)) / (2 * s)
-
-        g[j] = (4 * d(h / 2) - d(h)) / 3
-    return g
 
 
 @pytest.mark.parametrize("reml", [False, True])
