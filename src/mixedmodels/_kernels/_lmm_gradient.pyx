@@ -31,7 +31,8 @@ Blocks are column-major, as in _blocked.pyx: entry (e, a) of a k-by-k block at e
 θ's templates T_t sit at ``lam[lam_off[t]:]`` that way, and so do the sums written here.
 """
 from libc.stdlib cimport malloc, free
-from libc.math cimport sqrt
+
+from mixedmodels._linalg._blocked cimport chol_inplace
 
 import numpy as np
 cimport numpy as cnp
@@ -53,25 +54,6 @@ cdef inline double _lower(const double *a, Py_ssize_t n, Py_ssize_t i,
                           Py_ssize_t j) noexcept nogil:
     """Entry (i, j) of the symmetric n-by-n a (column-major) from its lower triangle."""
     return a[i + j * n] if i >= j else a[j + i * n]
-
-
-cdef int _chol(double *lo, int k) noexcept nogil:
-    """In place: the lower Cholesky factor of the k-by-k lower triangle in lo; 1 if not PD."""
-    cdef int a, c, e
-    cdef double s
-    for c in range(k):
-        s = lo[c + c * k]
-        for a in range(c):
-            s -= lo[c + a * k] * lo[c + a * k]
-        if not s > 0.0:
-            return 1
-        lo[c + c * k] = sqrt(s)
-        for e in range(c + 1, k):
-            s = lo[e + c * k]
-            for a in range(c):
-                s -= lo[e + a * k] * lo[c + a * k]
-            lo[e + c * k] = s / lo[c + c * k]
-    return 0
 
 
 cdef void _lower_solve(const double *lo, int k, double *x) noexcept nogil:
@@ -318,6 +300,7 @@ cdef class DenseTailGradient:
         cdef Py_ssize_t lev, j0, nr, t, base
         cdef double *lo
         cdef double v
+        cdef double logdet_unused = 0.0     # chol_inplace also sums log diag
         for lev in range(self.q0 // k0):
             j0 = lev * k0
             nr = self.indptr[j0 + 1] - self.indptr[j0] - k0
@@ -328,7 +311,7 @@ cdef class DenseTailGradient:
                     lo[a + c * k0] = 0.0
                 for a in range(c, k0):
                     lo[a + c * k0] = self.mx[base + a - c]
-            if _chol(lo, k0):
+            if chol_inplace(lo, k0, &logdet_unused):
                 return 1
             for t in range(nr):               # column c of the level holds row c of B_l'
                 for c in range(k0):

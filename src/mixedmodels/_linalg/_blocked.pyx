@@ -210,6 +210,11 @@ cdef void _lambda_apply(const double[::1, :] src, const i64[::1] uoff, const int
     cdef i64 r0
     cdef double s
     cdef const double *T
+    if not transpose:                   # column by column: Λ u as the compiled PIRLS takes it
+        for j in range(m):
+            lambda_times_c(&lam[0], &lam_off[0], &uoff[0], &kk[0], &nlev[0], <int> nterm,
+                           &src[0, j], &dst[0, j])
+        return
     for t in range(nterm):
         k = kk[t]
         T = &lam[lam_off[t]]
@@ -217,13 +222,9 @@ cdef void _lambda_apply(const double[::1, :] src, const i64[::1] uoff, const int
             r0 = uoff[t] + l * k
             for j in range(m):
                 for a in range(k):
-                    s = 0.0
-                    if transpose:       # (T' x)_a = sum_{e >= a} T[e, a] x_e
-                        for e in range(a, k):
-                            s += T[e + a * k] * src[r0 + e, j]
-                    else:               # (T x)_a = sum_{e <= a} T[a, e] x_e
-                        for e in range(a + 1):
-                            s += T[a + e * k] * src[r0 + e, j]
+                    s = 0.0             # (T' x)_a = sum_{e >= a} T[e, a] x_e
+                    for e in range(a, k):
+                        s += T[e + a * k] * src[r0 + e, j]
                     dst[r0 + a, j] = s
 
 
