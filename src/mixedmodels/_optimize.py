@@ -213,18 +213,29 @@ def leave_the_bound(value_and_grad, optsum, bounded, progress=False, ftol=1e-14)
     it shows which way the objective goes; if down (a negative derivative there, or a
     lower value), the search restarts from that point, and the lower end is kept.
     """
+    trial = probe_off_the_bound(value_and_grad, optsum, bounded)
+    if trial is not None:
+        restart_lbfgsb(value_and_grad, optsum, trial, progress, ftol=ftol)
+
+
+def probe_off_the_bound(value_and_grad, optsum, bounded):
+    """The probe of :func:`leave_the_bound`: ``optsum.final`` with the ``bounded``
+    components on (or within ``BOUND_PROBE`` of) their bound moved to the probe, if the
+    objective falls away from the bound there (a negative derivative in one of them, or a
+    lower value), else None. The evaluation joins ``optsum``'s log."""
     bounded = np.asarray(bounded, dtype=int)
     # on the bound, or short of the probe (L-BFGS-B stops at θ ~ 1e-12 as often)
     at = bounded[optsum.final[bounded] < optsum.lowerbd[bounded] + BOUND_PROBE]
     if at.size == 0:
-        return
+        return None
     trial = optsum.final.copy()
     trial[at] = optsum.lowerbd[at] + BOUND_PROBE
     value, grad = value_and_grad(trial)
     optsum.fitlog.append((trial.copy(), float(value)))
     optsum.feval = len(optsum.fitlog)
     if np.isfinite(value) and (np.any(np.asarray(grad)[at] < 0.0) or value < optsum.fmin):
-        restart_lbfgsb(value_and_grad, optsum, trial, progress, ftol=ftol)
+        return trial
+    return None
 
 
 def restart_lbfgsb(value_and_grad, optsum, start, progress=False, ftol=1e-14):

@@ -22,7 +22,7 @@ from ._lmm_gradient import has_exact_gradient, lmm_value_and_gradient
 from ._model import MixedModelSpec
 from ._optimize import (BOUND_PROBE, ConvergenceWarning, LastValueAndGradient, OptSummary,
                         check_optimum, check_with_exact_gradient, leave_the_bound, minimize,
-                        minimize_with_gradient, rectify)
+                        minimize_with_gradient, probe_off_the_bound, rectify)
 from ._results import MixedModelFit
 
 
@@ -261,10 +261,14 @@ class LinearMixedModel(MixedModelSpec):
         if not polish:
             self._rectify(optsum, bounded)
         elif not use_gradient:
-            probe = self._way_off_the_bound(optsum, bounded, value_and_grad)
+            # a parameter alone in its column of Λ (a scalar term's θ, the last diagonal
+            # entry of a vector term's) has a zero derivative on its bound, so a search
+            # stopped early can end there on a saddle the check cannot see (it leaves
+            # bound parameters out): chickweight's (1 + time | chick) with BOBYQA at 1e-8
+            # ended at θ₂₂ = 0, 0.16 above lme4's optimum at θ₂₂ = 0.04. Where the
+            # objective falls away from the bound, the search goes on from the probe.
+            probe = probe_off_the_bound(value_and_grad, optsum, bounded)
             if probe is not None:
-                # the shortened search stopped on a bound where the objective is
-                # stationary but falls away from it: the search goes on from the probe
                 self._continue_with_bobyqa(optsum, bounded, progress, start=probe,
                                            check=False)
         if check_convergence:
@@ -281,30 +285,6 @@ class LinearMixedModel(MixedModelSpec):
 
     # BOBYQA's stopping rule where the exact gradient's Newton steps finish the fit
     SEARCH_FTOL = 1e-8
-
-    def _way_off_the_bound(self, optsum, bounded, value_and_grad):
-        """A point off the bound where components on (or within ``BOUND_PROBE`` of) it
-        would rather leave it, or None: the value and gradient with them at the probe.
-
-        A parameter alone in its column of Λ (a scalar term's θ, the last diagonal
-        entry of a vector term's) has a zero derivative on its bound, the objective
-        being even in that column, so a search that stops early can stop there on a
-        saddle: chickweight's ``(1 + time | chick)`` with BOBYQA stopped at 1e-8 ended at
-        θ₂₂ = 0, 0.16 above the optimum at θ₂₂ = 0.04 (lme4's). The convergence check
-        cannot see it: it leaves parameters on their bound out.
-        """
-        x, lower = optsum.final, optsum.lowerbd
-        at = bounded[x[bounded] < lower[bounded] + BOUND_PROBE]
-        if at.size == 0:
-            return None
-        trial = x.copy()
-        trial[at] = lower[at] + BOUND_PROBE
-        value, grad = value_and_grad(trial)
-        optsum.fitlog.append((trial.copy(), float(value)))
-        optsum.feval = len(optsum.fitlog)
-        if np.isfinite(value) and (value < optsum.fmin or np.any(np.asarray(grad)[at] < 0.0)):
-            return trial
-        return None
 
     def _continue_with_bobyqa(self, optsum, bounded, progress, start=None, check=True):
         """BOBYQA with its tight tolerances from the best point so far (or ``start``),
