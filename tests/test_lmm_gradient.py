@@ -223,7 +223,7 @@ def test_polished_theta_does_not_depend_on_the_order_of_rows(reml):
     ("reaction ~ 1 + days + (1 + days + d2 | subj)", {"REML": True}),
 ])
 def test_compiled_one_term_sums_equal_their_numpy_twin(formula, kw):
-    from mixedmodels._kernels._gradient import lmm_blockdiag_gradient
+    from mixedmodels._kernels._lmm_gradient import lmm_blockdiag_gradient
     from mixedmodels._lmm_gradient import one_term_sums_numpy
 
     df = mm.dataset("sleepstudy").copy()

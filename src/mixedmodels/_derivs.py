@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.linalg import solve_triangular
+from scipy.linalg import lapack, solve_triangular
 
 __all__ = ["finite_difference_derivatives", "check_convergence", "assess_convergence",
            "ConvergenceCheck", "DerivativeInfo", "NonFiniteObjectiveError",
@@ -355,6 +355,14 @@ def _free_mask(boundary, n):
     return ~b
 
 
+def cholesky_lower(a):
+    """The lower Cholesky factor of a small symmetric matrix, or None where it is not
+    positive definite. LAPACK's dpotrf directly: NumPy's wrapper costs 2.6 µs on a 3 by 3
+    matrix, five times the factorization, and the check runs several on every fit."""
+    c, info = lapack.dpotrf(a, lower=1, clean=1)
+    return c if info == 0 else None
+
+
 def _check(gradient, hessian, boundary, grad_tol, hess_tol):
     """Scaled gradient (full length, nan where not computed) and the messages."""
     g = np.array(gradient, dtype=float).reshape(-1)
@@ -365,18 +373,20 @@ def _check(gradient, hessian, boundary, grad_tol, hess_tol):
     if not (grad_tol >= 0 and hess_tol >= 0):
         raise ValueError("grad_tol and hess_tol must be non-negative")
     free = _free_mask(boundary, n)
-    index = np.flatnonzero(free)
     scaled = np.full(n, np.nan)
-    if index.size == 0:
-        return scaled, []
-    gf = g[index]
-    Hf = H[np.ix_(index, index)]
+    if free.all():
+        index, gf, Hf = np.arange(n), g, H
+    else:
+        index = np.flatnonzero(free)
+        if index.size == 0:
+            return scaled, []
+        gf, Hf = g[index], H[np.ix_(index, index)]
     Hf = 0.5 * (Hf + Hf.T)
 
-    bad = index[~(np.isfinite(gf) & np.isfinite(Hf).all(axis=0))]
-    if bad.size:
+    finite = np.isfinite(gf) & np.isfinite(Hf).all(axis=0)
+    if not finite.all():
         return scaled, [f"convergence not checked: the derivatives are inf or nan for "
-                        f"parameter(s) {bad.tolist()}"]
+                        f"parameter(s) {index[~finite].tolist()}"]
 
     messages = []
     # Gradient. A raw gradient of 0.01 is large or negligible depending on the curvature,
@@ -385,16 +395,13 @@ def _check(gradient, hessian, boundary, grad_tol, hess_tol):
     # we keep its choice so that the numbers compare with lme4's. The smaller of the
     # scaled and raw values is used per component, so a very flat direction cannot
     # inflate a tiny raw gradient into a failure.
-    try:
-        L = np.linalg.cholesky(Hf)
-    except np.linalg.LinAlgError:
-        L = None
+    L = cholesky_lower(Hf)
     if L is None:
         k = int(np.argmax(np.abs(gf)))
         messages.append(f"gradient not scaled: the Hessian is not positive definite "
                         f"(max |gradient| = {abs(gf[k]):.4g} at parameter {index[k]})")
     else:
-        sf = np.linalg.solve(L.T, gf)     # (scipy's triangular solve costs 30 µs of checks)
+        sf = lapack.dtrtrs(L, gf, lower=1, trans=1)[0]      # R = L', solve R s = g
         scaled[index] = sf
         crit = np.minimum(np.abs(sf), np.abs(gf))
         k = int(np.argmax(crit))
@@ -405,7 +412,9 @@ def _check(gradient, hessian, boundary, grad_tol, hess_tol):
     # Hessian. An eigenvalue below hess_tol means the minimum is not (numerically)
     # strict; otherwise a ratio beyond 1/hess_tol means some direction is barely
     # determined by the data.
-    eig = np.linalg.eigvalsh(Hf)
+    eig, info = lapack.dsyev(Hf, compute_v=0)[::2]
+    if info != 0:
+        raise np.linalg.LinAlgError("the Hessian's eigenvalues did not converge")
     lo, hi = eig[0], eig[-1]
     if lo < hess_tol:
         neg = int(np.sum(eig < -hess_tol))

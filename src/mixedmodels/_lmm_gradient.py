@@ -21,8 +21,8 @@ with A⁻¹'s random-effects rows M⁻¹ + V S⁻¹V' and -V S⁻¹.)
 K's diagonal blocks need M⁻¹ on the block pattern of C, by one of three routes
 (:func:`gradient_route`, chosen once per workspace):
 
-- "one-term": M is block diagonal, everything is per level (compiled,
-  ``lmm_blockdiag_gradient`` in _kernels/_gradient.pyx);
+- "one-term": M is block diagonal, everything is per level: the value and the gradient
+  in one compiled call (``OneTermGradient`` in _kernels/_lmm_gradient.pyx);
 - "dense-tail": the workspace's factor eliminates term 0 level by level and holds the rest
   as one dense block S (_densetail.pyx). M⁻¹ on C's pattern is then S⁻¹ (LAPACK's dpotri
   on the tail's factor, 2r³/3 flops against the factorization's r³/3) and per level l of
@@ -48,13 +48,12 @@ import weakref
 import numpy as np
 import scipy.linalg as sla
 
-from ._kernels._gradient import lmm_blockdiag_gradient
-from ._kernels._lmm_gradient import DenseTailGradient
+from ._kernels._lmm_gradient import DenseTailGradient, LmmObjective, OneTermGradient
 from ._linalg._blocked import upper_solve
 from ._linalg._densetail import DenseTailFactor
 from ._linalg.system import _dense_tail_flops
 
-__all__ = ["GRADIENT_BUDGET", "gradient_route", "has_exact_gradient",
+__all__ = ["GRADIENT_BUDGET", "compiled_objective", "gradient_route", "has_exact_gradient",
            "lmm_value_and_gradient"]
 
 # A gradient is cheap while it costs at most this many evaluations of the objective.
@@ -137,7 +136,20 @@ def aval_at(pat):
     return out
 
 
-def lmm_value_and_gradient(model, theta):
+def compiled_objective(model):
+    """The model's objective as one compiled call (_kernels/_lmm_gradient.pyx), for the
+    compiled search and the check: for one term a ``OneTermGradient``, whose
+    ``value_and_gradient`` also gives the exact gradient, else an ``LmmObjective``.
+    Each call factors at θ without counting in ``ws.nfactorized``: the caller counts."""
+    ws = model.workspace
+    args = (float(model._dfr), float(model._logw), bool(model.REML),
+            float(model.fixed.logabsdet))
+    if ws.factor is None:
+        return OneTermGradient(ws.factorizer, ws.layout.index, int(ws.pattern.kk[0]), *args)
+    return LmmObjective(ws.factorizer, ws.layout.ntheta, *args)
+
+
+def lmm_value_and_gradient(model, theta, kernel=None):
     """The objective of a LinearMixedModel at θ and its exact gradient over θ.
 
     Returns
@@ -146,16 +158,20 @@ def lmm_value_and_gradient(model, theta):
         None when the workspace has no cheap exact gradient (:func:`has_exact_gradient`).
         value is ``model.objective(theta)``; it is ``inf`` (and the gradient NaN) where
         the system is singular.
+
+    ``kernel``: the model's :func:`compiled_objective`, where the caller keeps one.
     """
     ws = model.workspace
     route = _route(ws)
     if route.kind is None:
         return None
     theta = np.asarray(theta, dtype=float)
+    if route.kind == "one-term":
+        kernel = compiled_objective(model) if kernel is None else kernel
+        ws.nfactorized = getattr(ws, "nfactorized", 0) + 1
+        return kernel.value_and_gradient(theta)
     try:
         val, _, r, _ = model._evaluate(theta)
-        if route.kind == "one-term":
-            return float(val), _one_term_compiled(model, ws, theta, r)
         return float(val), _dense_tail_gradient(model, ws, route)
     except np.linalg.LinAlgError:
         return np.inf, np.full(theta.size, np.nan)
@@ -177,33 +193,9 @@ def _modes(ws, r, p):
     return beta, u
 
 
-def _one_term_compiled(model, ws, theta, r):
-    """One term, in one compiled pass over the levels (``lmm_blockdiag_gradient``)."""
-    p, layout = model.p, ws.layout
-    beta, u = _modes(ws, r, p)
-    k = int(ws.pattern.kk[0])
-    if model.REML and p:
-        rinv = np.eye(p)
-        for j in range(p):
-            col = np.ascontiguousarray(rinv[:, j])
-            upper_solve(r, col)
-            rinv[:, j] = col
-        sinv = rinv @ rinv.T
-    else:
-        sinv = _NO_SCHUR
-    ktrace, rss, schur = np.zeros((k, k)), np.zeros((k, k)), np.zeros((k, k))
-    lmm_blockdiag_gradient(ws.avals, layout.lam(theta), ws.blockdiag_diagonal(), k,
-                           np.ascontiguousarray(u), ws.ztxy[:, :p], ws.ztxy[:, p], beta, sinv,
-                           ktrace, rss, schur)
-    g = 2.0 * (ktrace - (model._dfr / float(r[-1, -1]) ** 2) * rss - schur)
-    return np.array([g[e, a] for _, e, a in layout.entries])
-
-
-_NO_SCHUR = np.zeros((0, 0))
-
-
 def one_term_sums_numpy(model, theta):
-    """NumPy twin of ``lmm_blockdiag_gradient``: (ktrace, rss, schur) at θ, each [e, a]."""
+    """NumPy twin of ``one_term_sums`` (``OneTermGradient``): (ktrace, rss, schur) at
+    θ, each [e, a]."""
     ws = model.workspace
     _, _, r, _ = model._evaluate(np.asarray(theta, dtype=float))
     p = model.p

@@ -11,8 +11,11 @@ import warnings
 
 import nlopt
 import numpy as np
+from scipy.linalg import lapack
 
-from ._derivs import ConvergenceCheck, assess_convergence
+from ._derivs import ConvergenceCheck, assess_convergence, cholesky_lower
+from ._kernels import _search
+from ._kernels._lmm_gradient import LmmObjective
 
 
 class ConvergenceWarning(UserWarning):
@@ -90,6 +93,8 @@ def minimize(objective, optsum, progress=False):
     Fills in ``optsum`` (final, fmin, feval, returnvalue, fitlog, elapsed) and returns it.
     A non-finite objective value counts as +inf so that the optimizer backs off.
     """
+    if not progress and isinstance(objective, LmmObjective) and _search.available():
+        return _minimize_compiled(objective, optsum)
     x0 = np.asarray(optsum.initial, dtype=float)
     n = len(x0)
     opt = nlopt.opt(nlopt.LN_BOBYQA, n)
@@ -126,6 +131,37 @@ def minimize(objective, optsum, progress=False):
     optsum.elapsed = time.perf_counter() - t0
     bar.update(len(optsum.fitlog), final=True)
     optsum.fmin, optsum.final = best
+    optsum.feval = len(optsum.fitlog)
+    if optsum.returnvalue == "MAXEVAL_REACHED":
+        warnings.warn(f"the optimizer stopped after {optsum.feval} evaluations without converging")
+    return optsum
+
+
+# what NLopt's Python wrapper raises for its error codes (ROUNDOFF_LIMITED is a result)
+_ERRORS = {nlopt.FAILURE: RuntimeError, nlopt.INVALID_ARGS: ValueError,
+           nlopt.OUT_OF_MEMORY: MemoryError}
+
+
+def _minimize_compiled(objective, optsum):
+    """:func:`minimize` with NLopt calling a compiled objective (_kernels/_search.pyx):
+    the same BOBYQA and settings, the same record, no Python per evaluation."""
+    x0 = np.asarray(optsum.initial, dtype=float)
+    step = None if optsum.initial_step is None else np.asarray(optsum.initial_step, dtype=float)
+    t0 = time.perf_counter()
+    xs, fs, code = _search.bobyqa(objective, x0, np.asarray(optsum.lowerbd, dtype=float), step,
+                                  optsum.ftol_rel, optsum.ftol_abs, optsum.xtol_abs,
+                                  optsum.maxfeval)
+    optsum.elapsed = time.perf_counter() - t0
+    if code in _ERRORS:
+        raise _ERRORS[code](f"NLopt's BOBYQA failed (code {code})")
+    optsum.returnvalue = "ROUNDOFF_LIMITED" if code == nlopt.ROUNDOFF_LIMITED else \
+        _RESULTS.get(code, str(code))
+    optsum.fitlog.extend(zip(xs, fs.tolist()))
+    if len(fs) and fs.min() < math.inf:
+        best = int(np.argmin(fs))          # the first of equal values, as minimize keeps
+        optsum.fmin, optsum.final = float(fs[best]), xs[best].copy()
+    else:
+        optsum.fmin, optsum.final = math.inf, x0.copy()
     optsum.feval = len(optsum.fitlog)
     if optsum.returnvalue == "MAXEVAL_REACHED":
         warnings.warn(f"the optimizer stopped after {optsum.feval} evaluations without converging")
@@ -538,21 +574,16 @@ def check_with_exact_gradient(value_and_grad, optsum, warn=True, step=None, max_
     relative, which neither the checks nor a Newton step notice), then
     :func:`polish_with_gradient` from the gradient already at hand."""
     x = np.asarray(optsum.final, dtype=float)
-    lower = np.asarray(optsum.lowerbd, dtype=float)
-    boundary = np.isfinite(lower) & (x <= lower)
     step = hessian_steps(x) if step is None else np.asarray(step, dtype=float)
-    n = len(x)
     val, grad = value_and_grad(x)
     grad = np.asarray(grad, dtype=float)
-    hess = np.empty((n, n))
-    for i in range(n):
-        e = np.zeros(n)
-        e[i] = step[i]          # upwards: always within a lower bound
-        hess[:, i] = (np.asarray(value_and_grad(x + e)[1], dtype=float) - grad) / step[i]
+    # upwards: always within a lower bound; column i from the step in θ_i
+    shifted = [value_and_grad(xi)[1] for xi in x + np.diag(step)]
+    hess = (np.array(shifted, dtype=float) - grad).T / step
     hess = 0.5 * (hess + hess.T)
     return polish_with_gradient(value_and_grad, optsum, warn=warn, start=(val, grad),
                                 max_steps=max_steps,
-                                restore=False, hessian=(hess, n + 1))
+                                restore=False, hessian=(hess, len(x) + 1))
 
 
 def polish_with_gradient(value_and_grad, optsum, warn=True, max_steps=3, start=None,
@@ -573,57 +604,47 @@ def polish_with_gradient(value_and_grad, optsum, warn=True, max_steps=3, start=N
     """
     x = np.asarray(optsum.final, dtype=float)
     lower = np.asarray(optsum.lowerbd, dtype=float)
-    boundary = np.isfinite(lower) & (x <= lower)
+    boundary = x <= lower           # -inf bounds are never reached
     free = ~boundary
     hess, spent = (optsum.derivs.hessian, optsum.derivs.nfeval) if hessian is None else hessian
-    hinv = None
-    if free.any() and np.all(np.isfinite(hess)):
-        h = hess[np.ix_(free, free)]
-        try:
-            np.linalg.cholesky(0.5 * (h + h.T))       # positive definite, or no step
-            # small (the parameters of θ): one inverse, then each step a product
-            hinv = np.linalg.inv(0.5 * (h + h.T))
-        except np.linalg.LinAlgError:
-            pass        # no Newton step; the check below says why
+    newton = _newton_direction(hess, free)
     tol = 1e-11 * max(1.0, abs(optsum.fmin))
-
-    def newton(g):
-        g = np.asarray(g, dtype=float)[free]
-        step = hinv @ g
-        return step, float(g @ step)
-
     val, grad = value_and_grad(x) if start is None else start
+    grad = np.asarray(grad, dtype=float)
     nfeval = 1 if start is None else 0
-    for _ in range(max_steps if hinv is not None else 0):
-        grad = np.asarray(grad, dtype=float)
-        if not np.all(np.isfinite(grad[free])):
-            break
-        step, decrement = newton(grad)
-        if np.max(np.abs(step) / np.maximum(np.abs(x[free]), 1e-3)) < 1e-11:
+    fitlog = optsum.fitlog
+    step, decrement = newton(grad) if newton is not None else (None, None)
+    for _ in range(max_steps if step is not None else 0):
+        size = float(np.max(np.abs(step) / np.maximum(np.abs(x[free]), 1e-3)))
+        # (a step of 1e-11 relative or more always moves x: no test that trial differs)
+        if size < 1e-11:
             break           # there already, to the gradient's rounding
-        if decrement < 1e-14 * max(1.0, abs(float(val))) and \
-                np.max(np.abs(step) / np.maximum(np.abs(x[free]), 1e-3)) < 1e-8:
+        if decrement < 1e-14 * max(1.0, abs(float(val))) and size < 1e-8:
             # the step would lower the objective by less than its own rounding (insteval:
             # steps of 1e-10 in θ at 35 ms each chased a value of 2.4e5 wobbling by 1e-8)
             break
         trial = x.copy()
         trial[free] -= step
-        if np.any(trial < lower) or np.array_equal(trial, x):
+        if (trial < lower).any():
             break
         tval, tgrad = value_and_grad(trial)
+        tval = float(tval)
         nfeval += 1
-        optsum.fitlog.append((trial.copy(), float(tval)))
-        if not (float(tval) <= optsum.fmin + tol and np.all(np.isfinite(tgrad))
-                and newton(tgrad)[1] < decrement):
+        fitlog.append((trial.copy(), tval))
+        if not tval <= optsum.fmin + tol:
             break
-        x, val, grad = trial, float(tval), tgrad
+        tgrad = np.asarray(tgrad, dtype=float)
+        tstep, tdecrement = newton(tgrad)
+        if tstep is None or not tdecrement < decrement:
+            break
+        x, val, grad, step, decrement = trial, tval, tgrad, tstep, tdecrement
         # fmin is the value at the reported point, which may exceed an earlier value by
         # the objective's noise
         optsum.final, optsum.fmin = x, val
         optsum.polished = True
     if restore:
         value_and_grad(optsum.final)       # leave the model's state at the optimum
-    optsum.feval = len(optsum.fitlog)
+    optsum.feval = len(fitlog)
     record = ConvergenceCheck.from_derivatives(np.asarray(grad, dtype=float), hess,
                                                nfeval=spent + nfeval, boundary=boundary)
     optsum.derivs = record
@@ -631,6 +652,27 @@ def polish_with_gradient(value_and_grad, optsum, warn=True, max_steps=3, start=N
         for msg in record.messages:
             warnings.warn(msg, ConvergenceWarning, stacklevel=3)
     return record
+
+
+def _newton_direction(hess, free):
+    """g -> (H⁻¹g over the free components, g'H⁻¹g), or (None, None) for a gradient that
+    is not finite; None where the free block of H is not positive definite (or not
+    finite): no Newton step, and the check says why."""
+    if not free.any() or not np.isfinite(hess).all():
+        return None
+    everything = bool(free.all())
+    h = hess if everything else hess[np.ix_(free, free)]
+    chol = cholesky_lower(0.5 * (h + h.T))
+    if chol is None:
+        return None
+
+    def newton(g):
+        g = g if everything else g[free]
+        step = lapack.dpotrs(chol, g, lower=1)[0]
+        decrement = float(g @ step)
+        # finite exactly when g is (H⁻¹ is): one test instead of one per component
+        return (step, decrement) if math.isfinite(decrement) else (None, None)
+    return newton
 
 
 def _central_gradient(objective, x, step, lower):

@@ -30,9 +30,11 @@ took 8 instead of 21 ms. Only S⁻¹'s lower triangle is read.
 Blocks are column-major, as in _blocked.pyx: entry (e, a) of a k-by-k block at e + a·k;
 θ's templates T_t sit at ``lam[lam_off[t]:]`` that way, and so do the sums written here.
 """
+from libc.math cimport log, isfinite, INFINITY, NAN, M_PI
 from libc.stdlib cimport malloc, free
 
-from mixedmodels._linalg._blocked cimport chol_inplace
+from mixedmodels._linalg._blocked cimport (chol_inplace, blockdiag_solve_c, tf_factor_at,
+                                          tf_arrays, TfArrays, inverse_from_lower)
 
 import numpy as np
 cimport numpy as cnp
@@ -749,3 +751,285 @@ cdef _check_term0(const int[::1] indptr, const int[::1] indices, const int[::1] 
             if t < b or t - b + ks > nr or indices[indptr[j0] + k0 + t - b] != rho - b \
                     or indices[indptr[j0] + k0 + t - b + ks - 1] != rho - b + ks - 1:
                 raise ValueError(f"level {lev} of term 0 meets part of a level of term {s}")
+
+
+# -- the profiled objective and the one-term gradient as compiled calls -----------------
+#
+# The search (_search.pyx) and the check call these 40-60 times a fit; on a small model
+# the arithmetic is ~1 µs and a path through Python (model → workspace → factorizer,
+# then the modes and the kernel's eleven array arguments) cost 3 µs for the value and
+# 12 µs for the gradient.
+
+cdef double profiled_objective(double logdet, const double *r, Py_ssize_t m, double dfr,
+                               double logw, bint reml, double logabsdet) noexcept nogil:
+    """``LinearMixedModel._factorized``'s value from log det(L) and the Schur factor r
+    (m by m, row-major): +inf where the penalized RSS is not positive."""
+    cdef double pwrss = r[m * m - 1] * r[m * m - 1]
+    cdef double val, logdiag = 0.0
+    cdef Py_ssize_t i
+    if not pwrss > 0.0:
+        return INFINITY
+    val = 2.0 * logdet + dfr * (1.0 + log(2.0 * M_PI * pwrss / dfr)) - logw
+    if reml:
+        for i in range(m - 1):
+            logdiag += log(r[i * m + i])
+        val += 2.0 * (logdiag + logabsdet)
+    return val if isfinite(val) else INFINITY
+
+
+cdef class LmmObjective:
+    """The profiled objective of a LinearMixedModel (ML deviance or REML criterion) from
+    the workspace's per-θ factorizer, +inf where the system is singular: what
+    ``LinearMixedModel._objective_unchecked`` returns (its NumPy twin)."""
+
+    def __init__(self, factorizer, Py_ssize_t ntheta, double dfr, double logw, bint reml,
+                 double logabsdet):
+        self.factorizer = factorizer
+        self.ntheta = ntheta
+        self.dfr, self.logw, self.reml, self.logabsdet = dfr, logw, reml, logabsdet
+
+    cdef double value(self, const double *theta) except? -2.0:
+        cdef int status = -1
+        cdef double logdet
+        cdef TfArrays a
+        try:
+            logdet = tf_factor_at(self.factorizer, theta, self.ntheta, &status)
+        except np.linalg.LinAlgError:
+            return INFINITY
+        if not isfinite(logdet) or status != 0:
+            return INFINITY
+        tf_arrays(self.factorizer, &a)
+        return profiled_objective(logdet, a.r, a.m, self.dfr, self.logw, self.reml,
+                                  self.logabsdet)
+
+    def __call__(self, theta):
+        cdef const double[::1] t = np.ascontiguousarray(theta, dtype=np.float64)
+        if t.shape[0] != self.ntheta:
+            raise ValueError(f"theta has {t.shape[0]} entries, not {self.ntheta}")
+        return self.value(&t[0] if self.ntheta else NULL)
+
+
+cdef class OneTermGradient(LmmObjective):
+    """The objective and its exact gradient over θ for a one-term LMM (the block-diagonal
+    workspace), in one call: factor at θ, β̂ and û from the factorization, the per-level
+    sums (``one_term_sums``), the gradient. NumPy twin: ``_lmm_gradient.one_term_sums_numpy``
+    and ``lmm_value_and_gradient``'s formula."""
+    cdef const i64[::1] lam_index
+    cdef int k
+
+    def __init__(self, factorizer, lam_index, int k, double dfr, double logw, bint reml,
+                 double logabsdet):
+        LmmObjective.__init__(self, factorizer, len(lam_index), dfr, logw, reml, logabsdet)
+        self.lam_index = lam_index
+        self.k = k
+
+    def value_and_gradient(self, theta):
+        """(value, gradient); (inf, NaN gradient) where the system is singular."""
+        cdef const double[::1] t = np.ascontiguousarray(theta, dtype=np.float64)
+        cdef Py_ssize_t n = self.ntheta, i, j, q, m, p
+        cdef int status = -1, k = self.k, e, c
+        cdef double logdet, val, scale
+        cdef TfArrays a
+        if t.shape[0] != n:
+            raise ValueError(f"theta has {t.shape[0]} entries, not {n}")
+        grad = np.empty(n)
+        cdef double[::1] g = grad
+        try:
+            logdet = tf_factor_at(self.factorizer, &t[0], n, &status)
+        except np.linalg.LinAlgError:
+            logdet = NAN
+        if not isfinite(logdet) or status != 0:
+            grad[:] = np.nan
+            return INFINITY, grad
+        tf_arrays(self.factorizer, &a)
+        if not a.blockdiag or a.k0 != k:
+            raise ValueError("OneTermGradient needs a one-term (block-diagonal) workspace")
+        val = profiled_objective(logdet, a.r, a.m, self.dfr, self.logw, self.reml,
+                                 self.logabsdet)
+        if val == INFINITY:
+            grad[:] = np.nan
+            return INFINITY, grad
+        q, m = a.q, a.m
+        p = m - 1
+        cdef double *buf = <double *> malloc((p + q + 2 * p * p + 3 * k * k
+                                              + one_term_work_size(k, p)) * sizeof(double))
+        if buf == NULL:
+            raise MemoryError()
+        cdef double *beta = buf
+        cdef double *u = beta + p
+        cdef double *sinv = u + q
+        cdef double *rinv = sinv + p * p
+        cdef double *sums = rinv + p * p          # ktrace, rss, schur (k by k, row-major)
+        cdef double *work = sums + 3 * k * k
+        with nogil:
+            _modes(a.r, m, a.rzxy, q, a.lblocks, k, beta, u)
+            if self.reml and p:
+                _schur_inverse(a.r, m, rinv, sinv)
+            for i in range(3 * k * k):
+                sums[i] = 0.0
+            one_term_sums(a.avals, a.lam, a.lblocks, k, a.nlev0, u, a.ztxy, q, p,
+                          &a.ztxy[p * q], beta, sinv if (self.reml and p) else NULL,
+                          sums, &sums[k * k], &sums[2 * k * k], work)
+            scale = self.dfr / (a.r[m * m - 1] * a.r[m * m - 1])
+            for i in range(n):
+                e = <int> (self.lam_index[i] % k)
+                c = <int> (self.lam_index[i] // k)
+                j = e * k + c
+                g[i] = 2.0 * (sums[j] - scale * sums[k * k + j] - sums[2 * k * k + j])
+        free(buf)
+        return val, grad
+
+
+cdef void _modes(const double *r, Py_ssize_t m, const double *rzxy, Py_ssize_t q,
+                 const double *lblocks, int k, double *beta, double *u) noexcept nogil:
+    """β̂ from the Schur factor (R_X β = r[:p, p]) and û = P'L'⁻¹(rzxy[:, p] - rzxy[:, :p]β̂)
+    with the level-wise factor (``lmm._modes``)."""
+    cdef Py_ssize_t p = m - 1, i, j
+    cdef double s
+    for i in range(p - 1, -1, -1):
+        s = r[i * m + p]
+        for j in range(i + 1, p):
+            s -= r[i * m + j] * beta[j]
+        beta[i] = s / r[i * m + i]
+    for j in range(q):
+        s = rzxy[p * q + j]
+        for i in range(p):
+            s -= rzxy[i * q + j] * beta[i]
+        u[j] = s
+    blockdiag_solve_c(lblocks, k, q // k, u, True)
+
+
+cdef void _schur_inverse(const double *r, Py_ssize_t m, double *rinv,
+                         double *sinv) noexcept nogil:
+    """sinv = (R_X'R_X)⁻¹ = R_X⁻¹R_X⁻ᵀ (p by p, row-major) from the upper R_X = r[:p, :p]."""
+    cdef Py_ssize_t p = m - 1, i, j, l
+    cdef double s
+    for j in range(p):                      # column j of R_X⁻¹, upper triangular
+        for i in range(p - 1, -1, -1):
+            if i > j:
+                rinv[i * p + j] = 0.0
+                continue
+            s = 1.0 if i == j else 0.0
+            for l in range(i + 1, j + 1):
+                s -= r[i * m + l] * rinv[l * p + j]
+            rinv[i * p + j] = s / r[i * m + i]
+    for i in range(p):
+        for j in range(p):
+            s = 0.0
+            for l in range(j if j > i else i, p):
+                s += rinv[i * p + l] * rinv[j * p + l]
+            sinv[i * p + j] = s
+
+
+cdef Py_ssize_t one_term_work_size(int k, Py_ssize_t p) noexcept nogil:
+    return 4 * k * k + k + 3 * k * (p if p > 1 else 1)
+
+
+cdef void one_term_sums(const double *avals, const double *lam, const double *L, int k,
+                        Py_ssize_t nlev, const double *u, const double *zx, Py_ssize_t q,
+                        Py_ssize_t p, const double *zy, const double *beta,
+                        const double *sinv, double *ktrace, double *rss, double *schur,
+                        double *buf) noexcept nogil:
+    """The per-level sums behind the gradient of a one-term LMM's objective over T.
+
+    With A_l the level's block of Z'WZ (column-major, full), T the template (``lam``,
+    column-major), L_l the factor of M_l = T'A_l T + I (as ``blockdiag_factor`` leaves
+    it), u the modes, zx = Z'WX (q by p, column-major), zy = Z'Wy and β the coefficients,
+    adds over the levels, each k by k, row-major, indexed [e, a]:
+
+        ktrace += A_l T M_l⁻¹                          (K_ll)
+        rss    += (zy_l - A_l T u_l - zx_l β) u_l'      ((Z'Wε)_l u_l')
+        schur  += (zx_l - A_l T V_l) S⁻¹ V_l'           (V_l = M_l⁻¹ T' zx_l; when sinv,
+                                                         p by p row-major, is not NULL)
+
+    ``buf`` holds ``one_term_work_size(k, p)`` doubles. NumPy twin:
+    _lmm_gradient.one_term_sums_numpy.
+    """
+    cdef Py_ssize_t l, i, j
+    cdef int a, c, e
+    cdef double s
+    cdef double *ct = buf                      # A_l T
+    cdef double *linv = buf + k * k            # L_l⁻¹ (lower)
+    cdef double *minv = buf + 2 * k * k        # M_l⁻¹
+    cdef double *zres = buf + 4 * k * k
+    cdef Py_ssize_t pp = p if p > 1 else 1
+    cdef double *v = zres + k                  # V_l, then V_l S⁻¹ (k by p, column-major)
+    cdef double *w = v + k * pp                # zx_l - A_l T V_l
+    cdef double *y = w + k * pp
+    cdef const double *A
+    cdef const double *B
+    for l in range(nlev):
+        A = &avals[l * k * k]
+        B = &L[l * k * k]
+        for c in range(k):                     # ct = A T (T lower)
+            for e in range(k):
+                s = 0.0
+                for a in range(c, k):
+                    s += A[e + a * k] * lam[a + c * k]
+                ct[e + c * k] = s
+        inverse_from_lower(B, k, linv, minv)
+        for e in range(k):
+            for c in range(k):
+                s = 0.0
+                for a in range(k):
+                    s += ct[e + a * k] * minv[a + c * k]
+                ktrace[e * k + c] += s
+            s = zy[l * k + e]
+            for a in range(k):
+                s -= ct[e + a * k] * u[l * k + a]
+            for j in range(p):
+                s -= zx[j * q + l * k + e] * beta[j]
+            zres[e] = s
+        for e in range(k):
+            for a in range(k):
+                rss[e * k + a] += zres[e] * u[l * k + a]
+        if sinv == NULL:
+            continue
+        for j in range(p):                     # y = T' zx_l, v = M⁻¹ y, w = zx_l - ct v
+            for a in range(k):
+                s = 0.0
+                for e in range(a, k):
+                    s += lam[e + a * k] * zx[j * q + l * k + e]
+                y[a + j * k] = s
+            for a in range(k):
+                s = 0.0
+                for e in range(k):
+                    s += minv[a + e * k] * y[e + j * k]
+                v[a + j * k] = s
+            for e in range(k):
+                s = zx[j * q + l * k + e]
+                for a in range(k):
+                    s -= ct[e + a * k] * v[a + j * k]
+                w[e + j * k] = s
+        for a in range(k):                     # y = v S⁻¹
+            for j in range(p):
+                s = 0.0
+                for i in range(p):
+                    s += v[a + i * k] * sinv[i * p + j]
+                y[a + j * k] = s
+        for e in range(k):
+            for a in range(k):
+                s = 0.0
+                for j in range(p):
+                    s += w[e + j * k] * y[a + j * k]
+                schur[e * k + a] += s
+
+
+def lmm_blockdiag_gradient(const double[::1] avals, const double[::1] lam,
+                           const double[::1] L, int k, const double[::1] u,
+                           const double[::1, :] zx, const double[::1] zy,
+                           const double[::1] beta, const double[:, ::1] sinv,
+                           double[:, ::1] ktrace, double[:, ::1] rss, double[:, ::1] schur):
+    """``one_term_sums`` on arrays (ktrace, rss, schur: k by k, added to); sinv with p
+    rows gives the REML part, with 0 rows none. For the twin test."""
+    cdef Py_ssize_t nlev = L.shape[0] // (k * k), p = zx.shape[1], q = zx.shape[0]
+    cdef bint reml = sinv.shape[0] == p and p > 0
+    cdef double *buf = <double *> malloc(one_term_work_size(k, p) * sizeof(double))
+    if buf == NULL:
+        raise MemoryError()
+    with nogil:
+        one_term_sums(&avals[0], &lam[0], &L[0], k, nlev, &u[0],
+                      &zx[0, 0] if p else NULL, q, p, &zy[0], &beta[0] if p else NULL,
+                      &sinv[0, 0] if reml else NULL, &ktrace[0, 0], &rss[0, 0],
+                      &schur[0, 0], buf)
+    free(buf)

@@ -26,3 +26,21 @@ cdef Py_ssize_t tf_lam_size(object tf) except -1
 cdef double tf_factor(object tf, bint small) except? -1.0
 cdef bint tf_has_small(object tf) except -1
 cdef int tf_backward(object tf, object b_arr, double *b) except -1
+cdef double tf_factor_at(object tf, const double *theta, Py_ssize_t n, int *status) except? -1.0
+
+
+# The arrays a factorization at θ leaves (valid until the workspace rebinds its products):
+# Z'W[X y] and L⁻¹PΛ'Z'W[X y] (q by m, column-major), the Schur factor r (m by m,
+# row-major), the level blocks of the first term's factor and of Z'WZ, the templates.
+cdef struct TfArrays:
+    const double *ztxy
+    const double *rzxy
+    const double *r
+    const double *lblocks
+    const double *avals
+    const double *lam
+    Py_ssize_t q, m, k0, nlev0
+    bint blockdiag          # one term: lblocks holds the whole factor
+
+cdef int tf_arrays(object tf, TfArrays *out) except -1
+cdef void inverse_from_lower(const double *lo, int k, double *li, double *minv) noexcept nogil

@@ -934,3 +934,52 @@ cdef bint tf_has_small(object tf) except -1:
 
 cdef int tf_backward(object tf, object b_arr, double *b) except -1:
     return _tf(tf).backward_last(b_arr, b)
+
+
+cdef double tf_factor_at(object tf, const double *theta, Py_ssize_t n, int *status) except? -1.0:
+    """``factorize(theta, schur=True)`` from a C array: the compiled search's evaluation."""
+    cdef ThetaFactorizer t = _tf(tf)
+    cdef Py_ssize_t i
+    if n != t.lam_index.shape[0]:
+        raise ValueError("theta has the wrong length")
+    for i in range(n):
+        t.lam[t.lam_index[i]] = theta[i]
+    return t.factor_now(True, status)
+
+
+cdef int tf_arrays(object tf, TfArrays *out) except -1:
+    cdef ThetaFactorizer t = _tf(tf)
+    if t.r.shape[0] == 0 or t.rzxy.shape[0] == 0:
+        raise ValueError("the factorizer has no products bound")
+    out.ztxy = &t.ztxy[0, 0]
+    out.rzxy = &t.rzxy[0, 0]
+    out.r = &t.r[0, 0]
+    out.lblocks = &t.lblocks[0] if t.lblocks.shape[0] else NULL
+    out.avals = &t.avals[0] if t.avals.shape[0] else NULL
+    out.lam = &t.lam[0]
+    out.q, out.m = t.rzxy.shape[0], t.r.shape[0]
+    out.k0 = t.k0
+    out.nlev0 = t.lblocks.shape[0] // (t.k0 * t.k0)
+    out.blockdiag = t.factor is None
+    return 0
+
+
+cdef void inverse_from_lower(const double *lo, int k, double *li, double *minv) noexcept nogil:
+    """minv = (lo lo')⁻¹ for a lower-triangular k by k lo (column-major); li is scratch."""
+    cdef int a, c, e
+    cdef double s
+    for c in range(k):                  # li = lo⁻¹, column by column
+        for e in range(k):
+            if e < c:
+                li[e + c * k] = 0.0
+                continue
+            s = 1.0 if e == c else 0.0
+            for a in range(c, e):
+                s -= lo[e + a * k] * li[a + c * k]
+            li[e + c * k] = s / lo[e + e * k]
+    for c in range(k):                  # minv = li' li
+        for e in range(k):
+            s = 0.0
+            for a in range(e if e > c else c, k):
+                s += li[a + e * k] * li[a + c * k]
+            minv[e + c * k] = s
