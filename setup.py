@@ -45,6 +45,7 @@ extensions = [
     ext("mixedmodels._kernels._agq", ["src/mixedmodels/_kernels/_agq.pyx"]),
     # dlsym finds NLopt's C API in the nlopt package's own extension (see the module)
     ext("mixedmodels._kernels._search", ["src/mixedmodels/_kernels/_search.pyx"], ["dl"]),
+    ext("mixedmodels._kernels._check", ["src/mixedmodels/_kernels/_check.pyx"]),
 ]
 # MM_BUILD_ONLY=mixedmodels._kernels._glm,... rebuilds just those modules (work on one
 # kernel while another is half-edited)

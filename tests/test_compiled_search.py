@@ -152,3 +152,50 @@ def test_an_error_inside_the_search_is_raised_after_it():
                          float(model._logw), False, 0.0)
     with pytest.raises(ValueError, match="wrong length"):
         _search.bobyqa(wrong, np.ones(2), np.zeros(2), None, 1e-8, 1e-8, 1e-10, 100)
+
+
+def _searched(model, ftol_rel):
+    optsum = OptSummary(initial=model.layout.initial(), lowerbd=model.layout.lower,
+                        initial_step=np.full(model.layout.ntheta, 0.75), ftol_rel=ftol_rel)
+    return minimize(model._objective_unchecked, optsum)
+
+
+def _singular_model():
+    # a slope variance at zero: θ₂₂ on its bound at the optimum
+    rng = np.random.default_rng(5)
+    g = np.repeat(np.arange(12), 8)
+    x = np.tile(np.arange(8.0), 12)
+    y = 1.0 + 0.3 * x + rng.normal(0, 0.8, 12)[g] + rng.normal(size=g.size)
+    df = pd.DataFrame({"g": g.astype(str), "x": x, "y": y})
+    return mm.LinearMixedModel("y ~ 1 + x + (1 + x | g)", df)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS) + ["singular"])
+@pytest.mark.parametrize("ftol_rel", [1e-5, 1e-8])
+def test_compiled_check_takes_the_python_checks_steps(name, ftol_rel):
+    import copy
+
+    from mixedmodels._optimize import check_with_exact_gradient, rectify
+    model = _singular_model() if name == "singular" else MODELS[name]
+    start = _searched(model, ftol_rel)
+    rectify(model._objective_unchecked, start, np.flatnonzero(np.isfinite(model.layout.lower)))
+    results = []
+    for kernel in (compiled_objective(model), None):
+        optsum = copy.copy(start)
+        optsum.fitlog = list(start.fitlog)
+        record = check_with_exact_gradient(
+            lambda th: model._value_and_gradient(th), optsum, warn=False, max_steps=8,
+            kernel=kernel)
+        results.append((optsum, record))
+    (oc, rc), (op, rp) = results
+    assert len(oc.fitlog) == len(op.fitlog) and oc.polished == op.polished
+    for (xc, fc), (xp, fp) in zip(oc.fitlog, op.fitlog):
+        np.testing.assert_allclose(xc, xp, rtol=1e-10, atol=1e-13)
+        assert fc == pytest.approx(fp, rel=1e-13)
+    np.testing.assert_allclose(oc.final, op.final, rtol=1e-10, atol=1e-13)
+    assert oc.fmin == pytest.approx(op.fmin, rel=1e-13)
+    np.testing.assert_allclose(rc.hessian, rp.hessian, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(rc.gradient, rp.gradient, rtol=1e-8, atol=1e-9)
+    assert rc.messages == rp.messages and rc.nfeval == rp.nfeval
+    if name == "singular":
+        assert oc.final[-1] == 0.0 and np.isnan(rc.scaled_gradient[-1])

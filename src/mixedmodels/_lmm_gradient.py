@@ -48,7 +48,8 @@ import weakref
 import numpy as np
 import scipy.linalg as sla
 
-from ._kernels._lmm_gradient import DenseTailGradient, LmmObjective, OneTermGradient
+from ._kernels._lmm_gradient import (DenseTailGradient, DenseTailValueGradient,
+                                     LmmObjective, OneTermGradient)
 from ._linalg._blocked import upper_solve
 from ._linalg._densetail import DenseTailFactor
 from ._linalg.system import _dense_tail_flops
@@ -138,15 +139,20 @@ def aval_at(pat):
 
 def compiled_objective(model):
     """The model's objective as one compiled call (_kernels/_lmm_gradient.pyx), for the
-    compiled search and the check: for one term a ``OneTermGradient``, whose
-    ``value_and_gradient`` also gives the exact gradient, else an ``LmmObjective``.
-    Each call factors at θ without counting in ``ws.nfactorized``: the caller counts."""
+    compiled search and the check: with its exact gradient (``value_and_gradient``,
+    ``has_gradient``) on the routes that have one. Each call factors at θ without
+    counting in ``ws.nfactorized``: the caller counts."""
     ws = model.workspace
-    args = (float(model._dfr), float(model._logw), bool(model.REML),
-            float(model.fixed.logabsdet))
-    if ws.factor is None:
-        return OneTermGradient(ws.factorizer, ws.layout.index, int(ws.pattern.kk[0]), *args)
-    return LmmObjective(ws.factorizer, ws.layout.ntheta, *args)
+    args = (ws.factorizer, ws.layout.ntheta, float(model._dfr), float(model._logw),
+            bool(model.REML), float(model.fixed.logabsdet))
+    route = _route(ws)
+    if route.kind == "one-term":
+        return OneTermGradient(ws.factorizer, ws.layout.index, int(ws.pattern.kk[0]),
+                               *args[2:])
+    if route.kind in ("dense-tail", "side-tail"):
+        return DenseTailValueGradient(*args, route.tail, route.bind(ws),
+                                      route.tail is not ws.factor)
+    return LmmObjective(*args)
 
 
 def lmm_value_and_gradient(model, theta, kernel=None):
@@ -162,27 +168,11 @@ def lmm_value_and_gradient(model, theta, kernel=None):
     ``kernel``: the model's :func:`compiled_objective`, where the caller keeps one.
     """
     ws = model.workspace
-    route = _route(ws)
-    if route.kind is None:
+    if _route(ws).kind is None:
         return None
-    theta = np.asarray(theta, dtype=float)
-    if route.kind == "one-term":
-        kernel = compiled_objective(model) if kernel is None else kernel
-        ws.nfactorized = getattr(ws, "nfactorized", 0) + 1
-        return kernel.value_and_gradient(theta)
-    try:
-        val, _, r, _ = model._evaluate(theta)
-        return float(val), _dense_tail_gradient(model, ws, route)
-    except np.linalg.LinAlgError:
-        return np.inf, np.full(theta.size, np.nan)
-
-
-def _dense_tail_gradient(model, ws, route):
-    """The tail routes: S⁻¹ and the compiled pass, at the θ just evaluated."""
-    tail = route.tail
-    if tail is not ws.factor:
-        tail.factorize()                        # the M the workspace has just written
-    return route.bind(ws).gradient(tail.tail_inverse(), model.REML, float(model._dfr))
+    kernel = compiled_objective(model) if kernel is None else kernel
+    ws.nfactorized = getattr(ws, "nfactorized", 0) + 1
+    return kernel.value_and_gradient(np.asarray(theta, dtype=float))
 
 
 def _modes(ws, r, p):

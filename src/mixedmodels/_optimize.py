@@ -15,6 +15,7 @@ from scipy.linalg import lapack
 
 from ._derivs import ConvergenceCheck, assess_convergence, cholesky_lower
 from ._kernels import _search
+from ._kernels._check import check_and_polish
 from ._kernels._lmm_gradient import LmmObjective
 
 
@@ -568,12 +569,17 @@ def _refine(objective, optsum, record, boundary, lower, step):
         objective(x)
 
 
-def check_with_exact_gradient(value_and_grad, optsum, warn=True, step=None, max_steps=3):
+def check_with_exact_gradient(value_and_grad, optsum, warn=True, step=None, max_steps=3,
+                              kernel=None):
     """lme4's check with an exact gradient that is cheap (a one-term LMM): the Hessian
     from forward differences of the gradient (n gradients; an O(h) error of ~1e-3
     relative, which neither the checks nor a Newton step notice), then
-    :func:`polish_with_gradient` from the gradient already at hand."""
+    :func:`polish_with_gradient` from the gradient already at hand. With ``kernel``, a
+    compiled objective that has the gradient (_kernels/_lmm_gradient.pyx), both run in
+    compiled code (_kernels/_check.pyx; this function is its twin)."""
     x = np.asarray(optsum.final, dtype=float)
+    if kernel is not None and kernel.has_gradient and step is None:
+        return _check_compiled(kernel, optsum, warn, max_steps)
     step = hessian_steps(x) if step is None else np.asarray(step, dtype=float)
     val, grad = value_and_grad(x)
     grad = np.asarray(grad, dtype=float)
@@ -584,6 +590,25 @@ def check_with_exact_gradient(value_and_grad, optsum, warn=True, step=None, max_
     return polish_with_gradient(value_and_grad, optsum, warn=warn, start=(val, grad),
                                 max_steps=max_steps,
                                 restore=False, hessian=(hess, len(x) + 1))
+
+
+def _check_compiled(kernel, optsum, warn, max_steps):
+    out = check_and_polish(kernel, np.asarray(optsum.final, dtype=float),
+                           np.asarray(optsum.lowerbd, dtype=float), float(optsum.fmin),
+                           max_steps)
+    trials = out["trials"]
+    optsum.fitlog.extend(zip(trials, out["trial_values"].tolist()))
+    optsum.feval = len(optsum.fitlog)
+    if out["polished"]:
+        optsum.final, optsum.fmin, optsum.polished = out["x"], out["fmin"], True
+    record = ConvergenceCheck.from_derivatives(out["grad"], out["hessian"],
+                                               nfeval=len(out["x"]) + 1 + len(trials),
+                                               boundary=out["boundary"])
+    optsum.derivs = record
+    if warn:
+        for msg in record.messages:
+            warnings.warn(msg, ConvergenceWarning, stacklevel=3)
+    return record
 
 
 def polish_with_gradient(value_and_grad, optsum, warn=True, max_steps=3, start=None,

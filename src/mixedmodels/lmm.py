@@ -275,7 +275,8 @@ class LinearMixedModel(MixedModelSpec):
                 self._continue_with_bobyqa(optsum, bounded, progress, start=probe,
                                            check=False, kernel=kernel)
         if check_convergence:
-            record = self._check_optimum(optsum, warn=False, value_and_grad=value_and_grad)
+            record = self._check_optimum(optsum, warn=False, value_and_grad=value_and_grad,
+                                         kernel=kernel)
             if polish and not (record.converged and _stationary(record)):
                 self._continue_with_bobyqa(optsum, bounded, progress, kernel=kernel)
             elif polish and self._rectify(optsum, bounded):
@@ -336,7 +337,7 @@ class LinearMixedModel(MixedModelSpec):
         rectify(self._objective_unchecked, optsum, bounded, near=BOUND_PROBE)
         return len(optsum.rectified) > before
 
-    def _check_optimum(self, optsum, warn=True, value_and_grad=None):
+    def _check_optimum(self, optsum, warn=True, value_and_grad=None, kernel=None):
         ws = self.workspace
         if not has_exact_gradient(ws):
             return check_optimum(self._objective_unchecked, optsum, warn=warn)
@@ -344,7 +345,11 @@ class LinearMixedModel(MixedModelSpec):
         # the Hessian from forward differences of the exact gradient (n + 1 gradients,
         # against n² + n + 1 values), then Newton steps with it: as many as it takes
         # from where a shortened search stopped, each a tenth to a thousandth closer
-        return check_with_exact_gradient(value_and_grad, optsum, warn=warn, max_steps=8)
+        if kernel is not None:
+            # the compiled check factors without counting: results _evaluate kept are stale
+            ws.nfactorized = getattr(ws, "nfactorized", 0) + 1
+        return check_with_exact_gradient(value_and_grad, optsum, warn=warn, max_steps=8,
+                                         kernel=kernel)
 
     def _value_and_gradient_safe(self, theta, kernel=None):
         # the optimizer's entry, as _objective_unchecked

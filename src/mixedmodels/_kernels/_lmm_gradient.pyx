@@ -787,6 +787,24 @@ cdef class LmmObjective:
         self.factorizer = factorizer
         self.ntheta = ntheta
         self.dfr, self.logw, self.reml, self.logabsdet = dfr, logw, reml, logabsdet
+        self.has_gradient = False
+
+    cdef int value_gradient(self, const double *theta, double *val,
+                            double *grad) except -1:
+        """val and grad at θ (+inf and NaN where singular), in the subclasses that have
+        the gradient."""
+        raise NotImplementedError("this objective has no gradient")
+
+    def value_and_gradient(self, theta):
+        """(value, gradient); (inf, NaN gradient) where the system is singular."""
+        cdef const double[::1] t = np.ascontiguousarray(theta, dtype=np.float64)
+        if t.shape[0] != self.ntheta:
+            raise ValueError(f"theta has {t.shape[0]} entries, not {self.ntheta}")
+        grad = np.empty(self.ntheta)
+        cdef double[::1] g = grad
+        cdef double val
+        self.value_gradient(&t[0], &val, &g[0])
+        return val, grad
 
     cdef double value(self, const double *theta) except? -2.0:
         cdef int status = -1
@@ -822,33 +840,30 @@ cdef class OneTermGradient(LmmObjective):
         LmmObjective.__init__(self, factorizer, len(lam_index), dfr, logw, reml, logabsdet)
         self.lam_index = lam_index
         self.k = k
+        self.has_gradient = True
 
-    def value_and_gradient(self, theta):
-        """(value, gradient); (inf, NaN gradient) where the system is singular."""
-        cdef const double[::1] t = np.ascontiguousarray(theta, dtype=np.float64)
+    cdef int value_gradient(self, const double *theta, double *val,
+                            double *grad) except -1:
         cdef Py_ssize_t n = self.ntheta, i, j, q, m, p
         cdef int status = -1, k = self.k, e, c
-        cdef double logdet, val, scale
+        cdef double logdet, scale
         cdef TfArrays a
-        if t.shape[0] != n:
-            raise ValueError(f"theta has {t.shape[0]} entries, not {n}")
-        grad = np.empty(n)
-        cdef double[::1] g = grad
         try:
-            logdet = tf_factor_at(self.factorizer, &t[0], n, &status)
+            logdet = tf_factor_at(self.factorizer, theta, n, &status)
         except np.linalg.LinAlgError:
             logdet = NAN
-        if not isfinite(logdet) or status != 0:
-            grad[:] = np.nan
-            return INFINITY, grad
-        tf_arrays(self.factorizer, &a)
-        if not a.blockdiag or a.k0 != k:
-            raise ValueError("OneTermGradient needs a one-term (block-diagonal) workspace")
-        val = profiled_objective(logdet, a.r, a.m, self.dfr, self.logw, self.reml,
-                                 self.logabsdet)
-        if val == INFINITY:
-            grad[:] = np.nan
-            return INFINITY, grad
+        if isfinite(logdet) and status == 0:
+            tf_arrays(self.factorizer, &a)
+            if not a.blockdiag or a.k0 != k:
+                raise ValueError("OneTermGradient needs a one-term (block-diagonal) workspace")
+            val[0] = profiled_objective(logdet, a.r, a.m, self.dfr, self.logw, self.reml,
+                                        self.logabsdet)
+        else:
+            val[0] = INFINITY
+        if val[0] == INFINITY:
+            for i in range(n):
+                grad[i] = NAN
+            return 0
         q, m = a.q, a.m
         p = m - 1
         cdef double *buf = <double *> malloc((p + q + 2 * p * p + 3 * k * k
@@ -875,9 +890,44 @@ cdef class OneTermGradient(LmmObjective):
                 e = <int> (self.lam_index[i] % k)
                 c = <int> (self.lam_index[i] // k)
                 j = e * k + c
-                g[i] = 2.0 * (sums[j] - scale * sums[k * k + j] - sums[2 * k * k + j])
+                grad[i] = 2.0 * (sums[j] - scale * sums[k * k + j] - sums[2 * k * k + j])
         free(buf)
-        return val, grad
+        return 0
+
+
+cdef class DenseTailValueGradient(LmmObjective):
+    """The objective and its exact gradient for the tail routes of _lmm_gradient.py: the
+    value from the factorizer, then S⁻¹ and ``DenseTailGradient``'s pass (the tail factor
+    refactored first where it sits beside CHOLMOD's, ``side``). NumPy twin:
+    ``_lmm_gradient.dense_tail_sums_numpy``."""
+    cdef object tail, kernel
+    cdef bint side
+
+    def __init__(self, factorizer, Py_ssize_t ntheta, double dfr, double logw, bint reml,
+                 double logabsdet, tail, DenseTailGradient kernel, bint side):
+        LmmObjective.__init__(self, factorizer, ntheta, dfr, logw, reml, logabsdet)
+        self.tail, self.kernel, self.side = tail, kernel, side
+        self.has_gradient = True
+
+    cdef int value_gradient(self, const double *theta, double *val,
+                            double *grad) except -1:
+        cdef Py_ssize_t i
+        cdef const double[::1] g
+        val[0] = self.value(theta)
+        if val[0] != INFINITY:
+            try:
+                if self.side:
+                    self.tail.factorize()       # the M the factorizer has just written
+                g = self.kernel.gradient(self.tail.tail_inverse(), self.reml, self.dfr)
+            except np.linalg.LinAlgError:
+                val[0] = INFINITY
+            else:
+                for i in range(self.ntheta):
+                    grad[i] = g[i]
+        if val[0] == INFINITY:
+            for i in range(self.ntheta):
+                grad[i] = NAN
+        return 0
 
 
 cdef void _modes(const double *r, Py_ssize_t m, const double *rzxy, Py_ssize_t q,
