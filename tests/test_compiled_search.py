@@ -199,3 +199,14 @@ def test_compiled_check_takes_the_python_checks_steps(name, ftol_rel):
     assert rc.messages == rp.messages and rc.nfeval == rp.nfeval
     if name == "singular":
         assert oc.final[-1] == 0.0 and np.isnan(rc.scaled_gradient[-1])
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_solution_matches_the_python_optimum(name):
+    model = MODELS[name]
+    theta = np.where(np.isfinite(model.layout.lower), 0.7, 0.1)
+    compiled = model._optimum(theta, compiled_objective(model))
+    python = model._optimum(theta)
+    assert compiled.keys() == python.keys()
+    for key, want in python.items():
+        np.testing.assert_allclose(compiled[key], want, rtol=1e-11, atol=1e-12, err_msg=key)

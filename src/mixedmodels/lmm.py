@@ -285,7 +285,7 @@ class LinearMixedModel(MixedModelSpec):
                 self._check_optimum(optsum, warn=False)
             for msg in optsum.derivs.messages:
                 warnings.warn(msg, ConvergenceWarning, stacklevel=2)
-        return LinearMixedModelFit(self, self._optimum(optsum.final), optsum)
+        return LinearMixedModelFit(self, self._optimum(optsum.final, kernel), optsum)
 
     # BOBYQA's stopping rule where the exact gradient's Newton steps finish the fit
     SEARCH_FTOL = 1e-8
@@ -373,9 +373,20 @@ class LinearMixedModel(MixedModelSpec):
         """
         return self.n >= 5000 or self.workspace.q >= 500
 
-    def _optimum(self, theta):
-        """The numbers of the fit at θ, as a plain record (see LinearMixedModelFit)."""
+    def _optimum(self, theta, kernel=None):
+        """The numbers of the fit at θ, as a plain record (see LinearMixedModelFit);
+        ``kernel``: the fit's compiled_objective, which computes them in one call."""
         theta = np.asarray(theta, dtype=float)
+        if kernel is not None:
+            self.workspace.nfactorized = getattr(self.workspace, "nfactorized", 0) + 1
+            sol = kernel.solution(theta)
+            beta_w, pwrss, fixed = sol["beta_w"], sol["pwrss"], self.fixed
+            sigma = math.sqrt(pwrss / self._dfr)
+            return dict(theta=theta, objective=float(sol["objective"]),
+                        logdet=2.0 * sol["logdet"], pwrss=pwrss,
+                        coef=fixed.from_working(beta_w), sigma=sigma,
+                        vcov=sigma ** 2 * fixed.vcov_from_working(sol["rx_inverse_crossprod"]),
+                        u=sol["u"], b=sol["b"], xbeta=self._fixed_part(beta_w))
         last = self._last_evaluated
         if (last is not None and last[2] is not None and np.array_equal(last[0], theta)
                 and last[2] == getattr(self.workspace, "nfactorized", None)):

@@ -34,7 +34,8 @@ from libc.math cimport log, isfinite, INFINITY, NAN, M_PI
 from libc.stdlib cimport malloc, free
 
 from mixedmodels._linalg._blocked cimport (chol_inplace, blockdiag_solve_c, tf_factor_at,
-                                          tf_arrays, TfArrays, inverse_from_lower)
+                                          tf_arrays, TfArrays, inverse_from_lower,
+                                          tf_backward, tf_lambda_times)
 
 import numpy as np
 cimport numpy as cnp
@@ -825,6 +826,58 @@ cdef class LmmObjective:
         if t.shape[0] != self.ntheta:
             raise ValueError(f"theta has {t.shape[0]} entries, not {self.ntheta}")
         return self.value(&t[0] if self.ntheta else NULL)
+
+    def solution(self, theta):
+        """The numbers of the fit at θ, in the working basis of X: a dict of ``objective``,
+        ``logdet`` (log det L), ``pwrss``, ``beta_w`` (β̃), ``rx_inverse_crossprod``
+        ((RX'RX)⁻¹), ``u`` (the spherical modes) and ``b`` (Λu). Raises LinAlgError
+        where the system is singular. NumPy twin: ``LinearMixedModel._optimum``'s path
+        through ``_evaluate``."""
+        cdef const double[::1] t = np.ascontiguousarray(theta, dtype=np.float64)
+        cdef int status = -1
+        cdef TfArrays a
+        cdef Py_ssize_t p, q, m, i, j
+        cdef double s
+        if t.shape[0] != self.ntheta:
+            raise ValueError(f"theta has {t.shape[0]} entries, not {self.ntheta}")
+        cdef double logdet = tf_factor_at(self.factorizer, &t[0] if self.ntheta else NULL,
+                                          self.ntheta, &status)
+        if not isfinite(logdet):
+            raise np.linalg.LinAlgError("random-effects block not positive definite")
+        if status:
+            raise np.linalg.LinAlgError(
+                f"fixed-effects block not positive definite at column {status}: the columns "
+                "of X are numerically collinear")
+        tf_arrays(self.factorizer, &a)
+        q, m = a.q, a.m
+        p = m - 1
+        beta = np.empty(p)
+        rxinv = np.empty((p, p))
+        rinv = np.empty((p, p))
+        u = np.empty((q, 1), order="F")
+        b = np.empty(q)
+        cdef double[::1] bv = beta, uv = u[:, 0], lv = b
+        cdef double[:, ::1] xv = rxinv, rv = rinv
+        with nogil:
+            for i in range(p - 1, -1, -1):          # RX β̃ = r[:p, p]
+                s = a.r[i * m + p]
+                for j in range(i + 1, p):
+                    s -= a.r[i * m + j] * bv[j]
+                bv[i] = s / a.r[i * m + i]
+            for j in range(q):                      # L'P u = rzxy[:, p] - rzxy[:, :p] β̃
+                s = a.rzxy[p * q + j]
+                for i in range(p):
+                    s -= a.rzxy[i * q + j] * bv[i]
+                uv[j] = s
+            if p:
+                _schur_inverse(a.r, m, &rv[0, 0], &xv[0, 0])
+        tf_backward(self.factorizer, u, &uv[0])
+        tf_lambda_times(self.factorizer, &uv[0], &lv[0])
+        val = profiled_objective(logdet, a.r, m, self.dfr, self.logw, self.reml,
+                                 self.logabsdet)
+        pwrss = a.r[m * m - 1] * a.r[m * m - 1]
+        return dict(objective=val if pwrss > 0.0 else -INFINITY, logdet=logdet,
+                    pwrss=pwrss, beta_w=beta, rx_inverse_crossprod=rxinv, u=u[:, 0], b=b)
 
 
 cdef class OneTermGradient(LmmObjective):

@@ -43,4 +43,5 @@ cdef struct TfArrays:
     bint blockdiag          # one term: lblocks holds the whole factor
 
 cdef int tf_arrays(object tf, TfArrays *out) except -1
+cdef int tf_lambda_times(object tf, const double *u, double *out) except -1
 cdef void inverse_from_lower(const double *lo, int k, double *li, double *minv) noexcept nogil

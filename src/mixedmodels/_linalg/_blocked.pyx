@@ -964,6 +964,14 @@ cdef int tf_arrays(object tf, TfArrays *out) except -1:
     return 0
 
 
+cdef int tf_lambda_times(object tf, const double *u, double *out) except -1:
+    """out = Λu at the templates last set (u and out of length q)."""
+    cdef ThetaFactorizer t = _tf(tf)
+    lambda_times_c(&t.lam[0], &t.lam_off[0], &t.uoff[0], &t.kk[0], &t.nlev[0],
+                   <int> t.kk.shape[0], u, out)
+    return 0
+
+
 cdef void inverse_from_lower(const double *lo, int k, double *li, double *minv) noexcept nogil:
     """minv = (lo lo')⁻¹ for a lower-triangular k by k lo (column-major); li is scratch."""
     cdef int a, c, e
