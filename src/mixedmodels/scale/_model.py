@@ -269,8 +269,8 @@ class OutOfCoreLinearMixedModel(LinearMixedModel):
     def _fixed_part(self, beta_w):
         return None
 
-    def _optimum(self, theta):
-        out = super()._optimum(theta)
+    def _optimum(self, theta, kernel=None):
+        out = super()._optimum(theta, kernel)
         out.pop("xbeta", None)
         return out
 
