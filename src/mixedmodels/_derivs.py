@@ -365,28 +365,32 @@ def cholesky_lower(a):
 
 def _check(gradient, hessian, boundary, grad_tol, hess_tol):
     """Scaled gradient (full length, nan where not computed) and the messages."""
-    g = np.array(gradient, dtype=float).reshape(-1)
+    g = np.asarray(gradient, dtype=float).reshape(-1)
     n = g.size
-    H = np.array(hessian, dtype=float)
+    H = np.asarray(hessian, dtype=float)
     if H.shape != (n, n):
         raise ValueError(f"hessian has shape {H.shape}; the gradient has {n} entries")
     if not (grad_tol >= 0 and hess_tol >= 0):
         raise ValueError("grad_tol and hess_tol must be non-negative")
     free = _free_mask(boundary, n)
-    scaled = np.full(n, np.nan)
-    if free.all():
-        index, gf, Hf = np.arange(n), g, H
+    everything = bool(free.all())
+    if everything:
+        index, gf, Hf = None, g, H
     else:
         index = np.flatnonzero(free)
         if index.size == 0:
-            return scaled, []
+            return np.full(n, np.nan), []
         gf, Hf = g[index], H[np.ix_(index, index)]
     Hf = 0.5 * (Hf + Hf.T)
 
-    finite = np.isfinite(gf) & np.isfinite(Hf).all(axis=0)
-    if not finite.all():
-        return scaled, [f"convergence not checked: the derivatives are inf or nan for "
-                        f"parameter(s) {index[~finite].tolist()}"]
+    # one sum is finite when every entry is (or they overflow: then the full test)
+    if not np.isfinite(gf.sum() + Hf.sum()):
+        finite = np.isfinite(gf) & np.isfinite(Hf).all(axis=0)
+        if not finite.all():
+            bad = np.flatnonzero(~finite) if everything else index[~finite]
+            return np.full(n, np.nan), [f"convergence not checked: the derivatives are inf "
+                                        f"or nan for parameter(s) {bad.tolist()}"]
+    scaled = np.full(n, np.nan)
 
     messages = []
     # Gradient. A raw gradient of 0.01 is large or negligible depending on the curvature,
@@ -399,15 +403,19 @@ def _check(gradient, hessian, boundary, grad_tol, hess_tol):
     if L is None:
         k = int(np.argmax(np.abs(gf)))
         messages.append(f"gradient not scaled: the Hessian is not positive definite "
-                        f"(max |gradient| = {abs(gf[k]):.4g} at parameter {index[k]})")
+                        f"(max |gradient| = {abs(gf[k]):.4g} at parameter "
+                        f"{k if everything else index[k]})")
     else:
         sf = lapack.dtrtrs(L, gf, lower=1, trans=1)[0]      # R = L', solve R s = g
-        scaled[index] = sf
+        if everything:
+            scaled = sf
+        else:
+            scaled[index] = sf
         crit = np.minimum(np.abs(sf), np.abs(gf))
         k = int(np.argmax(crit))
         if crit[k] > grad_tol:
             messages.append(f"failed to converge: max |scaled gradient| = {crit[k]:.4g} at "
-                            f"parameter {index[k]} (tolerance {grad_tol:g})")
+                            f"parameter {k if everything else index[k]} (tolerance {grad_tol:g})")
 
     # Hessian. An eigenvalue below hess_tol means the minimum is not (numerically)
     # strict; otherwise a ratio beyond 1/hess_tol means some direction is barely
