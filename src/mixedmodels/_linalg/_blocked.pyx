@@ -21,6 +21,7 @@ from libc.string cimport memset
 
 import numpy as np
 from libc.stdlib cimport malloc, free
+from cpython.pycapsule cimport PyCapsule_GetPointer
 
 # i64 is declared in _blocked.pxd
 
@@ -738,6 +739,7 @@ cdef class ThetaFactorizer:
     cdef const double[:, ::1] xtxy
     cdef double[:, ::1] r
     cdef readonly object factor
+    cdef ExternalFactor ext          # the factor's C functions, where it offers them
     cdef readonly int k0
     cdef double *tmp
     cdef readonly SimplicialFactor small
@@ -767,6 +769,10 @@ cdef class ThetaFactorizer:
         if pattern.pos is not None:
             self.pos = pattern.pos
         self.factor = factor
+        self.ext.obj = NULL
+        if factor is not None and hasattr(factor, "external"):
+            self.ext = (<ExternalFactor *> PyCapsule_GetPointer(
+                factor.external(), b"mixedmodels.ExternalFactor"))[0]
         self.k0 = pattern.kk[0]
         self.small = None
         self.small_allowed = False
@@ -835,9 +841,16 @@ cdef class ThetaFactorizer:
                 _scatter_lambda(self.avals, self.blk_off, self.blk_tr, self.blk_tc,
                                 self.blk_diag, self.lam, self.lam_off, self.kk, self.pos,
                                 self.mx, self.tmp)
-            self.factor.factorize()
-            logdet = self.factor.logdet()
-            self.factor.forward(self.rzxy)
+            if self.ext.obj != NULL:
+                if self.ext.factorize(self.ext.obj, &logdet):
+                    raise np.linalg.LinAlgError("random-effects block not positive definite")
+                if self.rzxy.shape[1] > 0:
+                    self.ext.solve(self.ext.obj, &self.rzxy[0, 0], self.rzxy.shape[0],
+                                   self.rzxy.shape[1], False)
+            else:
+                self.factor.factorize()
+                logdet = self.factor.logdet()
+                self.factor.forward(self.rzxy)
         if schur:
             with nogil:
                 status[0] = _schur_cholesky(self.xtxy, self.rzxy, self.r)
@@ -885,6 +898,8 @@ cdef class ThetaFactorizer:
         elif self.factor is None:
             nlev0 = self.lblocks.shape[0] // (self.k0 * self.k0)
             blockdiag_solve_c(&self.lblocks[0], self.k0, nlev0, b, True)
+        elif self.ext.obj != NULL:
+            self.ext.solve(self.ext.obj, b, self.rzxy.shape[0], 1, True)
         else:
             self.factor.backward(b_arr)
         return 0

@@ -39,7 +39,8 @@ import numpy as np
 from scipy.linalg.cython_lapack cimport dlauum, dpotrf, dtrtri
 from scipy.linalg.cython_blas cimport dgemm, dgemv, dsyrk, dtrmm, dtrsm
 
-from mixedmodels._linalg._blocked cimport chol_inplace
+from mixedmodels._linalg._blocked cimport chol_inplace, ExternalFactor
+from cpython.pycapsule cimport PyCapsule_New
 
 ctypedef long long i64
 
@@ -271,6 +272,7 @@ cdef class DenseTailFactor:
     cdef double[::1, :] sinv        # S⁻¹ for selected_inverse, allocated on first use
     cdef double _logdet
     cdef readonly bint factored
+    cdef ExternalFactor _ext
 
     def __init__(self, indptr, indices, mx, int k0, int q0):
         self.indptr = indptr
@@ -307,6 +309,14 @@ cdef class DenseTailFactor:
     def logdet(self):
         """Σ log diag(L), half the log-determinant of M, at the last factorization."""
         return self._logdet
+
+    def external(self):
+        """This factor for ThetaFactorizer as C functions (_blocked.pxd, ExternalFactor):
+        a PyCapsule, valid while the factor lives (the factorizer holds both)."""
+        self._ext.obj = <void *> self
+        self._ext.factorize = _external_factorize
+        self._ext.solve = _external_solve
+        return PyCapsule_New(&self._ext, b"mixedmodels.ExternalFactor", NULL)
 
     def factorize(self):
         """Factor M at the current values; raises LinAlgError if it is not positive
@@ -616,8 +626,14 @@ cdef class DenseTailFactor:
             raise ValueError(f"b has {b.shape[0]} rows; the factor has {self.q}")
 
     cdef void _solve(self, double[::1, :] b, bint transpose) noexcept nogil:
-        """L⁻¹: term 0 level by level, then the tail (_tail_solve); L'⁻¹: the other way."""
-        cdef int k0 = self.k0, q0 = self.q0, r = self.r, m = b.shape[1], ldb = b.shape[0]
+        self._solve_ptr(&b[0, 0] if b.shape[1] > 0 else NULL, b.shape[0], b.shape[1],
+                        transpose)
+
+    cdef void _solve_ptr(self, double *b, Py_ssize_t ldb, Py_ssize_t m,
+                         bint transpose) noexcept nogil:
+        """L⁻¹: term 0 level by level, then the tail (_tail_solve); L'⁻¹: the other way
+        (m columns of b at leading dimension ldb)."""
+        cdef int k0 = self.k0, q0 = self.q0, r = self.r
         cdef Py_ssize_t lev, col, t, nr, j
         cdef int a, c
         cdef double v
@@ -625,9 +641,9 @@ cdef class DenseTailFactor:
         cdef const double *lo
         cdef const int *ix = &self.indices[0]
         if transpose and r > 0 and m > 0:
-            _tail_solve(&self.s[0, 0], r, &b[q0, 0], ldb, m, True)
+            _tail_solve(&self.s[0, 0], r, &b[q0], <int> ldb, <int> m, True)
         for col in range(m):
-            x = &b[0, col]
+            x = &b[col * ldb]
             for lev in range(self.nlev0):
                 lo = &self.l0[lev * k0 * k0]
                 nr = self.indptr[lev * k0 + 1] - self.first_rest[lev * k0]
@@ -655,4 +671,21 @@ cdef class DenseTailFactor:
                         v -= lo[a + c * k0] * x[lev * k0 + a]
                     x[lev * k0 + c] = v / lo[c + c * k0]
         if not transpose and r > 0 and m > 0:
-            _tail_solve(&self.s[0, 0], r, &b[q0, 0], ldb, m, False)
+            _tail_solve(&self.s[0, 0], r, &b[q0], <int> ldb, <int> m, False)
+
+
+cdef int _external_factorize(void *obj, double *logdet) noexcept:
+    cdef DenseTailFactor f = <DenseTailFactor> obj
+    cdef int status
+    with nogil:
+        status = f._factorize()
+    f.factored = status == 0
+    logdet[0] = f._logdet
+    return status
+
+
+cdef void _external_solve(void *obj, double *b, Py_ssize_t ldb, Py_ssize_t m,
+                          bint transpose) noexcept:
+    cdef DenseTailFactor f = <DenseTailFactor> obj
+    with nogil:
+        f._solve_ptr(b, ldb, m, transpose)
