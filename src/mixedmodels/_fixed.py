@@ -15,6 +15,7 @@ whose columns are nearly collinear (the intercept of ``days + 1e8`` is the value
 day -1e8). A column whose part orthogonal to the columns before it is below
 ``NEAR_ALIAS`` of its norm gets a warning that names it.
 """
+import functools
 import math
 import warnings
 
@@ -111,16 +112,70 @@ def _clearly_far_from_aliased(R, absdiag):
     """
     p = R.shape[1]
     if R.shape[0] == p and p <= 8:
-        rl = R.tolist()
-        ad = absdiag.tolist()
-        for j in range(p):
-            norm = math.sqrt(sum(rl[i][j] * rl[i][j] for i in range(j + 1)))
-            if not ad[j] > 2.0 * NEAR_ALIAS * norm:
-                return False
-        return True
+        return _rows_far_from_aliased(R.tolist(), absdiag.tolist())
     with np.errstate(over="ignore", invalid="ignore"):
         norms = np.sqrt(np.add.reduce(R * R, axis=0))
         return bool((absdiag > 2.0 * NEAR_ALIAS * norms).all())
+
+
+def _rows_far_from_aliased(rl, ad):
+    """:func:`_clearly_far_from_aliased` of a square R̃ given as rows of Python floats,
+    with its absolute diagonal ``ad``."""
+    for j in range(len(rl)):
+        norm2 = 0.0
+        for i in range(j + 1):
+            norm2 += rl[i][j] * rl[i][j]
+        if not ad[j] > 2.0 * NEAR_ALIAS * math.sqrt(norm2):
+            return False
+    return True
+
+
+def _upper_inverse(Rl, R):
+    """R⁻¹ of an upper-triangular R (also given as rows of Python floats, ``Rl``), as
+    ``_blocked.upper_solve`` gives it column by column.
+
+    Up to 2-by-2 with a nonzero diagonal, the solves are written out in Python floats:
+    the same IEEE operations in the same order (none that a multiply-add could fuse
+    differently), at a fraction of the cost of the calls.
+    """
+    p = len(Rl)
+    if p == 1 and Rl[0][0] != 0.0:
+        return np.array([[1.0 / Rl[0][0]]])
+    if p == 2 and Rl[0][0] != 0.0 and Rl[1][1] != 0.0:
+        (r00, r01), (_, r11) = Rl
+        # b = R⁻¹ e_0, then c = R⁻¹ e_1, each from the last row up
+        b1 = 0.0 / r11
+        b0 = (1.0 - r01 * b1) / r00
+        c1 = 1.0 / r11
+        c0 = (0.0 - r01 * c1) / r00
+        return np.array([[b0, c0], [b1, c1]])
+    return _upper_solve_inverse(R)
+
+
+def _upper_solve_inverse(R):
+    """R⁻¹, one ``_blocked.upper_solve`` per column."""
+    r = np.ascontiguousarray(R)
+    eye = np.eye(R.shape[1])
+    for j in range(R.shape[1]):
+        upper_solve(r, eye[j])
+    return np.ascontiguousarray(eye.T)
+
+
+# Up to this many rows an intercept-only basis is remembered (a column of n doubles).
+_INTERCEPT_MAX_ROWS = 20000
+
+
+@functools.lru_cache(maxsize=8)
+def _intercept_basis(n):
+    """(X̃, R̃, R̃⁻¹, log|det R̃|) of a lone intercept column of n rows, as
+    :class:`FixedEffectsBasis` computes them (read-only arrays, for copying)."""
+    ones = np.ones((n, 1))
+    basis = object.__new__(FixedEffectsBasis)
+    basis.p = 1
+    basis._from_qr(ones, householder_qr(ones), None, False)
+    for a in (basis.X, basis.R, basis.Rinv):
+        a.flags.writeable = False
+    return basis.X, basis.R, basis.Rinv, basis.logabsdet
 
 
 class FixedEffectsBasis:
@@ -146,9 +201,19 @@ class FixedEffectsBasis:
             self.Rinv = np.zeros((0, 0))
             self.logabsdet = 0.0
             return
+        if p == 1 and 0 < n < _INTERCEPT_MAX_ROWS and (X == 1.0).all():
+            # the intercept alone: the basis depends on n only
+            X1, R, Rinv, self.logabsdet = _intercept_basis(n)
+            self.X, self.R, self.Rinv = X1.copy(), R.copy(), Rinv.copy()
+            return
         # ``qr``: householder_qr(X), when the caller has it already (the formula layer's
         # rank test takes it); q is ours to overwrite
-        q, r = householder_qr(X) if qr is None else qr
+        self._from_qr(X, householder_qr(X) if qr is None else qr, names, warn)
+
+    def _from_qr(self, X, qr, names, warn):
+        """Everything from X's Householder QR (``qr``, whose q is overwritten)."""
+        n, p = X.shape
+        q, r = qr
         scale = math.sqrt(max(n, 1))
         if r.shape[0] == p:
             # the p-by-p arithmetic in Python floats: the same IEEE operations, in the
@@ -158,24 +223,26 @@ class FixedEffectsBasis:
             # R = (r * signs[:, None]) / scale
             Rl = [[(v * s) / scale for v in row] for row, s in zip(rl, signs)]
             self.R = np.array(Rl)
-            absdiag = np.array([abs(Rl[i][i]) for i in range(p)])
+            ad = [abs(Rl[i][i]) for i in range(p)]
+            absdiag = np.array(ad)
             # X = q * (signs * scale), in place (C-contiguous, as householder_qr makes it)
             q *= np.array([s * scale for s in signs])
             self.X = np.ascontiguousarray(q)
+            # R̃⁻¹ once, by the plain-loop solve of _blocked or its equal: LAPACK's
+            # triangular solve cost milliseconds per call waking the BLAS threads on a busy
+            # machine
+            self.Rinv = _upper_inverse(Rl, self.R)
+            far = (_rows_far_from_aliased(Rl, ad) if p <= 8
+                   else _clearly_far_from_aliased(self.R, absdiag))
         else:
             signs = np.where(r.diagonal() < 0, -1.0, 1.0)
             self.X = np.ascontiguousarray(q * (signs * scale))
             self.R = (r * signs[:, None]) / scale
             absdiag = np.abs(self.R.diagonal())
+            self.Rinv = _upper_solve_inverse(self.R)
+            far = _clearly_far_from_aliased(self.R, absdiag)
         self.logabsdet = float(np.add.reduce(np.log(absdiag)))
-        # R̃⁻¹ once, by the plain-loop solve of _blocked: LAPACK's triangular solve
-        # cost milliseconds per call waking the BLAS threads on a busy machine
-        r = np.ascontiguousarray(self.R)
-        eye = np.eye(p)
-        for j in range(p):
-            upper_solve(r, eye[j])
-        self.Rinv = np.ascontiguousarray(eye.T)
-        if warn and not _clearly_far_from_aliased(self.R, absdiag):
+        if warn and not far:
             # numpy.linalg.norm(X, axis=0), without its dispatch
             norms = np.sqrt(np.add.reduce(X * X, axis=0)) / scale
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -190,7 +257,7 @@ class FixedEffectsBasis:
                     "likelihood is computed stably, but their coefficients and standard "
                     "errors carry about "
                     f"{max(0, int(-np.log10(worst)))} fewer significant digits; centring or "
-                    "rescaling those predictors would restore them", stacklevel=4)
+                    "rescaling those predictors would restore them", stacklevel=5)
 
     # numpy.linalg.lstsq's solution, bit for bit (the GLM start's IRLS, in the working
     # basis, reaches it through the model's basis)

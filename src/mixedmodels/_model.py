@@ -73,7 +73,8 @@ class MixedModelSpec:
             self._workspace = BlockedSystem([t.codes for t in self.reterms],
                                             [t.z for t in self.reterms],
                                             [t.nlevels for t in self.reterms],
-                                            [bool(t.zerocorr) for t in self.reterms])
+                                            [bool(t.zerocorr) for t in self.reterms],
+                                            layout=self.layout)
             self._workspace_ready(self._workspace)
         return self._workspace
 

@@ -78,9 +78,12 @@ def build_pattern(codes, z, nlevels, general=False):
     z : list of float arrays (n, k_t), the terms' columns
     nlevels : list of int
     general : bool
-        Take the general code for scalar terms too (the tests hold the shortcut to it).
+        Take the general code for one term and for scalar terms too (the tests hold the
+        shortcuts to it).
     """
     nterm = len(codes)
+    if nterm == 1 and not general:
+        return _one_term_pattern(codes[0], z[0], int(nlevels[0]))
     n = len(codes[0])
     kl = [int(zi.shape[1]) for zi in z]
     nl = [int(x) for x in nlevels]
@@ -91,9 +94,7 @@ def build_pattern(codes, z, nlevels, general=False):
     # a copy of the columns side by side, and of the codes one row per term
     zcat = np.concatenate(z, axis=1) if nterm > 1 else np.array(z[0], dtype=np.float64)
     zcat = np.ascontiguousarray(zcat, dtype=np.float64)
-    codes_arr = np.empty((nterm, n), dtype=np.int32)
-    for t in range(nterm):
-        codes_arr[t] = codes[t]
+    codes_arr = np.array(codes, dtype=np.int32)
     pairs = [(tr, tc) for tr in range(nterm) for tc in range(tr + 1)]
     rowoff = np.empty((len(pairs), n), dtype=np.int64)
     pair_tr = np.array([p[0] for p in pairs], np.int32)
@@ -103,8 +104,6 @@ def build_pattern(codes, z, nlevels, general=False):
     if general:
         fields.update(_general_blocks(codes_arr, kl, nl, kk, uoff, pairs, pair_tr, pair_tc,
                                       rowoff))
-    elif nterm == 1:
-        fields.update(_one_term_blocks(codes_arr[0], kl[0], nl[0], rowoff[0]))
     elif all(k == 1 for k in kl):
         fields.update(_scalar_blocks(codes_arr, nl, uoff.tolist(), pairs, pair_tr, pair_tc,
                                      rowoff))
@@ -112,6 +111,28 @@ def build_pattern(codes, z, nlevels, general=False):
         fields.update(_general_blocks(codes_arr, kl, nl, kk, uoff, pairs, pair_tr, pair_tc,
                                       rowoff))
     return _new_pattern(fields)
+
+
+def _one_term_pattern(codes, z, nlev):
+    """:func:`build_pattern` of one term (the same arrays as the general code, which the
+    tests hold it to), in fewer NumPy calls: M is block diagonal, one k-by-k block per
+    level, and there is no CSC pattern."""
+    n, k = z.shape
+    size = k * k
+    rowoff = np.array(codes, dtype=np.int64).reshape(1, n)   # offset = size * level
+    if size != 1:
+        rowoff *= size
+    blk_diag = np.empty(nlev, np.int8)
+    blk_diag.fill(1)
+    return _new_pattern(dict(
+        kk=np.array([k], np.int32), nlev=np.array([nlev], np.int32),
+        uoff=np.zeros(1, np.int64), zoff=np.zeros(1, np.int32),
+        zcat=np.array(z, dtype=np.float64, order="C"),
+        codes=np.array(codes, dtype=np.int32).reshape(1, n),
+        pair_tr=np.zeros(1, np.int32), pair_tc=np.zeros(1, np.int32), rowoff=rowoff,
+        blk_off=np.arange(0, nlev * size, size, dtype=np.int64),
+        blk_tr=np.zeros(nlev, np.int32), blk_tc=np.zeros(nlev, np.int32), blk_diag=blk_diag,
+        nvals=nlev * size, indptr=None, indices=None, pos=None))
 
 
 def _new_pattern(fields):
@@ -165,19 +186,6 @@ def _general_blocks(codes_arr, kl, nl, kk, uoff, pairs, pair_tr, pair_tc, rowoff
         indptr, indices, pos = _csc_lower(blocks, kk, uoff, nvals)
     return dict(blk_off=blk_off, blk_tr=blk_tr, blk_tc=blk_tc, blk_diag=blk_diag,
                 nvals=int(nvals), indptr=indptr, indices=indices, pos=pos)
-
-
-def _one_term_blocks(codes, k, nlev, rowoff):
-    """:func:`_general_blocks` for one term (k columns, nlev levels): one k-by-k block
-    per level, M block diagonal, no CSC pattern."""
-    size = k * k
-    rowoff[...] = codes
-    if size != 1:
-        rowoff *= size
-    return dict(blk_off=np.arange(0, nlev * size, size, dtype=np.int64),
-                blk_tr=np.zeros(nlev, np.int32), blk_tc=np.zeros(nlev, np.int32),
-                blk_diag=np.ones(nlev, np.int8), nvals=nlev * size, indptr=None,
-                indices=None, pos=None)
 
 
 def _scalar_blocks(codes_arr, nl, uoff, pairs, pair_tr, pair_tc, rowoff):

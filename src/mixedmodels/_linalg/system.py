@@ -57,9 +57,8 @@ def faster_factor(indptr, indices, mx, k0=None, q0=None):
     pattern, and the faster is kept. Above 350 flops per nonzero of L (insteval: 439; the
     slope model above: 190) the dense supernodes win outright and the trial is skipped.
     """
-    diag = np.zeros(len(mx), dtype=bool)
-    diag[indptr[:-1]] = True             # sorted CSC lower triangle: the diagonal comes first
-    mx[:] = np.where(diag, 1.0, 0.0)
+    mx[:] = 0.0
+    mx[indptr[:-1]] = 1.0                # sorted CSC lower triangle: the diagonal comes first
     tail_flops = _dense_tail_flops(indptr, k0, q0) if q0 is not None and DENSE_TAIL else None
     if tail_flops is not None and tail_flops <= _DENSE_TAIL_FREE:
         # below CHOLMOD's own overhead whatever its count: no need to analyse
@@ -87,8 +86,9 @@ def _dense_tail_flops(indptr, k0, q0):
     if r > _DENSE_TAIL_MAX or q0 == 0:
         return None
     # n_l: the other levels that level l of term 0 meets (the rows below its block)
-    met = indptr[1:q0 + 1:k0] - (indptr[0:q0:k0] + k0)
-    return r ** 3 / 3.0 + float(np.sum(met.astype(float) ** 2)) * k0 + q0 * k0 * k0
+    met = (indptr[1:q0 + 1:k0] - (indptr[0:q0:k0] + k0)).astype(float)
+    # a sum of squares of integers, exact in any order below 2**53
+    return r ** 3 / 3.0 + float(np.dot(met, met)) * k0 + q0 * k0 * k0
 
 
 @functools.lru_cache(maxsize=256)
@@ -158,10 +158,12 @@ class BlockedSystem:
     ----------
     codes, z, nlevels : per random-effects term (in term order)
     zerocorr : per term, whether its Λ block is diagonal
+    layout : ThetaLayout, optional
+        The model's own layout of these terms, to share rather than make again.
     """
 
-    def __init__(self, codes, z, nlevels, zerocorr):
-        self._setup(build_pattern(codes, z, nlevels), zerocorr)
+    def __init__(self, codes, z, nlevels, zerocorr, layout=None):
+        self._setup(build_pattern(codes, z, nlevels), zerocorr, layout)
 
     @classmethod
     def from_structure(cls, structure, zerocorr):
@@ -181,9 +183,9 @@ class BlockedSystem:
         self._setup(structure, zerocorr)
         return self
 
-    def _setup(self, pat, zerocorr):
+    def _setup(self, pat, zerocorr, layout=None):
         self.pattern = pat
-        self.layout = ThetaLayout(pat.kk, zerocorr)
+        self.layout = ThetaLayout(pat.kk, zerocorr) if layout is None else layout
         self.q = pat.q
         self.avals = np.zeros(pat.nvals)
         self._lam = np.zeros(self.layout.nlam)

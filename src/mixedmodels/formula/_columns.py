@@ -19,6 +19,7 @@ keeps its declared order; a polars ``Categorical`` (which polars itself sorts as
 strings) and an Arrow dictionary column become strings.
 """
 import math
+import operator
 from collections.abc import Mapping
 
 import numpy as np
@@ -68,16 +69,18 @@ def column(data, name):
     return series
 
 
-def column_values(data, name):
+def column_values(data, name, loc=None):
     """:func:`column`'s values as the frame stores them, an ndarray (read-only) or an
     ExtensionArray, without making a pandas Series (which costs more than reading a small
-    column does); the same arguments and errors as :func:`column`."""
+    column does); the same arguments and errors as :func:`column`. ``loc``: the column's
+    position in a DataFrame, when the caller knows it already."""
     values = None
     if isinstance(data, pd.DataFrame):
-        try:
-            loc = data.columns.get_loc(name)
-        except KeyError:
-            raise ValueError(f"column {name!r} not found in data") from None
+        if loc is None:
+            try:
+                loc = data.columns.get_loc(name)
+            except KeyError:
+                raise ValueError(f"column {name!r} not found in data") from None
         if isinstance(loc, (int, np.integer)):
             try:
                 # the block's own array, without the Series pandas would wrap it in
@@ -282,6 +285,11 @@ def raw_factorize(series):
 def _categorical_raw(cat):
     raw = cat.codes
     cats = cat.categories
+    strings = getattr(cats.array, "_pa_array", None)
+    if strings is not None and isinstance(cats.dtype, pd.StringDtype):
+        # Arrow-backed string categories: Arrow's own list of them, without the object
+        # array (and its Arrow conversion) that to_numpy() would make first
+        return raw, strings.to_pylist(), True
     values = cats.to_numpy()
     # Index.tolist() boxes as list(Index) does, without a Python loop; but an
     # ndarray's own tolist() turns datetimes into integers
@@ -351,6 +359,34 @@ def _python_factorize(items):
     return raw, uniques, False
 
 
+def _short_strings_factor(values):
+    """:func:`factorize` of a whole Arrow string column of at most
+    ``_PY_FACTORIZE_MAX_ROWS`` rows without nulls, straight into model order; None for
+    any other column.
+
+    Strings sort as strings, so the sorted distinct values are the levels and each
+    row's code is its value's place among them: no first-appearance codes to remap.
+    """
+    data = getattr(values, "_pa_array", None)
+    if (data is None or not isinstance(values.dtype, pd.StringDtype) or data.null_count
+            or not 1 < len(values) <= _PY_FACTORIZE_MAX_ROWS):
+        return None
+    import pyarrow as pa
+
+    if not (pa.types.is_string(data.type) or pa.types.is_large_string(data.type)):
+        return None
+    items = data.to_pylist()
+    levels = sorted(set(items))
+    index = dict(zip(levels, range(len(levels))))
+    if len(levels) <= 256:
+        # one C-level pass: itemgetter looks every row up, bytes() packs the small codes
+        packed = bytes(operator.itemgetter(*items)(index))
+        codes = np.frombuffer(packed, dtype=np.uint8).astype(np.int32)
+    else:
+        codes = np.fromiter(map(index.__getitem__, items), dtype=np.int32, count=len(items))
+    return codes, levels
+
+
 def _arrow_strings_without_nulls(values):
     """Whether a column is Arrow-backed strings with no missing value (so no row of
     its factorization is -1)."""
@@ -404,6 +440,10 @@ def levels_from_raw(raw, uniques, declared, order=None, name=None, complete=Fals
     labels = [u if type(u) is str else _label(u) for u in uniques]
     present = np.zeros(len(uniques) + 1, dtype=bool)
     present[raw] = True  # a missing value's -1 marks the extra last slot
+    if declared and order is None and present[:-1].all() and len(set(labels)) == len(labels):
+        # a declared order whose levels all occur, with distinct labels: the codes are
+        # in model order already
+        return raw, labels
     idx = np.flatnonzero(present[:-1]).tolist()
     if order is not None:
         wanted = [_label(v) for v in order]
@@ -465,6 +505,9 @@ class ColumnCache:
     Parameters
     ----------
     data : pandas.DataFrame or the result of :func:`as_table`
+    locs : dict, optional
+        Column name -> its position in ``data`` (a DataFrame), for the columns whose
+        position the caller knows.
 
     Notes
     -----
@@ -475,10 +518,12 @@ class ColumnCache:
     (:func:`column_values`); a pandas Series is made only when asked for.
     """
 
-    def __init__(self, data):
+    def __init__(self, data, locs=None):
         self.data = data
         self.n = len(data)
         self.rows = None
+        # name -> position of the column in a DataFrame, where known (see column_values)
+        self._locs = {} if locs is None else locs
         self._values = {}
         self._series = {}
         self._raw = {}
@@ -491,7 +536,7 @@ class ColumnCache:
         """The column as stored (see :func:`column_values`)."""
         v = self._values.get(name)
         if v is None:
-            v = self._values[name] = column_values(self.data, name)
+            v = self._values[name] = column_values(self.data, name, self._locs.get(name))
         return v
 
     def series(self, name):
@@ -520,14 +565,17 @@ class ColumnCache:
 
     def missing(self, name):
         """Missing rows of the whole column, or None when it has none for certain."""
-        if name not in self._missing:
-            if self.is_numeric(name):
-                self._missing[name] = _values_missing(self.values(name))
-            elif _arrow_strings_without_nulls(self.values(name)):
-                self._missing[name] = None
-            else:
-                self._missing[name] = self.raw(name)[0] < 0
-        return self._missing[name]
+        if name in self._missing:
+            return self._missing[name]
+        values = self.values(name)
+        if self.is_numeric(name):
+            bad = _values_missing(values)
+        elif _arrow_strings_without_nulls(values):
+            bad = None
+        else:
+            bad = self.raw(name)[0] < 0
+        self._missing[name] = bad
+        return bad
 
     def keep(self, rows):
         """Restrict later answers to ``rows`` (None: all rows)."""
@@ -561,6 +609,10 @@ class ColumnCache:
         """Level codes and labels of the rows kept, as :func:`factorize`."""
         key = (name, None if order is None else tuple(order))
         out = self._factor.get(key)
+        if out is None and self.rows is None and order is None:
+            out = _short_strings_factor(self.values(name))
+            if out is not None:
+                self._factor[key] = out
         if out is None:
             raw, uniques, declared = self.raw(name)
             # a factorization lists only values that occur: all of them do while

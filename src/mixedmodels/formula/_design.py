@@ -5,6 +5,8 @@ drop (or refuse) incomplete rows, turn categorical columns into level codes with
 fixed level order (``_columns``: each column read, checked and factorized once),
 expand the fixed part and each random term's columns, put the columns in R's term
 order, name them as MixedModels.jl does, and remove aliased fixed-effects columns.
+What depends on the formula text and the column names alone (the split, the parts and
+the columns they read) is worked out once per pandas column Index (``_plan``).
 
 Each model matrix is built one of two ways, with identical results:
 
@@ -44,6 +46,7 @@ import math
 import re
 import tokenize
 import warnings
+import weakref
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -1214,14 +1217,89 @@ def _design_and_qr(formula, data, contrasts, weights, offset, na_action, qr_out)
 def _model_columns(parts, parsed, codings):
     """The columns the model matrices read and the grouping columns, in formula order;
     refuses a Grouping()-coded column inside a model matrix."""
+    _refuse_grouping_codings(parts, codings)
+    matrix_cols = list(dict.fromkeys(c for part in parts for c in part.cols))
+    group_cols = list(dict.fromkeys(g for t in parsed.random for g in t.grouping))
+    return matrix_cols, group_cols
+
+
+def _refuse_grouping_codings(parts, codings):
+    """Refuse a Grouping()-coded column inside a model matrix."""
     for part in parts:
         for name in part.cols:
             if is_grouping(codings.get(name)):
                 raise ValueError(f"column {name!r} has the Grouping() contrast and cannot "
                                  f"appear in {part.what}")
-    matrix_cols = list(dict.fromkeys(c for part in parts for c in part.cols))
-    group_cols = list(dict.fromkeys(g for t in parsed.random for g in t.grouping))
-    return matrix_cols, group_cols
+
+
+class _Plan:
+    """What a formula asks of a table, decided by the formula text and the table's
+    column names alone: the parsed formula, the response column (None for an
+    expression or a ``cbind()``), the parts to build as model matrices, the columns
+    they and the grouping factors read, in formula order, and where those columns sit.
+
+    Shared by every build with the same formula over the same column Index (see
+    :func:`_plan`): nothing in it is changed after it is made, except that a
+    :class:`_Part` fills in its patsy text on demand, which depends on the same
+    two things.
+    """
+
+    __slots__ = ("parsed", "resp_col", "fixed", "offsets", "random", "parts", "matrix_cols",
+                 "group_cols", "locs")
+
+    def __init__(self, formula, columns, fast):
+        parsed = self.parsed = _parse(formula)
+        self.resp_col = (_response_column(parsed.response, columns)
+                         if parsed.counts is None else None)
+        self.fixed = _part(parsed.fixed, formula, "the fixed-effects part", columns, fast)
+        self.offsets = [_offset_part(expr, formula, columns, fast) for expr in parsed.offsets]
+        self.random = []
+        for term in parsed.random:
+            self.random.append(_part(term.expr, formula, f"random-effects term {term.text}",
+                                     columns, fast))
+            for g in term.grouping:
+                _need_column(g, columns)
+        self.parts = [self.fixed] + self.offsets + self.random
+        # (the codings' check is the build's: they are no part of the plan)
+        self.matrix_cols, self.group_cols = _model_columns(self.parts, parsed, {})
+        # where the columns sit: a position is a property of the Index alone
+        self.locs = {}
+        if isinstance(columns, pd.Index):
+            for name in [self.resp_col, *self.matrix_cols, *self.group_cols]:
+                loc = columns.get_loc(name) if name in columns else None
+                if isinstance(loc, int):
+                    self.locs[name] = loc
+
+    def fresh_parsed(self):
+        """The parsed formula, with its own list of random terms for the design to keep
+        (made as :func:`_make_frozen` makes a record)."""
+        new = object.__new__(ParsedFormula)
+        new.__dict__.update(self.parsed.__dict__, random=list(self.parsed.random))
+        return new
+
+
+# (formula, id of the column Index, fast) -> (weak reference to that Index, _Plan). A
+# pandas Index cannot change, so the same object means the same names; the weak reference
+# tells a live Index from a new one at a freed one's address.
+_plans = {}
+_PLANS_MAX = 128
+
+
+def _plan(formula, columns, fast):
+    """The :class:`_Plan` of a formula over a table's columns, remembered per pandas
+    column Index: parsing and checking the formula costs more than reading a small
+    table's columns does."""
+    if not (isinstance(formula, str) and isinstance(columns, pd.Index)):
+        return _Plan(formula, columns, fast)
+    key = (formula, id(columns), fast)
+    hit = _plans.get(key)
+    if hit is not None and hit[0]() is columns:
+        return hit[1]
+    plan = _Plan(formula, columns, fast)
+    if len(_plans) >= _PLANS_MAX:
+        _plans.clear()
+    _plans[key] = (weakref.ref(columns), plan)
+    return plan
 
 
 def _build_design(formula, data, contrasts=None, weights=None, offset=None,
@@ -1235,7 +1313,10 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
     if na_action not in ("drop", "raise"):
         raise ValueError(f"na_action must be 'drop' or 'raise', not {na_action!r}")
     data = as_table(data)
-    parsed = _parse(formula)
+    columns = data.columns
+    # Which columns each part reads; unknown names fail here, before any work.
+    plan = _plan(formula, columns, fast)
+    parsed = plan.fresh_parsed()
     if parsed.counts is not None and weights is not None:
         raise ValueError(f"weights cannot be given with the response {parsed.response!r}: "
                          "a cbind(successes, failures) response sets the weights to the "
@@ -1243,13 +1324,11 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
     codings = {}
     for name, coding in (contrasts or {}).items():
         codings[name] = normalize_coding(coding)
-    columns = data.columns
-    cache = ColumnCache(data)
+    cache = ColumnCache(data, plan.locs)
 
-    # Which columns each part reads; unknown names fail here, before any work.
     used = []
     if parsed.counts is None:
-        resp_col = _response_column(parsed.response, columns)
+        resp_col = plan.resp_col
         resp_series = resp_value = None
         if resp_col is not None:
             used.append(resp_col)
@@ -1266,16 +1345,10 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
     else:
         counts, resp_bad = _counts(parsed, data, used, formula, cache)
         resp_col = None
-    fixed_part = _part(parsed.fixed, formula, "the fixed-effects part", columns, fast)
-    offset_parts = [_offset_part(expr, formula, columns, fast) for expr in parsed.offsets]
-    random_parts = []
-    for term in parsed.random:
-        random_parts.append(_part(term.expr, formula, f"random-effects term {term.text}",
-                                  columns, fast))
-        for g in term.grouping:
-            _need_column(g, columns)
-    parts = [fixed_part] + offset_parts + random_parts
-    matrix_cols, group_cols = _model_columns(parts, parsed, codings)
+    fixed_part, offset_parts, random_parts = plan.fixed, plan.offsets, plan.random
+    matrix_cols, group_cols = plan.matrix_cols, plan.group_cols
+    if codings:
+        _refuse_grouping_codings(plan.parts, codings)
     w_label, w_all = (_side_array(weights, "weights", data, cache) if weights is not None
                       else (None, None))
     o_label, o_all = (_side_array(offset, "offset", data, cache) if offset is not None
@@ -1289,9 +1362,9 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
     for name in dict.fromkeys(used + matrix_cols + group_cols):
         bad_by[name] = cache.missing(name)
     if w_all is not None:
-        bad_by[w_label] = _or(bad_by.get(w_label), np.isnan(w_all))
+        bad_by[w_label] = _or(bad_by.get(w_label), _nan_rows(w_all))
     if o_all is not None:
-        bad_by[o_label] = _or(bad_by.get(o_label), ~np.isfinite(o_all))
+        bad_by[o_label] = _or(bad_by.get(o_label), _nonfinite_rows(o_all))
     bad = None
     for mask in bad_by.values():
         bad = _or(bad, mask)
@@ -1352,14 +1425,22 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
     # per-cell sums beat a pass over X for X'X only when X is tall
     tall = n >= 20000
 
+    # fast-path matrices by their terms: the same terms over the same columns give the
+    # same matrix ((1 + days | subj) repeats 1 + days; (1 | a) + (1 | b) repeats 1)
+    built = {}
+
     def model_matrix(part, what):
         nonlocal frame
+        if part.terms is not None and part.terms in built:
+            return built[part.terms].copy_for(what)
         part_specs = {c: specs[c] for c in part.cols}
         if part.terms is not None:
-            plan = fast_plan(part.terms, part_specs, codings)
-            if plan is not None:
-                return FastMatrix(plan, part_specs, codings, {c: values(c) for c in part.cols},
-                                  n, what, _check_finite, keep_cells=tall and part is fixed_part)
+            layout = fast_plan(part.terms, part_specs, codings)
+            if layout is not None:
+                mat = built[part.terms] = FastMatrix(
+                    layout, part_specs, codings, {c: values(c) for c in part.cols}, n, what,
+                    _check_finite, keep_cells=tall and part is fixed_part)
+                return mat
             part.for_patsy(formula, columns)
         if frame is None:
             frame = _as_patsy_frame({c: values(c) for c in matrix_cols}, specs, n)
@@ -1401,12 +1482,9 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
     o = None
     if w_all is not None:
         w = np.array(cache.take(w_all), dtype=np.float64)
-        invalid = ~np.isfinite(w) | (w < 0)
-        if invalid.any():
-            where = rows[invalid][:5].tolist()
-            name = "weights" if w_label == "weights" else f"weights column {w_label!r}"
-            raise ValueError(f"{name} must be finite and non-negative; {int(invalid.sum())} "
-                             f"value(s) are not, e.g. {w[invalid][:5].tolist()} at rows {where}")
+        # (the extremes settle it in two passes: NaN would make both NaN)
+        if len(w) and not (w.min() >= 0.0 and w.max() < math.inf):
+            _refuse_invalid_weights(w, rows, w_label)
     # R's model.offset: the offset argument, then each offset() term in turn
     if o_all is not None:
         o = np.array(cache.take(o_all), dtype=np.float64)
@@ -1429,6 +1507,31 @@ def _make_frozen(cls, names, values):
     obj = object.__new__(cls)
     obj.__dict__.update(zip(names, values))
     return obj
+
+
+def _refuse_invalid_weights(w, rows, label):
+    """Raise naming the weights that are negative or not finite, if any."""
+    invalid = ~np.isfinite(w) | (w < 0)
+    if invalid.any():
+        where = rows[invalid][:5].tolist()
+        name = "weights" if label == "weights" else f"weights column {label!r}"
+        raise ValueError(f"{name} must be finite and non-negative; {int(invalid.sum())} "
+                         f"value(s) are not, e.g. {w[invalid][:5].tolist()} at rows {where}")
+
+
+def _nan_rows(values):
+    """Rows of a float array holding NaN; None when there are none."""
+    # the smallest value is NaN when any is (and, unlike a sum, never overflows)
+    if not (len(values) and math.isnan(values.min())):
+        return None
+    return np.isnan(values)
+
+
+def _nonfinite_rows(values):
+    """Rows of a float array that are not finite; None when all are."""
+    if not len(values) or (math.isfinite(values.min()) and math.isfinite(values.max())):
+        return None
+    return ~np.isfinite(values)
 
 
 def _or(a, b):

@@ -425,24 +425,31 @@ class FastMatrix:
         self.what = what
         self._check = check_finite
         st = _structure(subterms, self.specs, codings)
-        # each matrix owns its lists; the contrast matrices are shared, read-only
-        self._contrasts = dict(st.contrasts)
-        self._cats = list(st.cats)
+        # the structure's tuples and read-only contrast matrices are shared, never changed;
+        # the names are the matrix's own list
+        self._contrasts = st.contrasts
+        self._cats = st.cats
         self.names = list(st.names)
-        self._spans = list(st.spans)
-        self._monomial = list(st.monomial)
-        self._numeric_cols = list(st.numeric_cols)
-        self._risky = list(st.risky)
+        self._spans = st.spans
+        self._monomial = st.monomial
+        self._numeric_cols = st.numeric_cols
+        self._risky = st.risky
         self._cells = None
         self.matrix = self._assemble(values, n, keep=keep_cells, structure=st)
         self._check(self.matrix, self.names, self.what, self._risky)
 
-    def _coding(self, col, full, codings):
-        key = (col, full)
-        out = self._contrasts.get(key)
-        if out is None:
-            out = self._contrasts[key] = _contrast(codings.get(col), self.specs[col], full)
-        return out
+    def copy_for(self, what):
+        """This matrix as another part of the model with the same terms (a random term
+        whose columns are the fixed part's, as in ``y ~ 1 + x + (1 + x | g)``): its own
+        copy of the columns and of the names, under its own description."""
+        new = object.__new__(FastMatrix)
+        new.__dict__.update(self.__dict__)
+        new.what = what
+        new.specs = dict(self.specs)
+        new.names = list(self.names)
+        new.matrix = self.matrix.copy()
+        new._cells = None
+        return new
 
     def _product(self, sub, values, n, numeric=True):
         """Columns of one subterm, left-to-right product of its factors; with
