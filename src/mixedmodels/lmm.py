@@ -282,7 +282,7 @@ class LinearMixedModel(MixedModelSpec):
             elif polish and self._rectify(optsum, bounded):
                 # a bound tried only now: the shortened search's value is no minimum to
                 # compare a trial on the bound with, the polished one is
-                self._check_optimum(optsum, warn=False)
+                self._check_optimum(optsum, warn=False, kernel=kernel)
             for msg in optsum.derivs.messages:
                 warnings.warn(msg, ConvergenceWarning, stacklevel=2)
         return LinearMixedModelFit(self, self._optimum(optsum.final, kernel), optsum)
