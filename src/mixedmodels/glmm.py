@@ -29,8 +29,10 @@ from a ``fast`` fit in which the optimizer moves θ (and φ) alone and PIRLS re-
 with u (lme4's nAGQ = 0); ``fast=True`` stops after that first stage. Where the exact
 gradient is known (``has_gradient``: the canonical links of Bernoulli, Binomial and
 Poisson, under the Laplace approximation (_gradient.py) or quadrature on one scalar term
-(_agq_gradient.py)), one L-BFGS-B stage from the GLM's β and Λ = I replaces the two. The
-fixed effects are handled in the orthogonal working basis of _fixed.py throughout.
+(_agq_gradient.py)), one L-BFGS-B stage from the GLM's β and Λ = I replaces the two, and
+its convergence check is _glmm_search.py's; with one term and nAGQ = 1 that search runs
+in compiled code (``PirlsKernel.lbfgsb``). The fixed effects are handled in the
+orthogonal working basis of _fixed.py throughout.
 """
 import math
 import warnings
@@ -40,7 +42,9 @@ import numpy as np
 from ._agq import agq_deviance
 from ._agq_gradient import agq_value_and_gradient, supports_agq_gradient
 from ._agq_vector import MAX_COLUMNS, MAX_NODES, agq_vector_deviance
+from . import _gradient
 from ._dispersion import observed_weights, pearson_dispersion
+from ._kernels import _glm
 from ._model import MixedModelSpec
 from .lmm import rx_inverse_crossprod
 from ._gradient import laplace_value_and_gradient
@@ -48,9 +52,12 @@ from ._optimize import (BOUND_PROBE, OptSummary, check_optimum, check_optimum_wi
                         gradient_hessian, hessian_steps, leave_the_bound, minimize,
                         minimize_with_gradient, rectify, restart_lbfgsb)
 from ._derivs import finite_difference_derivatives
-from ._pirls import PirlsState, pirls
+from ._glmm_search import FTOL as SEARCH_FTOL, check_with_gradient, minimize_one_term
+from ._pirls import PirlsState, pirls, row_kernel
 from ._results import MixedModelFit
 from .families import get_family
+
+_EMPTY = np.empty(0)    # the kernels read an empty array as unit weights or no offset
 
 
 class GeneralizedLinearMixedModel(MixedModelSpec):
@@ -73,7 +80,10 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         Quadrature points; > 1 needs a single scalar random-effects term.
     """
 
-    _transient = MixedModelSpec._transient + ("_state", "_u_warm")
+    _transient = MixedModelSpec._transient + ("_state", "_u_warm", "_one_term_laplace_p",
+                                              "_last_evaluation")
+    _one_term_laplace_p = None      # see _route_one_term_laplace (None: not yet decided)
+    _last_evaluation = None         # (x, value, gradient, modes) of _joint_value_and_grad
 
     def __init__(self, formula, data, family, *, weights=None, offset=None, contrasts=None,
                  nAGQ=1, na_action="drop"):
@@ -110,7 +120,8 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         self._check_random_effects_count(strict=False)
         self.offset_or_zero = (np.zeros(self.n) if d.offset is None
                                else np.ascontiguousarray(d.offset, float))
-        self._state = self._u_warm = None
+        self._state = self._u_warm = self._one_term_laplace_p = None
+        self._last_evaluation = None
         self._response_changed()
         self._setup_done()
 
@@ -135,26 +146,30 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         self.y = np.ascontiguousarray(d.y, dtype=float)
         self.prior_w = (np.ones(self.n) if d.weights is None
                         else np.ascontiguousarray(d.weights, float))
-        fam.validate(self.y, self.prior_w, d.response_name)
-        self._refuse_degenerate_response()
+        y_range = fam._validate_with_range(self.y, self.prior_w, d.response_name)
+        self._refuse_degenerate_response(y_range)
         # the workspace and PIRLS arrays hold nothing of y between calls; the modes do
         self._u_warm = None
         self.beta0, self.phi0 = self._glm_start()
 
-    def _refuse_degenerate_response(self):
-        """Responses whose GLM estimates are infinite: lme4 refuses them too."""
+    def _refuse_degenerate_response(self, y_range=None):
+        """Responses whose GLM estimates are infinite: lme4 refuses them too.
+        ``y_range``: the smallest and largest y over the rows of positive weight, where
+        the family's checks found them."""
         fam, y, w = self.family, self.y, self.prior_w
         if fam.name not in ("Bernoulli", "Binomial", "Poisson"):
             return
         # the response over the rows of positive weight (validate refused NaN), by its
         # range: every value is 0 (or 1) when the smallest and the largest are
-        used = w > 0
-        yu = y if used.all() else y[used]
-        if yu.size:
-            lo, hi = yu.min(), yu.max()
+        if y_range is None:
+            used = w > 0
+            yu = y if used.all() else y[used]
+            y_range = (yu.min(), yu.max()) if yu.size else (math.nan, math.nan)
+        lo, hi = y_range
+        if lo == lo:
             zeros, ones = lo == 0 and hi == 0, lo == 1 and hi == 1
         else:
-            zeros = ones = True     # as numpy.all of nothing
+            zeros = ones = True     # no row: as numpy.all of nothing
         if fam.name in ("Bernoulli", "Binomial"):
             # all failures or all successes: the intercept runs off to ∓∞
             if zeros or ones:
@@ -187,13 +202,50 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
     def _u(self, value):
         self._u_warm = value
 
-    def _glm_start(self):
+    # the GLM start by _kernels._glm.glm_irls (a Householder QR per step) rather than the
+    # NumPy loop with LAPACK's dgelsd: 86 → 14 µs on cbpp, a start that differs from the
+    # loop's in the last bits (its twin, within 1e-12)
+    _compiled_glm_start = True
+
+    def _glm_start(self, compiled=None):
         """β̃ of the GLM without random effects (IRLS), and a moment estimate of φ (or of
-        the negative binomial θ, from Var y = μ + μ²/θ)."""
-        X, y, w, off, fam = self.X, self.y, self.prior_w, self.offset_or_zero, self.family
+        the negative binomial θ, from Var y = μ + μ²/θ). ``compiled=False`` runs the
+        NumPy loop, the compiled one's twin (default: ``_compiled_glm_start``)."""
+        if compiled is None:
+            compiled = self._compiled_glm_start
+        y, w, fam = self.y, self.prior_w, self.family
         if self.estimates_family_param:
             fam = fam.with_param(1e8)        # a Poisson-like start for β
         eta = fam.link.link(fam.starting_mu(y, w))
+        st = self.state
+        beta = self._glm_irls_compiled(fam, eta) if compiled else None
+        if beta is None:
+            beta = self._glm_irls_numpy(fam, eta)
+        if self.has_dispersion:
+            return beta, pearson_dispersion(fam, y, st.mu, w, self.n - self.p)
+        if self.estimates_family_param:
+            mu = st.mu
+            excess = float(np.sum(w * ((y - mu) ** 2 - mu)))
+            size = float(np.sum(w * mu * mu)) / excess if excess > 0 else 10.0
+            return beta, min(max(size, 1e-2), 1e4)
+        return beta, 1.0
+
+    def _glm_irls_compiled(self, fam, eta):
+        """IRLS from ``eta`` in _kernels._glm.glm_irls, the state left at the last η; None
+        where it hands back to the NumPy loop (a weighted X of lower rank)."""
+        st = self.state
+        st.eta[:] = eta
+        beta = np.empty(self.p)
+        off = _EMPTY if self.design.offset is None else self.offset_or_zero
+        solves = _glm.glm_irls(fam.code, fam.link.code, fam.param, self.X, self.y,
+                               self.prior_w, off, st.eta, st.mu, st.mu_eta, st.wrkwt,
+                               st.wrkresid, st.devresid, beta)
+        return None if solves < 0 else beta
+
+    def _glm_irls_numpy(self, fam, eta):
+        """IRLS from ``eta`` with NumPy's least squares (dgelsd), the state left at the
+        last η."""
+        X, y, w, off = self.X, self.y, self.prior_w, self.offset_or_zero
         least_squares = self.fixed.least_squares
         st = self.state
         beta = np.zeros(X.shape[1])
@@ -219,14 +271,7 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
             beta = least_squares(xw, zw)
             eta = X @ beta
             eta += off
-        if self.has_dispersion:
-            return beta, pearson_dispersion(fam, y, st.mu, w, self.n - self.p)
-        if self.estimates_family_param:
-            mu = st.mu
-            excess = float(np.sum(w * ((y - mu) ** 2 - mu)))
-            size = float(np.sum(w * mu * mu)) / excess if excess > 0 else 10.0
-            return beta, min(max(size, 1e-2), 1e4)
-        return beta, 1.0
+        return beta
 
     # -- the objective ---------------------------------------------------------------
     def _value(self, theta, beta_w, phi=1.0, vary_beta=False, nAGQ=None, family=None):
@@ -367,13 +412,55 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         return self.nAGQ == 1 or supports_agq_gradient(self)
 
     def _joint_value_and_grad(self, x):
-        beta_w, theta, _, fam = self._split(x, True)
         try:
-            if self.nAGQ > 1:
-                return agq_value_and_gradient(self, theta, beta_w, family=fam)
-            return laplace_value_and_gradient(self, theta, beta_w, family=fam)
+            p = self._one_term_laplace_p
+            if p is None:
+                p = self._one_term_laplace_p = self._route_one_term_laplace()
+            if p >= 0 and type(x) is np.ndarray and x.dtype == np.float64:
+                # the optimizer's own calls, a dozen per fit: straight to the compiled
+                # call, without the checks laplace_value_and_gradient makes of the model
+                # each time (a third of a call's cost on a small model)
+                value, grad = _gradient._one_term_value_and_gradient(self, x[p:], x[:p],
+                                                                     self.family)
+            else:
+                beta_w, theta, _, fam = self._split(x, True)
+                if self.nAGQ > 1:
+                    value, grad = agq_value_and_gradient(self, theta, beta_w, family=fam)
+                else:
+                    value, grad = laplace_value_and_gradient(self, theta, beta_w,
+                                                             family=fam)
         except np.linalg.LinAlgError:
             return math.inf, np.zeros_like(x)
+        # the convergence check starts where the search's last evaluation usually is
+        self._last_evaluation = (np.array(x, dtype=float), value, grad, self._u_warm)
+        return value, grad
+
+    def _evaluation_at(self, x):
+        """(x, value, gradient, modes) of the last joint evaluation if it was at ``x`` and
+        the state still holds its modes (no PIRLS since), else None."""
+        last = self._last_evaluation
+        # the same bytes: the very point evaluated (cheaper than array_equal)
+        if (last is None or last[3] is not self._u_warm
+                or last[0].tobytes() != np.asarray(x, dtype=float).tobytes()):
+            return None
+        return last
+
+    def _one_term_laplace(self):
+        """Whether the joint value and gradient are one compiled call of the Laplace
+        kernel (see :meth:`_route_one_term_laplace`)."""
+        if self._one_term_laplace_p is None:
+            self._one_term_laplace_p = self._route_one_term_laplace()
+        return self._one_term_laplace_p >= 0
+
+    def _route_one_term_laplace(self):
+        """p where the joint value and gradient are one compiled call of the Laplace
+        kernel (one term, nAGQ = 1, a canonical link of Bernoulli, Binomial or Poisson,
+        the model's own family), else -1."""
+        fam = self.family
+        if (self.nAGQ == 1 and not self._full_loglik and self.workspace.factor is None
+                and _gradient._compiled_case(fam)):
+            return self.p
+        return -1
 
     def fit(self, fast=False, progress=False, check_convergence=True, optimizer="auto"):
         """Fit by maximizing the (approximate) likelihood.
@@ -490,13 +577,17 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         layout, p = self.layout, self.p
         lower = np.concatenate([np.full(p, -np.inf), layout.lower])
         opt = OptSummary(initial=np.concatenate([self.beta0, layout.initial()]), lowerbd=lower)
-        minimize_with_gradient(self._joint_value_and_grad, opt, progress=progress)
+        if progress or not self._one_term_laplace() or minimize_one_term(self, opt) is None:
+            minimize_with_gradient(self._joint_value_and_grad, opt, progress=progress,
+                                   ftol=SEARCH_FTOL)
         if opt.returnvalue != "SUCCESS" or not np.isfinite(opt.fmin):
             return None
-        leave_the_bound(self._joint_value_and_grad, opt,
-                        p + np.flatnonzero(np.isfinite(layout.lower)), progress)
         bounded = p + np.flatnonzero(np.isfinite(layout.lower))
-        rectify(self._joint_value, opt, bounded, near=BOUND_PROBE)
+        if (opt.final[bounded] < opt.lowerbd[bounded] + BOUND_PROBE).any():
+            # (both look only at components this close to their bound)
+            leave_the_bound(self._joint_value_and_grad, opt, bounded, progress)
+            rectify(self._joint_value, opt, bounded, near=BOUND_PROBE)
+        end = self._evaluation_at(opt.final)
         if check_convergence and not self._check_with_gradient(opt, warn=False).converged:
             # L-BFGS-B reports success where a line search met the wall of non-finite
             # values beyond a far trial step (the wall has no gradient) and came back with
@@ -507,8 +598,11 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
             rectify(self._joint_value, opt, bounded, near=BOUND_PROBE)
             self._check_with_gradient(opt, warn=True)
         beta_w, theta, phi, fam = self._split(opt.final, True)
-        return GeneralizedLinearMixedModelFit(self, self._optimum(theta, beta_w, phi, fam),
-                                              opt, fast=False)
+        # PIRLS at the optimum from the modes the search found there, where it was
+        # evaluated (a Newton step to confirm them, not five from zero)
+        modes = end[3] if end is not None and end[0].tobytes() == opt.final.tobytes() else None
+        return GeneralizedLinearMixedModelFit(
+            self, self._optimum(theta, beta_w, phi, fam, modes=modes), opt, fast=False)
 
     # the convergence check's Hessian from the exact gradient: "forward" (n + 1
     # gradients) or "central" (2n + 1; tests compare the two)
@@ -516,52 +610,82 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
 
     def _check_with_gradient(self, opt, warn):
         """lme4's check.conv at ``opt.final`` with the Hessian from forward differences
-        of the gradient (``check_optimum_with_gradient``, which may also take a Newton
-        step) in the θ columns, and in the β block twice the Schur complement X̃'WX̃ -
-        X̃'WZΛ M⁻¹ Λ'Z'WX̃ of PIRLS's factor at the modes (the deviance's curvature in
-        β with the modes profiled out; it leaves out the curvature of log det M, a
-        0.4-2.4 % difference on cbpp, contra, grouseticks and verbagg). That is
+        of the gradient (``_glmm_search.check_with_gradient``, which may also take a
+        Newton step) in the θ columns, and in the β block twice the Schur complement
+        X̃'WX̃ - X̃'WZΛ M⁻¹ Λ'Z'WX̃ of PIRLS's factor at the modes (the deviance's
+        curvature in β with the modes profiled out; it leaves out the curvature of log
+        det M, a 0.4-2.4 % difference on cbpp, contra, grouseticks and verbagg). That is
         ntheta + 1 gradients instead of n + 1 (verbagg: 3 instead of 9, a fifth of its
-        fit); neither the checks' verdicts (a scaled gradient against 2e-3, positive
-        definiteness) nor the Newton step need more, and ``vcov_hessian`` takes the
-        central Hessian again when asked for."""
-        beta_w, theta, phi, fam = self._split(opt.final, True)
-        vcov = self._vcov_working(theta, beta_w, phi, fam)
+        fit), one fewer where the search's last evaluation was at ``opt.final``; neither
+        the checks' verdicts (a scaled gradient against 2e-3, positive definiteness) nor
+        the Newton step need more, and ``vcov_hessian`` takes the central Hessian again
+        when asked for."""
+        x = opt.final
+        last = self._evaluation_at(x)
+        grad = None if last is None else last[2]
+        beta_w, theta, phi, fam = self._split(x, True)
+        vcov, schur = self._beta_covariance(theta, beta_w, phi, fam, at_modes=last is not None)
         se = np.sqrt(np.diag(vcov))
         known = None
         if self._schur_beta_block and np.all(np.isfinite(vcov)):
             try:
-                known = (self.p, 2.0 * np.linalg.inv(vcov))
+                known = (self.p, 2.0 * (np.linalg.inv(vcov) if schur is None else schur))
             except np.linalg.LinAlgError:
                 known = None
-        return check_optimum_with_gradient(self._joint_value_and_grad, opt, warn=warn,
-                                           step=hessian_steps(opt.final, se),
-                                           stencil=self._check_stencil, known=known)
+        return check_with_gradient(self._joint_value_and_grad, opt, hessian_steps(x, se),
+                                   known=known, grad=grad, warn=warn,
+                                   stencil=self._check_stencil)
 
     # the check's β block from PIRLS's factor (False: from gradient differences, as
     # the θ columns; tests compare the two)
     _schur_beta_block = True
 
-    def _vcov_working(self, theta, beta_w, phi=1.0, family=None):
+    def _vcov_working(self, theta, beta_w, phi=1.0, family=None, at_modes=False,
+                      compiled=True):
         """(X̃'W X̃ - ...)⁻¹ at the modes: the covariance of β̃ given θ (and φ), with the
-        working weights of PIRLS (which carry 1/φ for the dispersion families)."""
+        working weights of PIRLS (which carry 1/φ for the dispersion families).
+        ``at_modes``, ``compiled``: see :meth:`_beta_covariance`."""
+        return self._beta_covariance(theta, beta_w, phi, family, at_modes, compiled)[0]
+
+    def _beta_covariance(self, theta, beta_w, phi=1.0, family=None, at_modes=False,
+                         compiled=True):
+        """(V, S): the covariance V of β̃ given θ (and φ) and, with one term, the Schur
+        complement S = X̃'WX̃ - X̃'WZΛ M⁻¹ Λ'Z'WX̃ = V⁻¹ (else None).
+
+        ``at_modes``: the state already holds the modes at these parameters (the caller
+        has just evaluated there), so PIRLS is not run again. One term: by the compiled
+        PIRLS (``PirlsKernel.beta_covariance``), whose twin is the workspace's
+        factorization with the columns [X̃, working response] (``compiled=False``),
+        which every other model takes."""
         fam = self.family if family is None else family
-        self._value(theta, beta_w, phi, family=fam)
-        st, X, off = self.state, self.X, self.offset_or_zero
-        ws = self.workspace
         pw = self.prior_w / phi if self.has_dispersion else self.prior_w
+        one_term = compiled and self.workspace.factor is None
+        if not at_modes:
+            if one_term:
+                # the modes alone: _value's objective on top of them is not wanted here
+                self._u, *_ = pirls(self, theta, beta_w, self._u, prior_w=pw, family=fam)
+            else:
+                self._value(theta, beta_w, phi, family=fam)
+        st, X, off = self.state, self.X, self.offset_or_zero
+        p = X.shape[1]
+        if one_term:
+            schur, vcov = np.empty((p, p)), np.empty((p, p))
+            row_kernel(self).beta_covariance(np.ascontiguousarray(theta, dtype=float),
+                                             schur, vcov)
+            return vcov, schur
+        ws = self.workspace
         st.evaluate(fam, self.y, pw, st.eta)
         ws.set_products(np.column_stack([X, st.eta - off + st.wrkresid]), st.wrkwt)
         _, r = ws.factorize(theta)
-        return rx_inverse_crossprod(r, X.shape[1])
+        return rx_inverse_crossprod(r, p), None
 
-    def _optimum(self, theta, beta_w, phi, fam):
+    def _optimum(self, theta, beta_w, phi, fam, modes=None):
         """The numbers of the fit at (θ, β̃, φ) and the family at its parameter, as a
-        plain record."""
+        plain record; PIRLS there from ``modes`` (default: zero)."""
         theta = np.asarray(theta, float)
         beta_w = np.asarray(beta_w, float)
         disp = self.has_dispersion
-        self._u = None
+        self._u = modes
         value, u, _ = self._value(theta, beta_w, phi, family=fam)
         logdet = self._last_logdet
         st = self.state
@@ -577,7 +701,7 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
             saturated = float(np.add.reduce(ll_obs) + 0.5 * np.add.reduce(devresid))
             deviance = value
             objective = -2.0 * (-0.5 * value + saturated)
-        vcov_w = self._vcov_working(theta, beta_w, phi, fam)
+        vcov_w = self._vcov_working(theta, beta_w, phi, fam, at_modes=True)
         fixed = self.fixed
         return dict(theta=theta, coef=fixed.from_working(beta_w), beta_w=beta_w, u=u,
                     b=self.workspace.lambda_times(theta, u), mu=mu, eta=eta,

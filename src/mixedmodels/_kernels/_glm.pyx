@@ -85,7 +85,12 @@ import) the Bernoulli-logit update runs four rows at a time with exp and log1p w
 here (see the SIMD section below): ~5-7 ns a row against ~20 for the scalar loop, to
 within a few ulps of it (tests/test_pirls_speed.py holds the two together, and
 tests/test_family_tails.py both to mpmath in the tails); with AVX-512, eight rows at a
-time (~4 ns a row), with each row's results those of the four-row loop.
+time (~4 ns a row), with each row's results those of the four-row loop. The
+Binomial-logit update runs four rows at a time the same way (~8 ns a row against ~19),
+with a logarithm of any normal number for the proportions strictly inside (0, 1); a
+group of four with a row outside what it covers (eta not finite, y outside [0, 1], a
+subnormal y (1 + e)) goes through the scalar loop (tests/test_glmm_search.py holds it
+to the scalar loop; tests/test_family_tails.py, update to mpmath in the tails).
 
 The compiled PIRLS. ``pirls_blockdiag`` (one random-effects term) and ``PirlsKernel``
 (any blocked system, bound once per model to its rows, its workspace and the PIRLS state)
@@ -97,6 +102,14 @@ evaluation of a one-term GLMM's Laplace deviance and its gradient (canonical lin
 one call: PIRLS from the last modes moved by their first-order change, then the
 gradient at the modes on the level blocks the last row pass left (_gradient.pyx).
 
+The rest of a small GLMM's fit. ``glm_irls`` is the GLM start (IRLS with a Householder
+QR per step; twin: glmm.py's NumPy loop), ``response_check`` one pass over a response
+for the families' checks (twin: ``Family.validate``'s NumPy checks), and, on a
+``PirlsKernel`` of one term, ``beta_covariance`` the covariance of β given θ at the
+modes (twin: the workspace's factorization) and ``lbfgsb`` the whole exact-gradient
+search, scipy's L-BFGS-B driven with the evaluations of ``laplace`` in it (twin:
+``_optimize.minimize_with_gradient``; tests/test_glmm_search.py holds all four).
+
 The NumPy twin of every kernel is in ``_glm_numpy.py``; tests/test_families.py holds the
 two together at 1e-10 for every family x link pair, and
 tests/test_negative_binomial_family.py for the negative binomial (whose parameter the
@@ -105,10 +118,10 @@ family-agnostic tests there do not set). The twin of the row pass is
 (``compiled=False``), both in tests/test_pirls_speed.py.
 """
 from libc.math cimport (exp, log, log1p, expm1, sqrt, erfc, lgamma, fabs, isfinite,
-                        M_PI, M_SQRT1_2, NAN)
+                        rint, M_PI, M_SQRT1_2, NAN, INFINITY)
 from libc.float cimport DBL_EPSILON
 from libc.stdlib cimport malloc, free
-from libc.string cimport memset, memcmp
+from libc.string cimport memset, memcmp, memcpy
 
 import numpy as np
 
@@ -117,7 +130,10 @@ from mixedmodels._linalg._blocked cimport (i64, blockdiag_factor_c, blockdiag_so
                                            tf_lam_size, tf_factor, tf_has_small,
                                            tf_backward)
 from mixedmodels._kernels._gradient cimport (OneTerm, blockdiag_work_size,
-                                            blockdiag_laplace_gradient_c)
+                                            blockdiag_laplace_gradient_c,
+                                            blockdiag_covariance_work_size,
+                                            blockdiag_beta_covariance_c,
+                                            raise_covariance_status)
 
 cdef enum:
     FAM_BERNOULLI = 0
@@ -705,6 +721,121 @@ cdef extern from *:
         return _mm_cvtsd_f64(_mm_add_sd(s2, _mm_unpackhi_pd(s2, s2)));
     }
 
+    /* log(x) for normal, finite x > 0: x = 2^j (1 + f) with sqrt(1/2) < 1 + f <= sqrt(2)
+       (f exact), log(1 + f) by mm_log1p_unit's series, and j ln 2 in two parts (the
+       high part has zero low bits, so j times it is exact) */
+    MM_AVX static inline __m256d mm_log_normal(__m256d x)
+    {
+        const __m256d one = MM_SET(1.0);
+        __m256i bits = _mm256_castpd_si256(x);
+        __m256d m = _mm256_castsi256_pd(_mm256_or_si256(
+            _mm256_and_si256(bits, _mm256_set1_epi64x(0x000FFFFFFFFFFFFFLL)),
+            _mm256_set1_epi64x(0x3FF0000000000000LL)));                     /* [1, 2) */
+        /* the biased exponent as a double: its bits in the mantissa of 2^52 */
+        __m256d jd = _mm256_sub_pd(_mm256_castsi256_pd(_mm256_or_si256(
+            _mm256_srli_epi64(bits, 52), _mm256_set1_epi64x(0x4330000000000000LL))),
+            MM_SET(4503599627370496.0 + 1023.0));
+        __m256d big = _mm256_cmp_pd(m, MM_SET(1.4142135623730951), _CMP_GT_OQ);
+        m = _mm256_blendv_pd(m, _mm256_mul_pd(m, MM_SET(0.5)), big);
+        jd = _mm256_add_pd(jd, _mm256_and_pd(big, one));
+        __m256d f = _mm256_sub_pd(m, one);
+        __m256d s = _mm256_div_pd(f, _mm256_add_pd(MM_SET(2.0), f));
+        __m256d z = _mm256_mul_pd(s, s);
+        __m256d R = MM_SET(2.0 / 23.0);
+        R = _mm256_fmadd_pd(R, z, MM_SET(2.0 / 21.0));
+        R = _mm256_fmadd_pd(R, z, MM_SET(2.0 / 19.0));
+        R = _mm256_fmadd_pd(R, z, MM_SET(2.0 / 17.0));
+        R = _mm256_fmadd_pd(R, z, MM_SET(2.0 / 15.0));
+        R = _mm256_fmadd_pd(R, z, MM_SET(2.0 / 13.0));
+        R = _mm256_fmadd_pd(R, z, MM_SET(2.0 / 11.0));
+        R = _mm256_fmadd_pd(R, z, MM_SET(2.0 / 9.0));
+        R = _mm256_fmadd_pd(R, z, MM_SET(2.0 / 7.0));
+        R = _mm256_fmadd_pd(R, z, MM_SET(2.0 / 5.0));
+        R = _mm256_fmadd_pd(R, z, MM_SET(2.0 / 3.0));
+        R = _mm256_mul_pd(R, z);
+        __m256d hfsq = _mm256_mul_pd(MM_SET(0.5), _mm256_mul_pd(f, f));
+        __m256d lf = _mm256_sub_pd(f, _mm256_fnmadd_pd(s, _mm256_add_pd(hfsq, R), hfsq));
+        return _mm256_fmadd_pd(jd, MM_SET(6.93147180369123816490e-01),
+                               _mm256_fmadd_pd(jd, MM_SET(1.90821492927058770002e-10), lf));
+    }
+
+    /* _update_loop of Binomial-logit for rows [0, n4), n4 a multiple of 4, four at a
+       time, up to the first group of four with a row the formulas here do not cover
+       (eta not finite; a proportion strictly inside (0, 1) whose y (1 + e) or
+       (1 - y)(1 + e) is not a normal number, y outside [0, 1] among them): returns the
+       rows done (the caller runs that group's rows one by one, then comes back), and
+       adds the sum of the deviance residuals written to *dev */
+    MM_AVX static long mm_binomial_logit_avx2(long n4, const double *eta, const double *y,
+                                              const double *pw, double *mu, double *mu_eta,
+                                              double *wrkwt, double *wrkresid,
+                                              double *devresid, double *dev)
+    {
+        const __m256d one = MM_SET(1.0), zero = _mm256_setzero_pd(), two = MM_SET(2.0);
+        const __m256d eps = MM_SET(DBL_EPSILON), one_eps = MM_SET(1.0 - DBL_EPSILON);
+        const __m256d tiny = MM_SET(DBL_MIN), huge = MM_SET(DBL_MAX);
+        const __m256d absmask = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7fffffffffffffffLL));
+        __m256d acc = zero;
+        long i;
+        for (i = 0; i < n4; i += 4) {
+            __m256d h = _mm256_loadu_pd(eta + i);
+            __m256d yi = _mm256_loadu_pd(y + i);
+            __m256d ah = _mm256_and_pd(h, absmask);
+            __m256d b = _mm256_sub_pd(one, yi);
+            /* inside (0, 1) (NaN too): the two-logarithm form */
+            __m256d inner = _mm256_and_pd(_mm256_cmp_pd(yi, zero, _CMP_NEQ_UQ),
+                                          _mm256_cmp_pd(yi, one, _CMP_NEQ_UQ));
+            __m256d e = mm_exp_nonpos(_mm256_sub_pd(zero, ah));
+            __m256d ope = _mm256_add_pd(one, e);
+            __m256d x1 = _mm256_mul_pd(yi, ope), x2 = _mm256_mul_pd(b, ope);
+            __m256d odd = _mm256_cmp_pd(ah, huge, _CMP_NLE_UQ);
+            __m256d bad1 = _mm256_or_pd(_mm256_cmp_pd(x1, tiny, _CMP_NGE_UQ),
+                                        _mm256_cmp_pd(x1, huge, _CMP_NLE_UQ));
+            __m256d bad2 = _mm256_or_pd(_mm256_cmp_pd(x2, tiny, _CMP_NGE_UQ),
+                                        _mm256_cmp_pd(x2, huge, _CMP_NLE_UQ));
+            odd = _mm256_or_pd(odd, _mm256_and_pd(inner, _mm256_or_pd(bad1, bad2)));
+            if (_mm256_movemask_pd(odd))
+                break;
+            __m256d wi = pw ? _mm256_loadu_pd(pw + i) : one;
+            /* the inverse link and its clamps (mm_bernoulli_logit_avx2's) */
+            __m256d it = _mm256_div_pd(one, ope);
+            __m256d me = _mm256_max_pd(eps, _mm256_mul_pd(_mm256_mul_pd(e, it), it));
+            __m256d nonneg = _mm256_cmp_pd(h, zero, _CMP_GE_OQ);
+            __m256d m = _mm256_mul_pd(_mm256_blendv_pd(e, one, nonneg), it);
+            m = _mm256_min_pd(one_eps, _mm256_max_pd(eps, m));
+            _mm256_storeu_pd(mu + i, m);
+            _mm256_storeu_pd(mu_eta + i, me);
+            __m256d v = _mm256_mul_pd(m, _mm256_sub_pd(one, m));
+            _mm256_storeu_pd(wrkwt + i, _mm256_div_pd(_mm256_mul_pd(_mm256_mul_pd(wi, me), me), v));
+            _mm256_storeu_pd(wrkresid + i, _mm256_div_pd(_mm256_sub_pd(yi, m), me));
+            /* y in {0, 1}: _logit_nlogp with a = y, b = 1 - y (the Bernoulli's) */
+            __m256d unit = zero;
+            int im = _mm256_movemask_pd(inner);
+            if (im != 0xF) {
+                __m256d lp = mm_log1p_unit(e, it);
+                __m256d x = _mm256_blendv_pd(yi, b, _mm256_cmp_pd(h, zero, _CMP_GT_OQ));
+                __m256d xe = _mm256_and_pd(_mm256_mul_pd(x, ah), _mm256_cmp_pd(x, zero, _CMP_NEQ_UQ));
+                unit = _mm256_add_pd(_mm256_mul_pd(_mm256_add_pd(yi, b), lp), xe);
+            }
+            /* inside: y (log(y (1 + e)) + max(-eta, 0)) + (1 - y)(log((1 - y)(1 + e))
+               + max(eta, 0)), as _binary_deviance_eta */
+            if (im != 0) {
+                __m256d lo1 = mm_log_normal(_mm256_blendv_pd(one, x1, inner));
+                __m256d lo2 = mm_log_normal(_mm256_blendv_pd(one, x2, inner));
+                __m256d t1 = _mm256_add_pd(lo1, _mm256_and_pd(_mm256_sub_pd(zero, h),
+                                                              _mm256_cmp_pd(h, zero, _CMP_LT_OQ)));
+                __m256d t2 = _mm256_add_pd(lo2, _mm256_and_pd(h, _mm256_cmp_pd(h, zero, _CMP_GT_OQ)));
+                __m256d in = _mm256_add_pd(_mm256_mul_pd(yi, t1), _mm256_mul_pd(b, t2));
+                unit = _mm256_blendv_pd(unit, in, inner);
+            }
+            __m256d d = _mm256_mul_pd(wi, _mm256_mul_pd(two, unit));
+            _mm256_storeu_pd(devresid + i, d);
+            acc = _mm256_add_pd(acc, d);
+        }
+        __m128d s2 = _mm_add_pd(_mm256_castpd256_pd128(acc), _mm256_extractf128_pd(acc, 1));
+        *dev += _mm_cvtsd_f64(_mm_add_sd(s2, _mm_unpackhi_pd(s2, s2)));
+        return i;
+    }
+
     #define MM_512 __attribute__((target("avx512f,avx512dq,fma")))
     #define S8(c) _mm512_set1_pd(c)
 
@@ -821,6 +952,11 @@ cdef extern from *:
                                           const double *pw, double *mu, double *mu_eta,
                                           double *wrkwt, double *wrkresid, double *devresid)
     { return 0.0; }
+    static long mm_binomial_logit_avx2(long n4, const double *eta, const double *y,
+                                       const double *pw, double *mu, double *mu_eta,
+                                       double *wrkwt, double *wrkresid, double *devresid,
+                                       double *dev)
+    { return 0; }
     #endif
     """
     int mm_simd_available()
@@ -833,6 +969,10 @@ cdef extern from *:
                                      const double *pw, double *mu, double *mu_eta,
                                      double *wrkwt, double *wrkresid,
                                      double *devresid) noexcept nogil
+    long mm_binomial_logit_avx2(long n4, const double *eta, const double *y,
+                                const double *pw, double *mu, double *mu_eta,
+                                double *wrkwt, double *wrkresid, double *devresid,
+                                double *dev) noexcept nogil
 
 # rows per SIMD step the CPU allows: 8 (AVX-512), 4 (AVX2) or 0
 cdef int _simd_widest = (8 if mm_simd512_available() and mm_simd_available()
@@ -842,8 +982,9 @@ cdef int _simd_width = _simd_widest
 
 def simd_enabled(enable=None):
     """Whether ``update`` (and the compiled PIRLS) runs Bernoulli-logit rows several at
-    a time (AVX-512 or AVX2 with FMA); ``enable`` switches it (True: the widest the CPU
-    has). Returns the setting in force."""
+    a time (AVX-512 or AVX2 with FMA), and Binomial-logit rows four at a time;
+    ``enable`` switches it (True: the widest the CPU has). Returns the setting in
+    force."""
     global _simd_width
     if enable is not None:
         _simd_width = _simd_widest if enable else 0
@@ -852,7 +993,8 @@ def simd_enabled(enable=None):
 
 def simd_width(width=None):
     """Rows per SIMD step of the Bernoulli-logit update: 8 (AVX-512), 4 (AVX2) or 0
-    (the scalar loop); ``width`` sets it, capped at what the CPU has (for the tests).
+    (the scalar loop; the Binomial-logit one runs four at a time for any width but 0);
+    ``width`` sets it, capped at what the CPU has (for the tests).
     Returns the setting in force."""
     global _simd_width
     if width is not None:
@@ -860,6 +1002,32 @@ def simd_width(width=None):
         if _simd_width not in (0, 4, 8):
             _simd_width = 4 if _simd_width > 4 else 0
     return _simd_width
+
+
+cdef double _binomial_logit_simd(double param, Py_ssize_t n, const double *eta,
+                                 const double *y, const double *pw, double *mu,
+                                 double *mu_eta, double *wrkwt, double *wrkresid,
+                                 double *devresid) noexcept nogil:
+    # Binomial-logit four rows at a time (mm_binomial_logit_avx2), the groups it leaves
+    # and the last n mod 4 rows one by one
+    cdef Py_ssize_t i = 0, n4 = n - n % 4, done, m
+    cdef double dev = 0.0
+    while i < n4:
+        done = mm_binomial_logit_avx2(n4 - i, eta + i, y + i, pw + i if pw != NULL else NULL,
+                                      mu + i, mu_eta + i, wrkwt + i, wrkresid + i,
+                                      devresid + i, &dev)
+        i += done
+        if i < n4:
+            dev += _update_loop(FAM_BINOMIAL, LNK_LOGIT, True, param, 4, eta + i, y + i,
+                                pw + i if pw != NULL else NULL, mu + i, mu_eta + i,
+                                wrkwt + i, wrkresid + i, devresid + i)
+            i += 4
+    m = n - n4
+    if m:
+        dev += _update_loop(FAM_BINOMIAL, LNK_LOGIT, True, param, m, eta + n4, y + n4,
+                            pw + n4 if pw != NULL else NULL, mu + n4, mu_eta + n4,
+                            wrkwt + n4, wrkresid + n4, devresid + n4)
+    return dev
 
 
 cdef inline double _update_dispatch(int family, int link, double param, Py_ssize_t n,
@@ -894,6 +1062,9 @@ cdef inline double _update_dispatch(int family, int link, double param, Py_ssize
         return _update_loop(FAM_BERNOULLI, LNK_LOGIT, True, param, n, eta, y, pw,
                             mu, mu_eta, wrkwt, wrkresid, devresid)
     if family == FAM_BINOMIAL and link == LNK_LOGIT:
+        if _simd_width > 0 and n >= 4:
+            return _binomial_logit_simd(param, n, eta, y, pw, mu, mu_eta, wrkwt, wrkresid,
+                                        devresid)
         return _update_loop(FAM_BINOMIAL, LNK_LOGIT, True, param, n, eta, y, pw,
                             mu, mu_eta, wrkwt, wrkresid, devresid)
     if family == FAM_POISSON and link == LNK_LOG:
@@ -972,6 +1143,196 @@ def update(int family, int link, const double[::1] eta, const double[::1] y,
                                &prior_w[0] if weighted else NULL, &mu[0], &mu_eta[0],
                                &wrkwt[0], &wrkresid[0], &devresid[0])
     return dev
+
+
+# -- the GLM without random effects: the starting values of a GLMM fit -------------------
+#
+# glmm.py starts a fit from the GLM's β (IRLS, as glm() does). The NumPy loop there made
+# one least-squares call per iteration through LAPACK's dgelsd and five array operations
+# around it; on a small model (cbpp: 56 rows, five iterations) that was 90 µs, a tenth
+# of the whole fit. ``glm_irls`` is the same loop with a Householder QR of the weighted
+# X (X̃ has orthogonal columns of norm √n, so the weighted one is far from rank
+# deficiency unless weights vanish; there it hands back to the NumPy loop).
+
+cdef int _householder_least_squares(Py_ssize_t n, Py_ssize_t p, double *a, double *b,
+                                    double *diag, double *out) noexcept nogil:
+    """out <- argmin ||a out - b|| for a column-major n-by-p a (a and b overwritten by
+    the QR), or 1 where a column's part orthogonal to those before it is below 1e-10 of
+    the largest column norm (or not finite): the caller's dgelsd then decides."""
+    cdef Py_ssize_t i, j, c
+    cdef double s, norm, alpha, v0, vtv, t, big = 0.0
+    cdef double *col
+    cdef double *other
+    for j in range(p):
+        s = 0.0
+        for i in range(n):
+            s += a[j * n + i] * a[j * n + i]
+        if not isfinite(s):
+            return 1
+        if s > big:
+            big = s
+    big = sqrt(big)
+    for j in range(p):
+        col = a + j * n
+        s = 0.0
+        for i in range(j, n):
+            s += col[i] * col[i]
+        norm = sqrt(s)
+        if not norm > 1e-10 * big:
+            return 1
+        alpha = -norm if col[j] >= 0.0 else norm
+        v0 = col[j] - alpha
+        vtv = 2.0 * norm * (norm + fabs(col[j]))       # v'v for v = col[j:] - alpha e_1
+        col[j] = v0
+        for c in range(j + 1, p + 1):                  # the later columns, then b
+            other = a + c * n if c < p else b
+            t = 0.0
+            for i in range(j, n):
+                t += col[i] * other[i]
+            t = 2.0 * t / vtv
+            for i in range(j, n):
+                other[i] -= t * col[i]
+        diag[j] = alpha
+    for j in range(p - 1, -1, -1):
+        s = b[j]
+        for c in range(j + 1, p):
+            s -= a[c * n + j] * out[c]
+        out[j] = s / diag[j]
+    return 0
+
+
+def glm_irls(int family, int link, double param, const double[:, ::1] x,
+             const double[::1] y, const double[::1] prior_w, const double[::1] offset,
+             double[::1] eta, double[::1] mu, double[::1] mu_eta, double[::1] wrkwt,
+             double[::1] wrkresid, double[::1] devresid, double[::1] beta,
+             int maxiter=50, double tol=1e-10):
+    """IRLS for the GLM without random effects (the loop of glmm.py's ``_glm_start``).
+
+    From ``eta`` (the link of the starting means), up to ``maxiter`` times: the family's
+    update at η (into mu ... devresid), a stop where the deviance changed by at most
+    ``tol`` (|dev| + ``tol``), else β = the least-squares solution of the weighted
+    problem min ||√W (Xβ - z)||, z = η - offset + working residual, and η = Xβ +
+    offset. On return ``eta`` and the state arrays are those of the last update and
+    ``beta`` the last solution (zero if none was taken). ``offset`` and ``prior_w`` may
+    be empty (zero, unit).
+
+    Returns the number of least-squares solves, or -1 where a weighted X was
+    (numerically) of lower rank or a value not finite: the caller then runs its NumPy
+    loop, whose dgelsd takes the minimum-norm solution. NumPy twin: that loop
+    (``_glm_start(compiled=False)``).
+    """
+    cdef Py_ssize_t n = y.shape[0], p = x.shape[1], i, j
+    cdef bint weighted = prior_w.shape[0] > 0, has_off = offset.shape[0] > 0
+    cdef double dev, dev_old = INFINITY, s, sw
+    cdef int it, solves = 0, bad = 0
+    cdef double *a
+    cdef double *b
+    cdef double *diag
+    cdef double *newbeta
+    cdef double *neweta
+    _check_codes(family, link, param)
+    if (x.shape[0] != n or eta.shape[0] != n or mu.shape[0] != n or mu_eta.shape[0] != n
+            or wrkwt.shape[0] != n or wrkresid.shape[0] != n or devresid.shape[0] != n
+            or (weighted and prior_w.shape[0] != n) or (has_off and offset.shape[0] != n)
+            or beta.shape[0] != p):
+        raise ValueError("glm_irls: the arrays differ in length")
+    if n == 0 or p == 0:
+        return -1
+    a = <double *> malloc((n * p + 2 * n + 2 * p) * sizeof(double))
+    if a == NULL:
+        raise MemoryError()
+    b = a + n * p
+    neweta = b + n
+    diag = neweta + n
+    newbeta = diag + p
+    with nogil:
+        for j in range(p):
+            beta[j] = 0.0
+        for it in range(maxiter):
+            if it > 0:
+                for i in range(n):
+                    eta[i] = neweta[i]
+            dev = _update_dispatch(family, link, param, n, &eta[0], &y[0],
+                                   &prior_w[0] if weighted else NULL, &mu[0], &mu_eta[0],
+                                   &wrkwt[0], &wrkresid[0], &devresid[0])
+            if fabs(dev_old - dev) <= tol * (fabs(dev) + tol):
+                break
+            if not isfinite(dev):
+                bad = 1
+                break
+            dev_old = dev
+            for i in range(n):
+                sw = sqrt(wrkwt[i])
+                for j in range(p):
+                    a[j * n + i] = x[i, j] * sw
+                s = (eta[i] - offset[i]) + wrkresid[i] if has_off else eta[i] + wrkresid[i]
+                b[i] = s * sw
+            if _householder_least_squares(n, p, a, b, diag, newbeta):
+                bad = 1
+                break
+            solves += 1
+            for j in range(p):
+                beta[j] = newbeta[j]
+            for i in range(n):
+                s = 0.0
+                for j in range(p):
+                    s += x[i, j] * newbeta[j]
+                neweta[i] = s + offset[i] if has_off else s
+    free(a)
+    return -1 if bad else solves
+
+
+def response_check(int family, const double[::1] y, const double[::1] prior_w):
+    """One pass over a response and its prior weights: whether families.py's
+    ``Family.validate`` would pass them without an error or a warning, and the range of
+    y over the rows of positive weight.
+
+    Clean means: every y and weight finite, no weight negative, and y in the family's
+    support (Bernoulli: 0 or 1; Binomial: in [0, 1] with w·y within 1e-6 of a whole
+    number; Poisson and negative binomial: whole numbers >= 0; Gamma and inverse
+    Gaussian: > 0; Normal: any). ``prior_w`` may be empty (unit weights).
+
+    Returns (clean, lo, hi), lo and hi NaN when no row has a positive weight. Where it
+    is not clean the caller runs the NumPy checks, which say what is wrong (their
+    messages are those of the twin: ``Family.validate``).
+    """
+    cdef Py_ssize_t n = y.shape[0], i
+    cdef bint weighted = prior_w.shape[0] > 0, clean = True, seen = False
+    cdef double yi, wi, k, lo = NAN, hi = NAN
+    if weighted and prior_w.shape[0] != n:
+        return False, NAN, NAN
+    if family < 0 or family >= N_FAMILIES:
+        return False, NAN, NAN
+    with nogil:
+        for i in range(n):
+            yi = y[i]
+            wi = prior_w[i] if weighted else 1.0
+            if not (isfinite(yi) and isfinite(wi) and wi >= 0.0):
+                clean = False
+                break
+            if family == FAM_BERNOULLI:
+                clean = yi == 0.0 or yi == 1.0
+            elif family == FAM_BINOMIAL:
+                k = wi * yi
+                clean = (0.0 <= yi <= 1.0
+                         and not fabs(k - rint(k)) > 1e-6 * (fabs(k) if fabs(k) > 1.0 else 1.0))
+            elif family == FAM_POISSON or family == FAM_NEGATIVE_BINOMIAL:
+                clean = yi >= 0.0 and yi == rint(yi)
+            elif family == FAM_GAMMA or family == FAM_INVERSE_GAUSSIAN:
+                clean = yi > 0.0
+            if not clean:
+                break
+            if wi > 0.0:
+                if not seen:
+                    lo = hi = yi
+                    seen = True
+                elif yi < lo:
+                    lo = yi
+                elif yi > hi:
+                    hi = yi
+    if not clean:
+        return False, NAN, NAN
+    return True, lo, hi
 
 
 cdef inline double _binary_logdens_eta(int family, int link, double y, double w,
@@ -1509,7 +1870,35 @@ def pirls_blockdiag(int family, int link, const double[::1] fixed, const double[
 
 # laplace's warm start moves the modes by their first-order change up to this much
 # (see PirlsKernel._save_sensitivity)
+cdef void _matvec_rows(Py_ssize_t n, Py_ssize_t p, const double *x, const double *b,
+                       const double *off, double *out) noexcept nogil:
+    """out <- off + x b (x row-major n-by-p), row by row as _blocked.matvec sums (bit for
+    bit), four rows at a time: their sums are independent chains, which one row's are
+    not."""
+    cdef Py_ssize_t i = 0, j
+    cdef double s0, s1, s2, s3, bj
+    while i + 4 <= n:
+        s0, s1, s2, s3 = off[i], off[i + 1], off[i + 2], off[i + 3]
+        for j in range(p):
+            bj = b[j]
+            s0 += x[i * p + j] * bj
+            s1 += x[(i + 1) * p + j] * bj
+            s2 += x[(i + 2) * p + j] * bj
+            s3 += x[(i + 3) * p + j] * bj
+        out[i], out[i + 1], out[i + 2], out[i + 3] = s0, s1, s2, s3
+        i += 4
+    while i < n:
+        s0 = off[i]
+        for j in range(p):
+            s0 += x[i * p + j] * b[j]
+        out[i] = s0
+        i += 1
+
+
 cdef double MAX_PREDICTED_STEP = 0.5
+
+# the compiled PIRLS releases the GIL in its passes over the rows from this many rows
+cdef Py_ssize_t RELEASE_GIL_ROWS = 1000
 
 
 def max_predicted_step(value=None):
@@ -1581,6 +1970,7 @@ cdef class PirlsKernel:
     cdef const double *pred_pw       # and the prior weights it was made with
     cdef double *lam             # the factorizer's templates (set from θ by each call)
     cdef Py_ssize_t q
+    cdef bint release_gil        # whether the loops let other threads run (many rows)
 
     def __cinit__(self, *args, **kwargs):
         self.buf = NULL
@@ -1634,6 +2024,9 @@ cdef class PirlsKernel:
         nterm = self.kk.shape[0]
         self._check_shapes(n, q, nterm)
         self.q = q
+        # releasing the GIL costs ~0.1 µs (a mutex each way), a tenth of a pass over 50
+        # rows: only where the passes are long enough for other threads to gain from it
+        self.release_gil = n >= RELEASE_GIL_ROWS
         self.ubuf_arr = np.zeros((q, 1), order="F")
         self.ubuf = self.ubuf_arr
         self.buf = <double *> malloc((3 * q + 1) * sizeof(double))
@@ -1735,14 +2128,12 @@ cdef class PirlsKernel:
         return 0
 
     cdef int _set_fixed(self, const double[::1] beta) except -1:
-        # fixed <- offset + Xβ, row by row as _blocked.matvec sums (bit for bit), four
-        # rows at a time: their sums are independent chains, which one row's are not
-        cdef Py_ssize_t n = self.R.n, p, i = 0, j
+        # fixed <- offset + Xβ (_matvec_rows)
+        cdef Py_ssize_t n = self.R.n, p
         cdef const double *x
         cdef const double *off
         cdef const double *b
         cdef double *out
-        cdef double s0, s1, s2, s3, bj
         if not self.has_x:
             raise ValueError("PirlsKernel: bound without X; set fixed = Xβ + offset instead")
         p = self.xmat.shape[1]
@@ -1752,23 +2143,11 @@ cdef class PirlsKernel:
         out = &self.fixed[0]
         x = &self.xmat[0, 0] if p > 0 else NULL
         b = &beta[0] if p > 0 else NULL
-        with nogil:
-            while i + 4 <= n:
-                s0, s1, s2, s3 = off[i], off[i + 1], off[i + 2], off[i + 3]
-                for j in range(p):
-                    bj = b[j]
-                    s0 += x[i * p + j] * bj
-                    s1 += x[(i + 1) * p + j] * bj
-                    s2 += x[(i + 2) * p + j] * bj
-                    s3 += x[(i + 3) * p + j] * bj
-                out[i], out[i + 1], out[i + 2], out[i + 3] = s0, s1, s2, s3
-                i += 4
-            while i < n:
-                s0 = off[i]
-                for j in range(p):
-                    s0 += x[i * p + j] * b[j]
-                out[i] = s0
-                i += 1
+        if self.release_gil:
+            with nogil:
+                _matvec_rows(n, p, x, b, off, out)
+        else:
+            _matvec_rows(n, p, x, b, off, out)
         return 0
 
     def evaluate(self, int family, int link, double param, const double[::1] prior_w,
@@ -1826,12 +2205,8 @@ cdef class PirlsKernel:
         link only (the gradient's W' = dW/dη is theirs). NumPy: glmm's ``_value`` and
         _gradient._gradient_at_modes_numpy.
         """
-        cdef double out[5]
-        cdef double value, usq = 0.0
-        cdef Py_ssize_t p, m, j, k, nth
-        cdef OneTerm ot
-        cdef int bad
-        cdef double *gt
+        cdef double out[6]
+        cdef Py_ssize_t p, nth
         if not ((family == FAM_BERNOULLI or family == FAM_BINOMIAL) and link == LNK_LOGIT
                 or family == FAM_POISSON and link == LNK_LOG):
             raise ValueError("laplace: Bernoulli or Binomial with the logit link, or Poisson "
@@ -1841,9 +2216,26 @@ cdef class PirlsKernel:
                              "the offset and the theta indices")
         p = self.xmat.shape[1]
         nth = self.lam_index.shape[0]
-        k = self.kk[0]
         if grad.shape[0] != p + nth:
             raise ValueError(f"grad has {grad.shape[0]} entries; the model has {p + nth}")
+        self._laplace_at(family, link, param, prior_w, theta, beta, u, grad, tol, maxiter,
+                         max_halving, step_tol, out)
+        return out[0], out[1], out[2], int(out[3]), bool(out[4]), bool(out[5])
+
+    cdef int _laplace_at(self, int family, int link, double param,
+                         const double[::1] prior_w, const double[::1] theta,
+                         const double[::1] beta, double[::1] u, double[::1] grad,
+                         double tol, int maxiter, int max_halving, double step_tol,
+                         double *result) except -1:
+        # the work of ``laplace`` (its checks made by the caller); result <- (value,
+        # logdet, deviance, iterations, converged, exhausted)
+        cdef double out[5]
+        cdef double usq = 0.0
+        cdef Py_ssize_t p = self.xmat.shape[1], m, j, k = self.kk[0]
+        cdef Py_ssize_t nth = self.lam_index.shape[0]
+        cdef OneTerm ot
+        cdef int bad
+        cdef double *gt
         if self.gwork == NULL:
             self.gwork = <double *> malloc((k * k + blockdiag_work_size(
                 self.R.n, self.nlev[0], <int> k)) * sizeof(double))
@@ -1864,22 +2256,193 @@ cdef class PirlsKernel:
         ot.wrkwt, ot.wrkresid, ot.mu = self.R.wrkwt, self.R.wrkresid, self.R.mu
         ot.logit = link == LNK_LOGIT
         gt = self.gwork
-        with nogil:
-            for m in range(self.q):
-                usq += u[m] * u[m]
-            bad = blockdiag_laplace_gradient_c(&ot, self.lam + self.lam_off[0], &self.avals[0],
-                                               &u[0], &grad[0] if p > 0 else NULL, gt,
+        for m in range(self.q):
+            usq += u[m] * u[m]
+        if self.release_gil:
+            with nogil:
+                bad = blockdiag_laplace_gradient_c(&ot, self.lam + self.lam_off[0],
+                                                   &self.avals[0], &u[0],
+                                                   &grad[0] if p > 0 else NULL, gt,
+                                                   self.gwork + k * k)
+        else:
+            bad = blockdiag_laplace_gradient_c(&ot, self.lam + self.lam_off[0],
+                                               &self.avals[0], &u[0],
+                                               &grad[0] if p > 0 else NULL, gt,
                                                self.gwork + k * k)
-            if not bad:
-                for j in range(nth):
-                    grad[p + j] = gt[self.lam_index[j] - self.lam_off[0]]
+        if not bad:
+            for j in range(nth):
+                grad[p + j] = gt[self.lam_index[j] - self.lam_off[0]]
         if bad:
             raise np.linalg.LinAlgError("random-effects block not positive definite")
         if k == 1 and out[3] and not out[4]:
             self._save_sensitivity(&u[0], theta[0], self.gwork + 1,
                                    &prior_w[0] if prior_w.shape[0] > 0 else NULL)
-        value = out[1] + usq + 2.0 * out[0]
-        return value, out[0], out[1], int(out[2]), bool(out[3]), bool(out[4])
+        result[0] = out[1] + usq + 2.0 * out[0]
+        for j in range(5):
+            result[j + 1] = out[j]
+        return 0
+
+    def lbfgsb(self, setulb, int family, int link, double param, const double[::1] prior_w,
+               x0, lower, double[::1] u, int maxfun, double ftol, double gtol,
+               int maxcor=10, int maxls=20, double tol=1e-13, int maxiter=100,
+               int max_halving=30, double step_tol=1e-9):
+        """L-BFGS-B over x = [β, θ] of :meth:`laplace`'s deviance: scipy's compiled
+        routine (``setulb``, handed in: ``scipy.optimize._lbfgsb.setulb``) driven step by
+        step as mixedmodels._optimize.lbfgsb drives it, with the evaluations made here.
+
+        Each evaluation is :meth:`laplace` at x from the modes ``u`` (overwritten by the
+        new modes where it succeeds; where a random-effects block is not positive
+        definite ``u`` is left as it was, and the value is infinite). What the routine is
+        handed is what ``minimize_with_gradient`` hands it: a value that is not finite
+        becomes 1e300 with a zero gradient.
+
+        Returns (log, task, last, exhausted): the evaluations as (x, value) pairs with
+        the values the routine saw; ``task``, its two status codes at the end; ``last``,
+        (x, value, gradient, logdet) of the last evaluation that succeeded (the modes of
+        which are in ``u``), or None; ``exhausted``, the θ at which PIRLS ran out of
+        iterations. None where ``setulb``'s interface is another (it raised TypeError
+        before any evaluation). Twin: ``_optimize.minimize_with_gradient`` over
+        ``GeneralizedLinearMixedModel._joint_value_and_grad`` (tests/test_glmm_search.py).
+        """
+        cdef Py_ssize_t p, nth, n, q = self.q
+        cdef double out[6]
+        cdef double value
+        cdef int nfev = 0, niter = 0, t0
+        cdef double[::1] xv, gv, gradv, fv, lastgv
+        cdef double last_value, last_logdet
+        cdef int[::1] taskv
+        cdef double *ubak
+        cdef bint ok
+        if not ((family == FAM_BERNOULLI or family == FAM_BINOMIAL) and link == LNK_LOGIT
+                or family == FAM_POISSON and link == LNK_LOG):
+            raise ValueError("lbfgsb: Bernoulli or Binomial with the logit link, or Poisson "
+                             "with the log link")
+        if self.R.nterm != 1 or not self.has_x or not self.has_lam_index:
+            raise ValueError("lbfgsb: one random-effects term, and a kernel bound to X, "
+                             "the offset and the theta indices")
+        p = self.xmat.shape[1]
+        nth = self.lam_index.shape[0]
+        x0 = np.asarray(x0, dtype=np.float64)
+        lower = np.asarray(lower, dtype=np.float64)
+        n = x0.shape[0]
+        if n != p + nth or lower.shape[0] != n:
+            raise ValueError(f"lbfgsb: x0 and lower must have {p + nth} entries")
+        if u.shape[0] != q:
+            raise ValueError(f"u has {u.shape[0]} entries; the model has {q}")
+        # the arrays of _optimize.lbfgsb
+        bounded = np.isfinite(lower)
+        low = np.where(bounded, lower, 0.0)
+        upp = np.zeros(n)
+        nbd = bounded.astype(np.int32)
+        x = np.where(bounded, np.maximum(x0, low), x0).astype(np.float64)
+        f = np.zeros(1)
+        f0 = f.reshape(())               # the 0-d view setulb reads
+        g = np.zeros(n)
+        grad = np.zeros(n)
+        wa = np.zeros(2 * maxcor * n + 5 * n + 11 * maxcor * maxcor + 8 * maxcor)
+        iwa = np.zeros(3 * n, dtype=np.int32)
+        task = np.zeros(2, dtype=np.int32)
+        ln_task = np.zeros(2, dtype=np.int32)
+        lsave = np.zeros(4, dtype=np.int32)
+        isave = np.zeros(44, dtype=np.int32)
+        dsave = np.zeros(29)
+        factr = ftol / np.finfo(float).eps
+        last_grad = np.zeros(n)
+        xv, gv, gradv, fv, taskv, lastgv = x, g, grad, f, task, last_grad
+        log, exhausted = [], []
+        last = last_x = None
+        last_value = last_logdet = NAN
+        ubak = <double *> malloc(q * sizeof(double))
+        if ubak == NULL:
+            raise MemoryError()
+        try:
+            while True:
+                try:
+                    setulb(maxcor, x, low, upp, nbd, f0, g, factr, gtol, wa, iwa, task,
+                           lsave, isave, dsave, maxls, ln_task)
+                except TypeError:
+                    # another interface of the private routine: before any evaluation,
+                    # the caller takes scipy's public route
+                    if nfev:
+                        raise
+                    return None
+                t0 = taskv[0]
+                if t0 == 3:                 # f and g wanted at x
+                    memcpy(ubak, &u[0], q * sizeof(double))
+                    try:
+                        self._laplace_at(family, link, param, prior_w, xv[p:], xv[:p], u,
+                                         gradv, tol, maxiter, max_halving, step_tol, out)
+                        ok = True
+                    except np.linalg.LinAlgError:
+                        memcpy(&u[0], ubak, q * sizeof(double))
+                        ok = False
+                    nfev += 1
+                    xcopy = x.copy()
+                    if ok:
+                        value = out[0]
+                        last_x, last_value, last_logdet = xcopy, value, out[1]
+                        lastgv[:] = gradv
+                        if out[5]:
+                            exhausted.append(x[p:].copy())
+                    else:
+                        value = INFINITY
+                    if isfinite(value):
+                        gv[:] = gradv
+                    else:
+                        value = 1e300
+                        gv[:] = 0.0
+                    fv[0] = value
+                    log.append((xcopy, value))
+                elif t0 == 1:               # a new iterate
+                    niter += 1
+                    if niter >= maxfun or nfev > maxfun:
+                        taskv[0], taskv[1] = 5, 502
+                else:
+                    break
+        finally:
+            free(ubak)
+        if last_x is not None:
+            last = (last_x, last_value, last_grad, last_logdet)
+        return log, (int(taskv[0]), int(taskv[1])), last, exhausted
+
+    def beta_covariance(self, const double[::1] theta, double[:, ::1] schur,
+                        double[:, ::1] vcov):
+        """One term: the Schur complement S = X'WX - X'WZΛ M⁻¹ Λ'Z'WX at the working
+        weights the state holds (the modes, after :meth:`pirls` or :meth:`laplace` at
+        this θ) into ``schur``, and S⁻¹, the covariance of β̃ given θ, into ``vcov``
+        (both p-by-p). _gradient.pyx's ``blockdiag_beta_covariance_c``; NumPy: glmm's
+        ``_vcov_working`` on the workspace. Sets the factorizer's template to θ; raises
+        numpy.linalg.LinAlgError where M_l or S is not positive definite."""
+        cdef Py_ssize_t p, k
+        cdef OneTerm ot
+        cdef int status
+        cdef double *work
+        if self.R.nterm != 1 or not self.has_x:
+            raise ValueError("beta_covariance: one random-effects term, and a kernel bound "
+                             "to X")
+        p = self.xmat.shape[1]
+        k = self.kk[0]
+        if (schur.shape[0] != p or schur.shape[1] != p or vcov.shape[0] != p
+                or vcov.shape[1] != p):
+            raise ValueError(f"beta_covariance: schur and vcov must be {p}-by-{p}")
+        tf_set_theta(self.tf, theta)
+        ot.n, ot.nlev, ot.p, ot.zstride, ot.k = self.R.n, self.nlev[0], p, self.R.ncol, <int> k
+        ot.codes = self.R.codes
+        ot.z = self.R.zcat + self.zoff[0]
+        ot.x = &self.xmat[0, 0] if p > 0 else NULL
+        ot.wrkwt = self.R.wrkwt
+        ot.wrkresid = ot.mu = NULL
+        ot.logit = False
+        work = <double *> malloc(blockdiag_covariance_work_size(ot.nlev, <int> k, p)
+                                 * sizeof(double))
+        if work == NULL:
+            raise MemoryError()
+        with nogil:
+            status = blockdiag_beta_covariance_c(&ot, self.lam + self.lam_off[0],
+                                                 &schur[0, 0] if p > 0 else NULL,
+                                                 &vcov[0, 0] if p > 0 else NULL, work)
+        free(work)
+        raise_covariance_status(status)
 
     # -- the warm start of laplace: the modes moved to first order ----------------------
     #
@@ -1915,16 +2478,16 @@ cdef class PirlsKernel:
         wz = self.pred
         kappa = wz + 2 * n
         dlam = kappa + nlev
-        with nogil:
-            for i in range(n):
-                wz[i] = self.R.wrkwt[i] * zc[i * zs]
-                wz[n + i] = self.R.fixed[i]
-            for l in range(nlev):
-                kappa[l] = -minv[l] * lam
-                dlam[l] = minv[l] * (self.R.ztr[l] - 2.0 * lam * self.avals[l] * u[l])
-            for l in range(self.q):
-                dlam[nlev + l] = u[l]
-            dlam[nlev + self.q] = lam
+        # (with the GIL: a copy of two columns, short beside the PIRLS call before it)
+        for i in range(n):
+            wz[i] = self.R.wrkwt[i] * zc[i * zs]
+            wz[n + i] = self.R.fixed[i]
+        for l in range(nlev):
+            kappa[l] = -minv[l] * lam
+            dlam[l] = minv[l] * (self.R.ztr[l] - 2.0 * lam * self.avals[l] * u[l])
+        for l in range(self.q):
+            dlam[nlev + l] = u[l]
+        dlam[nlev + self.q] = lam
         self.pred_pw = pw
         self.pred_ok = True
         return 0
@@ -1943,26 +2506,27 @@ cdef class PirlsKernel:
         if memcmp(u, ulast, self.q * sizeof(double)) != 0:
             return
         dlam = lam - ulast[self.q]
-        with nogil:
+        # (with the GIL: one pass of a multiply-add per row, short beside the PIRLS
+        # call after it)
+        for l in range(nlev):
+            du[l] = 0.0
+        for i in range(n):              # Σ_{i in l} W_i z_i x_i'dβ
+            l = codes[i]
+            if l != cur:
+                if cur >= 0:
+                    du[cur] = acc
+                cur = l
+                acc = du[l]
+            acc += wz[i] * (self.R.fixed[i] - wz[n + i])
+        if cur >= 0:
+            du[cur] = acc
+        for l in range(nlev):
+            du[l] = kappa[l] * du[l] + gamma[l] * dlam
+            if not fabs(du[l]) <= big:
+                big = fabs(du[l])
+        if big <= MAX_PREDICTED_STEP:
             for l in range(nlev):
-                du[l] = 0.0
-            for i in range(n):              # Σ_{i in l} W_i z_i x_i'dβ
-                l = codes[i]
-                if l != cur:
-                    if cur >= 0:
-                        du[cur] = acc
-                    cur = l
-                    acc = du[l]
-                acc += wz[i] * (self.R.fixed[i] - wz[n + i])
-            if cur >= 0:
-                du[cur] = acc
-            for l in range(nlev):
-                du[l] = kappa[l] * du[l] + gamma[l] * dlam
-                if not fabs(du[l]) <= big:
-                    big = fabs(du[l])
-            if big <= MAX_PREDICTED_STEP:
-                for l in range(nlev):
-                    u[l] += du[l]
+                u[l] += du[l]
 
     cdef int _prepare(self, int family, int link, double param, const double[::1] prior_w,
                       const double[::1] theta, double[::1] u, const double[::1] beta) except -1:
@@ -1984,12 +2548,15 @@ cdef class PirlsKernel:
         cdef Py_ssize_t q = self.q, m
         cdef double *unew = self.buf
         cdef double *uold = self.buf + q
-        cdef double dev, pdev, new_dev, new_pdev, logdet = NAN, step, usize
-        cdef int halvings, it = 0, j
+        cdef double dev, pdev, logdet = NAN
+        cdef int it = 0, j
         cdef bint converged = False, exhausted = True
-        with nogil:
+        if self.release_gil:
+            with nogil:
+                dev = self._evaluate(family, link, param, u, True)
+        else:
             dev = self._evaluate(family, link, param, u, True)
-            pdev = dev + _sumsq(u, q)
+        pdev = dev + _sumsq(u, q)
         for j in range(maxiter):
             # the factorization the workspace keeps (at the modes) is CHOLMOD's; the
             # ones before it, where it allows, the SimplicialFactor's
@@ -2001,31 +2568,13 @@ cdef class PirlsKernel:
                 break
             it += 1
             self._solve_modes(unew)
-            with nogil:
-                for m in range(q):
-                    uold[m] = u[m]
-                _newton_step_size(unew, uold, q, &step, &usize)
-                new_dev = self._evaluate(family, link, param, unew, True)
-                new_pdev = new_dev + _sumsq(unew, q)
-                halvings = 0
-                while (not (new_pdev <= pdev * (1.0 + 1e-12) + 1e-12)
-                       and halvings < max_halving):
-                    for m in range(q):
-                        unew[m] = 0.5 * (uold[m] + unew[m])
-                    new_dev = self._evaluate(family, link, param, unew, True)
-                    new_pdev = new_dev + _sumsq(unew, q)
-                    halvings += 1
-                if halvings == max_halving:
-                    # no step lowers the penalized deviance: stay at u
-                    self._evaluate(family, link, param, u, True)
-                    converged = True
-                else:
-                    converged = (fabs(pdev - new_pdev) <= tol * fabs(new_pdev) + tol
-                                 or (halvings == 0 and step <= step_tol * (1.0 + usize)))
-                    for m in range(q):
-                        u[m] = unew[m]
-                    pdev = new_pdev
-                    dev = new_dev
+            if self.release_gil:
+                with nogil:
+                    converged = self._newton_step(family, link, param, u, unew, uold, &pdev,
+                                                  &dev, tol, max_halving, step_tol)
+            else:
+                converged = self._newton_step(family, link, param, u, unew, uold, &pdev,
+                                              &dev, tol, max_halving, step_tol)
         if exhausted and tf_has_small(self.tf):
             # out of iterations after a SimplicialFactor step: the workspace's own
             # factor at the last products (the modes returned)
@@ -2036,6 +2585,39 @@ cdef class PirlsKernel:
         out[3] = converged
         out[4] = exhausted
         return 0
+
+    cdef bint _newton_step(self, int family, int link, double param, double *u,
+                           double *unew, double *uold, double *pdev, double *dev,
+                           double tol, int max_halving, double step_tol) noexcept nogil:
+        # from u to the solution unew of the last factorization, halved while it raises
+        # the penalized deviance; u, pdev and dev move with it. Returns convergence.
+        cdef Py_ssize_t q = self.q, m
+        cdef double new_dev, new_pdev, step, usize
+        cdef int halvings = 0
+        cdef bint converged
+        for m in range(q):
+            uold[m] = u[m]
+        _newton_step_size(unew, uold, q, &step, &usize)
+        new_dev = self._evaluate(family, link, param, unew, True)
+        new_pdev = new_dev + _sumsq(unew, q)
+        while (not (new_pdev <= pdev[0] * (1.0 + 1e-12) + 1e-12)
+               and halvings < max_halving):
+            for m in range(q):
+                unew[m] = 0.5 * (uold[m] + unew[m])
+            new_dev = self._evaluate(family, link, param, unew, True)
+            new_pdev = new_dev + _sumsq(unew, q)
+            halvings += 1
+        if halvings == max_halving:
+            # no step lowers the penalized deviance: stay at u
+            self._evaluate(family, link, param, u, True)
+            return True
+        converged = (fabs(pdev[0] - new_pdev) <= tol * fabs(new_pdev) + tol
+                     or (halvings == 0 and step <= step_tol * (1.0 + usize)))
+        for m in range(q):
+            u[m] = unew[m]
+        pdev[0] = new_pdev
+        dev[0] = new_dev
+        return converged
 
     cdef int _solve_modes(self, double *unew) except -1:
         # unew <- P' L'⁻¹ (L⁻¹ P Λ'Z'W r): the column the factorization left in rzxy

@@ -21,3 +21,11 @@ cdef int blockdiag_laplace_gradient_c(const OneTerm *ot, const double *lam,
                                       const double *avals, const double *u,
                                       double *grad_beta, double *grad_t,
                                       double *work) noexcept nogil
+
+cdef Py_ssize_t blockdiag_covariance_work_size(Py_ssize_t nlev, int k,
+                                               Py_ssize_t p) noexcept nogil
+
+cdef int blockdiag_beta_covariance_c(const OneTerm *ot, const double *lam, double *schur,
+                                     double *vcov, double *work) noexcept nogil
+
+cdef int raise_covariance_status(int status) except -1
