@@ -332,8 +332,8 @@ def test_the_check_away_from_the_optimum_takes_the_newton_step():
     value, grad = model._joint_value_and_grad(x)
     opt = OptSummary(initial=x.copy(), lowerbd=fit.optsum.lowerbd.copy())
     opt.final, opt.fmin = x.copy(), float(value)
-    record = _glmm_search.check_with_gradient(model._joint_value_and_grad, opt, d.step,
-                                              grad=grad, warn=False)
+    record = check_optimum_with_gradient(model._joint_value_and_grad, opt, warn=False,
+                                         step=d.step, grad=grad, stencil="forward")
     assert opt.polished and opt.fmin < value and len(opt.fitlog) == 1
     assert abs(opt.fmin - fit.optsum.fmin) < 1e-8
     # not converged at x: the gradient is taken again at the point the fit would report

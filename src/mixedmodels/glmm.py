@@ -52,7 +52,7 @@ from ._optimize import (BOUND_PROBE, OptSummary, check_optimum, check_optimum_wi
                         gradient_hessian, hessian_steps, leave_the_bound, minimize,
                         minimize_with_gradient, rectify, restart_lbfgsb)
 from ._derivs import finite_difference_derivatives
-from ._glmm_search import FTOL as SEARCH_FTOL, check_with_gradient, minimize_one_term
+from ._glmm_search import FTOL as SEARCH_FTOL, minimize_one_term
 from ._pirls import PirlsState, pirls, row_kernel
 from ._results import MixedModelFit
 from .families import get_family
@@ -610,7 +610,7 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
 
     def _check_with_gradient(self, opt, warn):
         """lme4's check.conv at ``opt.final`` with the Hessian from forward differences
-        of the gradient (``_glmm_search.check_with_gradient``, which may also take a
+        of the gradient (``_optimize.check_optimum_with_gradient``, which may also take a
         Newton step) in the θ columns, and in the β block twice the Schur complement
         X̃'WX̃ - X̃'WZΛ M⁻¹ Λ'Z'WX̃ of PIRLS's factor at the modes (the deviance's
         curvature in β with the modes profiled out; it leaves out the curvature of log
@@ -632,9 +632,9 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
                 known = (self.p, 2.0 * (np.linalg.inv(vcov) if schur is None else schur))
             except np.linalg.LinAlgError:
                 known = None
-        return check_with_gradient(self._joint_value_and_grad, opt, hessian_steps(x, se),
-                                   known=known, grad=grad, warn=warn,
-                                   stencil=self._check_stencil)
+        return check_optimum_with_gradient(self._joint_value_and_grad, opt, warn=warn,
+                                           step=hessian_steps(x, se), known=known, grad=grad,
+                                           stencil=self._check_stencil)
 
     # the check's β block from PIRLS's factor (False: from gradient differences, as
     # the θ columns; tests compare the two)

@@ -1,18 +1,18 @@
 # cython: language_level=3
-"""Compiled passes of the exact gradients: one random-effects term, level by level.
+"""Compiled passes of the Laplace GLMM gradients (the LMM's are in _lmm_gradient.pyx).
 
-The general gradients are NumPy (_lmm_gradient.py, _gradient.py); with a single term
-M = Λ'Z'WZΛ + I is block diagonal, everything is a k-by-k computation per level or per
-row, and on small models NumPy's per-call overhead was most of the cost (a one-term LMM
-gradient 80 µs against 4 µs for its objective; cbpp's Laplace gradient ~3 times its
-objective). These kernels are those computations in loops. Their NumPy twins are the
-general code restricted to one term; tests/test_lmm_gradient.py and
-tests/test_gradient.py hold them together.
+The general gradients are NumPy (_gradient.py); with a single term M = Λ'Z'WZΛ + I is
+block diagonal, everything is a k-by-k computation per level or per row, and on small
+models NumPy's per-call overhead was most of the cost (cbpp's Laplace gradient ~3 times
+its objective). These kernels are those computations in loops. Their NumPy twins are the
+general code restricted to one term; tests/test_gradient.py holds them together.
 
 Blocks are column-major k-by-k, as in _blocked.pyx: entry (e, a) at e + a·k.
 """
 from libc.stdlib cimport malloc, free
 from libc.math cimport sqrt
+
+from mixedmodels._linalg._blocked cimport inverse_from_lower
 
 
 cdef int _inverse_spd(double *m, int k, double *work) noexcept nogil:
@@ -36,127 +36,8 @@ cdef int _inverse_spd(double *m, int k, double *work) noexcept nogil:
             for a in range(c):
                 s -= lo[e + a * k] * lo[c + a * k]
             lo[e + c * k] = s / lo[c + c * k]
-    _inverse_from_factor(lo, k, li, m)
+    inverse_from_lower(lo, k, li, m)
     return 0
-
-
-cdef void _inverse_from_factor(const double *lo, int k, double *li,
-                               double *minv) noexcept nogil:
-    """minv = (lo lo')⁻¹ for a lower-triangular lo (column-major); li is scratch."""
-    cdef int a, c, e
-    cdef double s
-    for c in range(k):                  # li = lo⁻¹, column by column
-        for e in range(k):
-            if e < c:
-                li[e + c * k] = 0.0
-                continue
-            s = 1.0 if e == c else 0.0
-            for a in range(c, e):
-                s -= lo[e + a * k] * li[a + c * k]
-            li[e + c * k] = s / lo[e + e * k]
-    for c in range(k):                  # minv = li' li
-        for e in range(k):
-            s = 0.0
-            for a in range(e if e > c else c, k):
-                s += li[a + e * k] * li[a + c * k]
-            minv[e + c * k] = s
-
-
-# -- linear mixed models (see _lmm_gradient.py) ---------------------------------------
-def lmm_blockdiag_gradient(const double[::1] avals, const double[::1] lam,
-                           const double[::1] L, int k, const double[::1] u,
-                           const double[::1, :] zx, const double[::1] zy,
-                           const double[::1] beta, const double[:, ::1] sinv,
-                           double[:, ::1] ktrace, double[:, ::1] rss, double[:, ::1] schur):
-    """The per-level sums behind the gradient of a one-term LMM's objective over T.
-
-    With A_l the level's block of Z'WZ (column-major, full), T the template (``lam``,
-    column-major), L_l the factor of M_l = T'A_l T + I (``L``, as ``blockdiag_factor``
-    leaves it), u the modes, zx = Z'WX (q-by-p), zy = Z'Wy and β the coefficients, adds
-    over the levels, each k-by-k and indexed [e, a]:
-
-        ktrace += A_l T M_l⁻¹                          (K_ll)
-        rss    += (zy_l - A_l T u_l - zx_l β) u_l'      ((Z'Wε)_l u_l')
-        schur  += (zx_l - A_l T V_l) S⁻¹ V_l'           (V_l = M_l⁻¹ T' zx_l; when sinv
-                                                         has p rows, else untouched)
-
-    NumPy twin: _lmm_gradient._one_term_numpy.
-    """
-    cdef Py_ssize_t nlev = L.shape[0] // (k * k), l
-    cdef Py_ssize_t p = zx.shape[1], i, j
-    cdef bint reml = sinv.shape[0] == p and p > 0
-    cdef int a, c, e
-    cdef double s
-    cdef double *buf = <double *> malloc((4 * k * k + k + 3 * k * max(p, 1)) * sizeof(double))
-    if buf == NULL:
-        raise MemoryError()
-    cdef double *ct = buf                      # A_l T
-    cdef double *linv = buf + k * k            # L_l⁻¹ (lower)
-    cdef double *minv = buf + 2 * k * k        # M_l⁻¹
-    cdef double *kt = buf + 3 * k * k
-    cdef double *zres = buf + 4 * k * k
-    cdef double *v = zres + k                  # V_l, then V_l S⁻¹ (k-by-p, column-major)
-    cdef double *w = v + k * max(p, 1)         # zx_l - A_l T V_l
-    cdef double *y = w + k * max(p, 1)
-    cdef const double *A
-    cdef const double *B
-    with nogil:
-        for l in range(nlev):
-            A = &avals[l * k * k]
-            B = &L[l * k * k]
-            for c in range(k):                 # ct = A T (T lower)
-                for e in range(k):
-                    s = 0.0
-                    for a in range(c, k):
-                        s += A[e + a * k] * lam[a + c * k]
-                    ct[e + c * k] = s
-            _inverse_from_factor(B, k, linv, minv)
-            for e in range(k):
-                for c in range(k):
-                    s = 0.0
-                    for a in range(k):
-                        s += ct[e + a * k] * minv[a + c * k]
-                    ktrace[e, c] += s
-                s = zy[l * k + e]
-                for a in range(k):
-                    s -= ct[e + a * k] * u[l * k + a]
-                for j in range(p):
-                    s -= zx[l * k + e, j] * beta[j]
-                zres[e] = s
-            for e in range(k):
-                for a in range(k):
-                    rss[e, a] += zres[e] * u[l * k + a]
-            if not reml:
-                continue
-            for j in range(p):                 # y = T' zx_l, v = M⁻¹ y, w = zx_l - ct v
-                for a in range(k):
-                    s = 0.0
-                    for e in range(a, k):
-                        s += lam[e + a * k] * zx[l * k + e, j]
-                    y[a + j * k] = s
-                for a in range(k):
-                    s = 0.0
-                    for e in range(k):
-                        s += minv[a + e * k] * y[e + j * k]
-                    v[a + j * k] = s
-                for e in range(k):
-                    s = zx[l * k + e, j]
-                    for a in range(k):
-                        s -= ct[e + a * k] * v[a + j * k]
-                    w[e + j * k] = s
-            for a in range(k):                 # y = v S⁻¹
-                for j in range(p):
-                    s = 0.0
-                    for i in range(p):
-                        s += v[a + i * k] * sinv[i, j]
-                    y[a + j * k] = s
-            for e in range(k):
-                for a in range(k):
-                    s = 0.0
-                    for j in range(p):
-                        s += w[e + j * k] * y[a + j * k]
-                    schur[e, a] += s
-    free(buf)
 
 
 # -- Laplace GLMMs with one term, canonical links (see _gradient.py) -------------------
