@@ -6,6 +6,7 @@ optimization (``OptSummary``) stays on the fitted model.
 import math
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import warnings
 
@@ -287,6 +288,28 @@ def restart_lbfgsb(value_and_grad, optsum, start, progress=False, ftol=1e-14):
         optsum.final, optsum.fmin, optsum.returnvalue = again.final, again.fmin, again.returnvalue
 
 
+def setulb_arrays(x0, lower, maxcor, ftol):
+    """What scipy's L-BFGS-B routine (``scipy.optimize._lbfgsb.setulb``) works in, for a
+    start x0 and lower bounds (-inf: none), as :func:`lbfgsb` and the compiled one-term
+    GLMM search (``PirlsKernel.lbfgsb``) drive it: x (x0 moved onto its bounds), the
+    bounds and their kinds, f (one element; setulb reads its 0-d view ``f0``), g, the
+    work arrays, the task and factr."""
+    n = len(x0)
+    bounded = np.isfinite(lower)
+    low = np.where(bounded, lower, 0.0)
+    f = np.zeros(1)
+    return SimpleNamespace(
+        x=np.where(bounded, np.maximum(x0, low), x0).astype(np.float64),
+        low=low, upp=np.zeros(n),
+        nbd=bounded.astype(np.int32),           # 1: a lower bound only; 0: unbounded
+        f=f, f0=f.reshape(()), g=np.zeros(n),
+        wa=np.zeros(2 * maxcor * n + 5 * n + 11 * maxcor * maxcor + 8 * maxcor),
+        iwa=np.zeros(3 * n, dtype=np.int32), task=np.zeros(2, dtype=np.int32),
+        ln_task=np.zeros(2, dtype=np.int32), lsave=np.zeros(4, dtype=np.int32),
+        isave=np.zeros(44, dtype=np.int32), dsave=np.zeros(29),
+        factr=ftol / np.finfo(float).eps)
+
+
 def lbfgsb(fun_and_grad, x0, lower, maxfun, ftol, gtol, maxcor=10, maxls=20):
     """scipy's L-BFGS-B with lower bounds, driven step by step here: the same iterates as
     ``scipy.optimize.minimize(method="L-BFGS-B")`` without its wrappers, which cost
@@ -300,33 +323,19 @@ def lbfgsb(fun_and_grad, x0, lower, maxfun, ftol, gtol, maxcor=10, maxls=20):
         from scipy.optimize._lbfgsb_py import status_messages, task_messages
     except ImportError:
         return _lbfgsb_public(fun_and_grad, x0, lower, maxfun, ftol, gtol)
-    n = len(x0)
-    bounded = np.isfinite(lower)
-    low = np.where(bounded, lower, 0.0)
-    upp = np.zeros(n)
-    nbd = bounded.astype(np.int32)          # 1: a lower bound only; 0: unbounded
-    x = np.where(bounded, np.maximum(x0, low), x0).astype(np.float64)
-    f = np.array(0.0)
-    g = np.zeros(n)
-    wa = np.zeros(2 * maxcor * n + 5 * n + 11 * maxcor * maxcor + 8 * maxcor)
-    iwa = np.zeros(3 * n, dtype=np.int32)
-    task = np.zeros(2, dtype=np.int32)
-    ln_task = np.zeros(2, dtype=np.int32)
-    lsave = np.zeros(4, dtype=np.int32)
-    isave = np.zeros(44, dtype=np.int32)
-    dsave = np.zeros(29)
-    factr = ftol / np.finfo(float).eps
+    w = setulb_arrays(x0, lower, maxcor, ftol)
+    x, task = w.x, w.task
     nfev = 0
     niter = 0
     try:
         while True:
-            _lbfgsb.setulb(maxcor, x, low, upp, nbd, f, g, factr, gtol, wa, iwa, task,
-                           lsave, isave, dsave, maxls, ln_task)
+            _lbfgsb.setulb(maxcor, x, w.low, w.upp, w.nbd, w.f0, w.g, w.factr, gtol, w.wa,
+                           w.iwa, task, w.lsave, w.isave, w.dsave, maxls, w.ln_task)
             if task[0] == 3:            # f and g wanted at x
                 val, grad = fun_and_grad(x.copy())
                 nfev += 1
-                f = np.array(val, dtype=np.float64)
-                g = np.array(grad, dtype=np.float64)
+                w.f[0] = val
+                w.g[:] = grad
             elif task[0] == 1:          # a new iterate
                 niter += 1
                 if niter >= maxfun or nfev > maxfun:

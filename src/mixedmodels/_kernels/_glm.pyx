@@ -647,15 +647,10 @@ cdef extern from *:
         return _mm256_mul_pd(_mm256_mul_pd(e, s1), s2);
     }
 
-    /* log1p(e) for 0 <= e <= 1 (NaN stays NaN), given it = 1/(1 + e) */
-    MM_AVX static inline __m256d mm_log1p_unit(__m256d e, __m256d it)
+    /* log(1 + f) for sqrt(1/2) - 1 <= f <= sqrt(2) - 1: f - (f^2/2 - s (f^2/2 + R)),
+       s = f/(2 + f), R = 2 (s^2/3 + s^4/5 + ...) */
+    MM_AVX static inline __m256d mm_log1p_reduced(__m256d f)
     {
-        const __m256d one = MM_SET(1.0);
-        /* t = 1 + e rounded = 2^j (1 + f), j in {0, 1}, f exact */
-        __m256d t = _mm256_add_pd(one, e);
-        __m256d big = _mm256_cmp_pd(t, MM_SET(1.4142135623730951), _CMP_GT_OQ);
-        __m256d f = _mm256_sub_pd(_mm256_blendv_pd(t, _mm256_mul_pd(t, MM_SET(0.5)), big), one);
-        /* log(1 + f) = f - (f^2/2 - s (f^2/2 + R)), s = f/(2 + f), R = 2 (s^2/3 + s^4/5 ...) */
         __m256d s = _mm256_div_pd(f, _mm256_add_pd(MM_SET(2.0), f));
         __m256d z = _mm256_mul_pd(s, s);
         __m256d R = MM_SET(2.0 / 23.0);
@@ -672,6 +667,18 @@ cdef extern from *:
         R = _mm256_mul_pd(R, z);
         __m256d hfsq = _mm256_mul_pd(MM_SET(0.5), _mm256_mul_pd(f, f));
         __m256d lf = _mm256_sub_pd(f, _mm256_fnmadd_pd(s, _mm256_add_pd(hfsq, R), hfsq));
+        return lf;
+    }
+
+    /* log1p(e) for 0 <= e <= 1 (NaN stays NaN), given it = 1/(1 + e) */
+    MM_AVX static inline __m256d mm_log1p_unit(__m256d e, __m256d it)
+    {
+        const __m256d one = MM_SET(1.0);
+        /* t = 1 + e rounded = 2^j (1 + f), j in {0, 1}, f exact */
+        __m256d t = _mm256_add_pd(one, e);
+        __m256d big = _mm256_cmp_pd(t, MM_SET(1.4142135623730951), _CMP_GT_OQ);
+        __m256d f = _mm256_sub_pd(_mm256_blendv_pd(t, _mm256_mul_pd(t, MM_SET(0.5)), big), one);
+        __m256d lf = mm_log1p_reduced(f);
         /* plus j ln 2 and the rounding error of t: (e - (t - 1)) / t */
         __m256d corr = _mm256_mul_pd(_mm256_sub_pd(e, _mm256_sub_pd(t, one)), it);
         __m256d j = _mm256_and_pd(big, MM_SET(0.6931471805599453));
@@ -722,7 +729,7 @@ cdef extern from *:
     }
 
     /* log(x) for normal, finite x > 0: x = 2^j (1 + f) with sqrt(1/2) < 1 + f <= sqrt(2)
-       (f exact), log(1 + f) by mm_log1p_unit's series, and j ln 2 in two parts (the
+       (f exact), log(1 + f) by mm_log1p_reduced, and j ln 2 in two parts (the
        high part has zero low bits, so j times it is exact) */
     MM_AVX static inline __m256d mm_log_normal(__m256d x)
     {
@@ -739,22 +746,7 @@ cdef extern from *:
         m = _mm256_blendv_pd(m, _mm256_mul_pd(m, MM_SET(0.5)), big);
         jd = _mm256_add_pd(jd, _mm256_and_pd(big, one));
         __m256d f = _mm256_sub_pd(m, one);
-        __m256d s = _mm256_div_pd(f, _mm256_add_pd(MM_SET(2.0), f));
-        __m256d z = _mm256_mul_pd(s, s);
-        __m256d R = MM_SET(2.0 / 23.0);
-        R = _mm256_fmadd_pd(R, z, MM_SET(2.0 / 21.0));
-        R = _mm256_fmadd_pd(R, z, MM_SET(2.0 / 19.0));
-        R = _mm256_fmadd_pd(R, z, MM_SET(2.0 / 17.0));
-        R = _mm256_fmadd_pd(R, z, MM_SET(2.0 / 15.0));
-        R = _mm256_fmadd_pd(R, z, MM_SET(2.0 / 13.0));
-        R = _mm256_fmadd_pd(R, z, MM_SET(2.0 / 11.0));
-        R = _mm256_fmadd_pd(R, z, MM_SET(2.0 / 9.0));
-        R = _mm256_fmadd_pd(R, z, MM_SET(2.0 / 7.0));
-        R = _mm256_fmadd_pd(R, z, MM_SET(2.0 / 5.0));
-        R = _mm256_fmadd_pd(R, z, MM_SET(2.0 / 3.0));
-        R = _mm256_mul_pd(R, z);
-        __m256d hfsq = _mm256_mul_pd(MM_SET(0.5), _mm256_mul_pd(f, f));
-        __m256d lf = _mm256_sub_pd(f, _mm256_fnmadd_pd(s, _mm256_add_pd(hfsq, R), hfsq));
+        __m256d lf = mm_log1p_reduced(f);
         return _mm256_fmadd_pd(jd, MM_SET(6.93147180369123816490e-01),
                                _mm256_fmadd_pd(jd, MM_SET(1.90821492927058770002e-10), lf));
     }
@@ -2329,24 +2321,13 @@ cdef class PirlsKernel:
             raise ValueError(f"lbfgsb: x0 and lower must have {p + nth} entries")
         if u.shape[0] != q:
             raise ValueError(f"u has {u.shape[0]} entries; the model has {q}")
-        # the arrays of _optimize.lbfgsb
-        bounded = np.isfinite(lower)
-        low = np.where(bounded, lower, 0.0)
-        upp = np.zeros(n)
-        nbd = bounded.astype(np.int32)
-        x = np.where(bounded, np.maximum(x0, low), x0).astype(np.float64)
-        f = np.zeros(1)
-        f0 = f.reshape(())               # the 0-d view setulb reads
-        g = np.zeros(n)
+        from mixedmodels._optimize import setulb_arrays
+        w = setulb_arrays(x0, lower, maxcor, ftol)
+        x, low, upp, nbd, f, f0, g = w.x, w.low, w.upp, w.nbd, w.f, w.f0, w.g
+        wa, iwa, task, ln_task, lsave, isave, dsave = (w.wa, w.iwa, w.task, w.ln_task,
+                                                       w.lsave, w.isave, w.dsave)
+        factr = w.factr
         grad = np.zeros(n)
-        wa = np.zeros(2 * maxcor * n + 5 * n + 11 * maxcor * maxcor + 8 * maxcor)
-        iwa = np.zeros(3 * n, dtype=np.int32)
-        task = np.zeros(2, dtype=np.int32)
-        ln_task = np.zeros(2, dtype=np.int32)
-        lsave = np.zeros(4, dtype=np.int32)
-        isave = np.zeros(44, dtype=np.int32)
-        dsave = np.zeros(29)
-        factr = ftol / np.finfo(float).eps
         last_grad = np.zeros(n)
         xv, gv, gradv, fv, taskv, lastgv = x, g, grad, f, task, last_grad
         log, exhausted = [], []
