@@ -86,14 +86,15 @@ def test_lmm_optimizer_argument_is_checked():
 
 
 def test_lmm_gradient_search_that_stops_short_is_continued(monkeypatch):
-    """Where the check after L-BFGS-B fails (here: a search cut off after 3 evaluations),
-    BOBYQA goes on from the best point and the fit ends at lme4's optimum."""
+    """Where the check after L-BFGS-B fails (here: a search cut off after its first
+    evaluation, at Λ = I; from 2 or 3 the BFGS-updated Newton steps of the check finish
+    it), BOBYQA goes on from the best point and the fit ends at lme4's optimum."""
     import mixedmodels.lmm as lmm_module
 
     real = lmm_module.minimize_with_gradient
 
     def cut_short(value_and_grad, optsum, **kwargs):
-        optsum.maxfeval = 3
+        optsum.maxfeval = 1
         return real(value_and_grad, optsum, **kwargs)
 
     monkeypatch.setattr(lmm_module, "minimize_with_gradient", cut_short)

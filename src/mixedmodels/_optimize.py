@@ -668,6 +668,7 @@ def polish_with_gradient(value_and_grad, optsum, warn=True, max_steps=3, start=N
     free = ~boundary
     hess, spent = (optsum.derivs.hessian, optsum.derivs.nfeval) if hessian is None else hessian
     newton = _newton_direction(hess, free)
+    working = hess
     tol = 1e-11 * max(1.0, abs(optsum.fmin))
     val, grad = value_and_grad(x) if start is None else start
     grad = np.asarray(grad, dtype=float)
@@ -679,7 +680,7 @@ def polish_with_gradient(value_and_grad, optsum, warn=True, max_steps=3, start=N
         # (a step of 1e-11 relative or more always moves x: no test that trial differs)
         if size < 1e-11:
             break           # there already, to the gradient's rounding
-        if decrement < 1e-14 * max(1.0, abs(float(val))) and size < 1e-8:
+        if decrement < 1e-14 * max(1.0, abs(float(val))) and size < 1e-10:
             # the step would lower the objective by less than its own rounding (insteval:
             # steps of 1e-10 in θ at 35 ms each chased a value of 2.4e5 wobbling by 1e-8)
             break
@@ -697,6 +698,15 @@ def polish_with_gradient(value_and_grad, optsum, warn=True, max_steps=3, start=N
         tstep, tdecrement = newton(tgrad)
         if tstep is None or not tdecrement < decrement:
             break
+        # the Hessian was differenced where the search stopped: BFGS-updated by each step
+        # kept, the steps from a search stopped early converge in 3-5 instead of 7-8
+        working = _bfgs_update(working, free, trial - x, tgrad - grad)
+        updated = _newton_direction(working, free)
+        if updated is not None:
+            newton = updated
+            tstep, tdecrement = newton(tgrad)
+            if tstep is None:
+                break
         x, val, grad, step, decrement = trial, tval, tgrad, tstep, tdecrement
         # fmin is the value at the reported point, which may exceed an earlier value by
         # the objective's noise
@@ -712,6 +722,21 @@ def polish_with_gradient(value_and_grad, optsum, warn=True, max_steps=3, start=N
         for msg in record.messages:
             warnings.warn(msg, ConvergenceWarning, stacklevel=3)
     return record
+
+
+def _bfgs_update(hess, free, s, y):
+    """The BFGS update of the free block of hess by the step s and the change of the
+    gradient y (where s'y > 0, which keeps it positive definite)."""
+    s, y = s[free], y[free]
+    sy = float(s @ y)
+    if not sy > 0.0:
+        return hess
+    out = np.array(hess, dtype=float)
+    idx = np.ix_(free, free)
+    h = out[idx]
+    hs = h @ s
+    out[idx] = h - np.outer(hs, hs) / float(s @ hs) + np.outer(y, y) / sy
+    return out
 
 
 def _newton_direction(hess, free):
