@@ -335,6 +335,9 @@ class LinearMixedModel(MixedModelSpec):
         """:func:`rectify` near the bounds; whether it moved a component there. BOBYQA
         stops within ~1e-4 of a boundary optimum: a component farther off is in the
         interior, and a trial at zero would cost an evaluation (insteval: 3)."""
+        final, lower = optsum.final, optsum.lowerbd
+        if not any(final[i] < lower[i] + BOUND_PROBE for i in bounded):
+            return False
         before = len(optsum.rectified)
         rectify(self._objective_unchecked, optsum, bounded, near=BOUND_PROBE)
         return len(optsum.rectified) > before
@@ -422,8 +425,8 @@ def _stationary(record):
     """Whether the polish ended at the stationary point, not merely within lme4's
     tolerance of it (sleepstudy simulated: a search stopped 0.06 above the optimum,
     three Newton steps left a scaled gradient of 4e-4, 1e-7 above the optimum)."""
-    scaled = record.scaled_gradient[np.isfinite(record.scaled_gradient)]
-    return scaled.size == 0 or float(np.max(np.abs(scaled))) <= STATIONARY_TOL
+    # NaN (a parameter on its bound) compares False: only the finite ones can fail
+    return not bool((np.abs(record.scaled_gradient) > STATIONARY_TOL).any())
 
 
 def start_from_relative(layout, reterms, rels):
