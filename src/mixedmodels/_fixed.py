@@ -39,6 +39,18 @@ def _raise_qr(err, flag):
                                 "factorization")
 
 
+try:
+    from numpy._core._ufunc_config import _extobj_contextvar, _make_extobj
+
+    # the floating-point state numpy.linalg.qr runs its gufuncs in (np.errstate with these
+    # arguments), made once: np.errstate makes it anew on every entry, which cost a
+    # third as much as the QR of a small X
+    _QR_STATE = _make_extobj(call=_raise_qr, invalid="call", over="ignore", divide="ignore",
+                             under="ignore")
+except Exception:  # pragma: no cover - a NumPy without these internals
+    _QR_STATE = None
+
+
 def householder_qr(X):
     """``numpy.linalg.qr(X)`` (reduced) of a float64 matrix, bit for bit.
 
@@ -60,14 +72,27 @@ def householder_qr(X):
         return np.linalg.qr(X)
     a = np.array(X, dtype=np.float64, order="C")   # a copy, overwritten by LAPACK
     mn = min(a.shape)
-    with np.errstate(call=_raise_qr, invalid="call", over="ignore", divide="ignore",
-                     under="ignore"):
-        tau = _umath_linalg.qr_r_raw(a, signature="d->d")
-        q = _umath_linalg.qr_reduced(a, tau, signature="dd->d")
+    if _QR_STATE is None:   # pragma: no cover
+        with np.errstate(call=_raise_qr, invalid="call", over="ignore", divide="ignore",
+                         under="ignore"):
+            q = _qr_gufuncs(a)
+    else:
+        token = _extobj_contextvar.set(_QR_STATE)
+        try:
+            q = _qr_gufuncs(a)
+        finally:
+            _extobj_contextvar.reset(token)
     r = a[:mn].copy()
     for i in range(1, mn):
         r[i, :i] = 0.0   # numpy.triu
     return q, r
+
+
+def _qr_gufuncs(a):
+    """dgeqrf and dorgqr through NumPy's gufuncs: q, with a overwritten by R (above
+    its diagonal) and the reflectors."""
+    tau = _umath_linalg.qr_r_raw(a, signature="d->d")
+    return _umath_linalg.qr_reduced(a, tau, signature="dd->d")
 
 
 def _raise_lstsq(err, flag):
@@ -155,10 +180,13 @@ def _upper_inverse(Rl, R):
 def _upper_solve_inverse(R):
     """R⁻¹, one ``_blocked.upper_solve`` per column."""
     r = np.ascontiguousarray(R)
-    eye = np.eye(R.shape[1])
-    for j in range(R.shape[1]):
-        upper_solve(r, eye[j])
-    return np.ascontiguousarray(eye.T)
+    p = R.shape[1]
+    cols = np.zeros((p, p))       # row j: the unit vector e_j, then R⁻¹ e_j
+    for j in range(p):
+        col = cols[j]
+        col[j] = 1.0
+        upper_solve(r, col)
+    return np.ascontiguousarray(cols.T)
 
 
 # Up to this many rows an intercept-only basis is remembered (a column of n doubles).
@@ -220,9 +248,15 @@ class FixedEffectsBasis:
             # same order, as the NumPy expressions they stand for (see below)
             rl = r.tolist()
             signs = [-1.0 if rl[i][i] < 0 else 1.0 for i in range(p)]
-            # R = (r * signs[:, None]) / scale
-            Rl = [[(v * s) / scale for v in row] for row, s in zip(rl, signs)]
-            self.R = np.array(Rl)
+            if p <= 2:
+                # R = (r * signs[:, None]) / scale
+                Rl = [[(v * s) / scale for v in row] for row, s in zip(rl, signs)]
+                self.R = np.array(Rl)
+            else:
+                # that expression itself: from 3-by-3 on, fewer calls than the floats
+                self.R = r * np.array(signs)[:, None]
+                self.R /= scale
+                Rl = self.R.tolist()
             ad = [abs(Rl[i][i]) for i in range(p)]
             absdiag = np.array(ad)
             # X = q * (signs * scale), in place (C-contiguous, as householder_qr makes it)

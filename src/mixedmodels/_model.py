@@ -57,10 +57,9 @@ class MixedModelSpec:
         if not design.reterms:
             raise ValueError(f"formula {formula!r} has no random-effects term like (1 | g); "
                              "fit a fixed-effects model with another library")
-        order = term_order([t.nlevels for t in design.reterms])
-        self.reterms = [design.reterms[i] for i in order]
+        self.reterms = _in_term_order(design.reterms)
         self.layout = ThetaLayout([t.ncols for t in self.reterms],
-                                  [bool(t.zerocorr) for t in self.reterms])
+                                  [t.zerocorr for t in self.reterms])
         self.fixed = FixedEffectsBasis(design.X, design.coef_names, qr=qr[0] if qr else None)
         self._workspace = None
         self._Z = None
@@ -70,10 +69,10 @@ class MixedModelSpec:
     def workspace(self):
         """The blocked system of this model (built on first use)."""
         if self._workspace is None:
-            self._workspace = BlockedSystem([t.codes for t in self.reterms],
-                                            [t.z for t in self.reterms],
-                                            [t.nlevels for t in self.reterms],
-                                            [bool(t.zerocorr) for t in self.reterms],
+            terms = self.reterms
+            self._workspace = BlockedSystem([t.codes for t in terms], [t.z for t in terms],
+                                            [t.nlevels for t in terms],
+                                            [bool(t.zerocorr) for t in terms],
                                             layout=self.layout)
             self._workspace_ready(self._workspace)
         return self._workspace
@@ -190,6 +189,14 @@ class MixedModelSpec:
                     f"term ({' + '.join(t.cnames)} | {t.group_name}) has {q} random effects "
                     f"for {n} observations: the random-effects parameters are not "
                     "identifiable (lme4 refuses this model too)")
+
+
+def _in_term_order(reterms):
+    """The terms by decreasing number of levels (see :func:`_pattern.term_order`), as a
+    new list."""
+    if len(reterms) == 1:
+        return [reterms[0]]
+    return [reterms[i] for i in term_order([t.nlevels for t in reterms])]
 
 
 def _without_zero_weights(design, formula, data, contrasts, weights, offset, na_action):

@@ -20,13 +20,16 @@ from libc.math cimport log, sqrt, frexp, NAN, M_LN2
 from libc.string cimport memset
 
 import numpy as np
+cimport numpy as cnp
 from libc.stdlib cimport malloc, free
 from cpython.pycapsule cimport PyCapsule_GetPointer
+
+cnp.import_array()
 
 # i64 is declared in _blocked.pxd
 
 
-def accumulate_blocks(const double[:, ::1] zcat, const i64[:, ::1] rowoff,
+def accumulate_blocks(const double[:, ::1] zcat, const i64[:, ::1] rowoff not None,
                       const int[::1] pair_tr, const int[::1] pair_tc,
                       const int[::1] zoff, const int[::1] kk,
                       const double[::1] w, double[::1] avals):
@@ -35,32 +38,51 @@ def accumulate_blocks(const double[:, ::1] zcat, const i64[:, ::1] rowoff,
     NumPy: for each pair p and row i,
         avals[rowoff[p, i] + block] += w[i] * outer(z_r[i], z_c[i]) (column-major)
     """
-    cdef Py_ssize_t n = zcat.shape[0], npair = rowoff.shape[0]
+    with nogil:
+        _blocks_into(zcat, rowoff, None, pair_tr, pair_tc, zoff, kk, w, avals)
+
+
+cdef void _blocks_into(const double[:, ::1] zcat, const i64[:, ::1] rowoff,
+                       const int[:, ::1] codes, const int[::1] pair_tr,
+                       const int[::1] pair_tc, const int[::1] zoff, const int[::1] kk,
+                       const double[::1] w, double[::1] avals) noexcept nogil:
+    """accumulate_blocks' sums. ``rowoff`` None: one term, whose blocks sit at
+    ``codes[0] * k * k`` (what its rowoff holds)."""
+    cdef Py_ssize_t n = zcat.shape[0], npair = pair_tr.shape[0]
     cdef Py_ssize_t p, i, a, d
     cdef int kr, kc, zr, zc
     cdef i64 off
     cdef double wi, zd
     cdef bint weighted = w.shape[0] > 0
-    with nogil:
-        avals[:] = 0.0
-        for p in range(npair):
-            kr = kk[pair_tr[p]]
-            kc = kk[pair_tc[p]]
-            zr = zoff[pair_tr[p]]
-            zc = zoff[pair_tc[p]]
-            if kr == 1 and kc == 1:
-                # scalar terms (the common case) without the inner loops
-                for i in range(n):
-                    wi = w[i] if weighted else 1.0
-                    avals[rowoff[p, i]] += wi * zcat[i, zr] * zcat[i, zc]
-                continue
+    avals[:] = 0.0
+    if rowoff is None:
+        kr = kk[0]
+        for i in range(n):
+            off = <i64> codes[0, i] * kr * kr
+            wi = w[i] if weighted else 1.0
+            for d in range(kr):
+                zd = wi * zcat[i, d]
+                for a in range(kr):
+                    avals[off + a + d * kr] += zcat[i, a] * zd
+        return
+    for p in range(npair):
+        kr = kk[pair_tr[p]]
+        kc = kk[pair_tc[p]]
+        zr = zoff[pair_tr[p]]
+        zc = zoff[pair_tc[p]]
+        if kr == 1 and kc == 1:
+            # scalar terms (the common case) without the inner loops
             for i in range(n):
-                off = rowoff[p, i]
                 wi = w[i] if weighted else 1.0
-                for d in range(kc):
-                    zd = wi * zcat[i, zc + d]
-                    for a in range(kr):
-                        avals[off + a + d * kr] += zcat[i, zr + a] * zd
+                avals[rowoff[p, i]] += wi * zcat[i, zr] * zcat[i, zc]
+            continue
+        for i in range(n):
+            off = rowoff[p, i]
+            wi = w[i] if weighted else 1.0
+            for d in range(kc):
+                zd = wi * zcat[i, zc + d]
+                for a in range(kr):
+                    avals[off + a + d * kr] += zcat[i, zr + a] * zd
 
 
 def accumulate_zt(const double[:, ::1] zcat, const int[:, ::1] codes,
@@ -70,22 +92,30 @@ def accumulate_zt(const double[:, ::1] zcat, const int[:, ::1] codes,
 
     NumPy: out = Z.T @ (w[:, None] * xy)
     """
+    with nogil:
+        _zt_into(zcat, codes, uoff, zoff, kk, w, xy, out)
+
+
+cdef void _zt_into(const double[:, ::1] zcat, const int[:, ::1] codes,
+                   const i64[::1] uoff, const int[::1] zoff, const int[::1] kk,
+                   const double[::1] w, const double[:, ::1] xy,
+                   double[::1, :] out) noexcept nogil:
+    """accumulate_zt's sums."""
     cdef Py_ssize_t n = zcat.shape[0], m = xy.shape[1], nterm = codes.shape[0]
     cdef Py_ssize_t t, i, a, j
     cdef i64 r0
     cdef double s
     cdef bint weighted = w.shape[0] > 0
-    with nogil:
-        out[:, :] = 0.0
-        for t in range(nterm):
-            for i in range(n):
-                r0 = uoff[t] + <i64> codes[t, i] * kk[t]
-                for a in range(kk[t]):
-                    s = zcat[i, zoff[t] + a]
-                    if weighted:
-                        s = s * w[i]
-                    for j in range(m):
-                        out[r0 + a, j] += s * xy[i, j]
+    out[:, :] = 0.0
+    for t in range(nterm):
+        for i in range(n):
+            r0 = uoff[t] + <i64> codes[t, i] * kk[t]
+            for a in range(kk[t]):
+                s = zcat[i, zoff[t] + a]
+                if weighted:
+                    s = s * w[i]
+                for j in range(m):
+                    out[r0 + a, j] += s * xy[i, j]
 
 
 cdef inline void congruence(const double *A, const double *Tr, const double *Tc,
@@ -460,19 +490,60 @@ def weighted_crossprod(const double[:, ::1] xy, const double[::1] w, double[:, :
 
     NumPy: out = xy.T @ (w[:, None] * xy)
     """
+    with nogil:
+        _crossprod_into(xy, w, out)
+
+
+cdef void _crossprod_into(const double[:, ::1] xy, const double[::1] w,
+                          double[:, ::1] out) noexcept nogil:
+    """weighted_crossprod's sums."""
     cdef Py_ssize_t n = xy.shape[0], m = xy.shape[1], i, a, c
     cdef double wi
     cdef bint weighted = w.shape[0] > 0
-    with nogil:
-        out[:, :] = 0.0
-        for i in range(n):
-            wi = w[i] if weighted else 1.0
-            for c in range(m):
-                for a in range(c + 1):
-                    out[a, c] += wi * xy[i, a] * xy[i, c]
+    out[:, :] = 0.0
+    for i in range(n):
+        wi = w[i] if weighted else 1.0
         for c in range(m):
-            for a in range(c + 1, m):
-                out[a, c] = out[c, a]
+            for a in range(c + 1):
+                out[a, c] += wi * xy[i, a] * xy[i, c]
+    for c in range(m):
+        for a in range(c + 1, m):
+            out[a, c] = out[c, a]
+
+
+def accumulate_products(const double[:, ::1] zcat, const int[:, ::1] codes,
+                        const i64[:, ::1] rowoff, const int[::1] pair_tr,
+                        const int[::1] pair_tc, const i64[::1] uoff, const int[::1] zoff,
+                        const int[::1] kk, const double[::1] w, const double[:, ::1] xy,
+                        double[::1] avals, double[::1, :] ztxy, double[:, ::1] xtxy):
+    """accumulate_blocks, accumulate_zt and weighted_crossprod in one call: their sums,
+    the same bits (rowoff None: one term, whose blocks sit at ``codes * k * k``; w
+    empty: unit weights). ThetaFactorizer.accumulate runs this over the arrays it has
+    bound: on a small model the three calls' argument unpacking cost more than the sums.
+
+    NumPy: avals as accumulate_blocks', ztxy = Z.T @ (w[:, None] * xy),
+    xtxy = xy.T @ (w[:, None] * xy)
+    """
+    if rowoff is None and (codes.shape[0] != 1 or pair_tr.shape[0] != 1):
+        raise ValueError("rowoff may be left out for one term only")
+    if rowoff is not None and (rowoff.shape[0] != pair_tr.shape[0] or
+                               rowoff.shape[1] != zcat.shape[0]):
+        raise ValueError("rowoff must be npair-by-n")
+    _check_products(zcat.shape[0], xy.shape[1], codes.shape[1], xy.shape[0], w.shape[0],
+                    ztxy.shape[1], xtxy.shape[0], xtxy.shape[1])
+    with nogil:
+        _blocks_into(zcat, rowoff, codes, pair_tr, pair_tc, zoff, kk, w, avals)
+        _zt_into(zcat, codes, uoff, zoff, kk, w, xy, ztxy)
+        _crossprod_into(xy, w, xtxy)
+
+
+cdef int _check_products(Py_ssize_t n, Py_ssize_t m, Py_ssize_t ncodes, Py_ssize_t nxy,
+                         Py_ssize_t nw, Py_ssize_t mz, Py_ssize_t m0, Py_ssize_t m1) except -1:
+    if ncodes != n or nxy != n or (nw and nw != n):
+        raise ValueError("zcat, codes, xy and w must have a row each for the same rows")
+    if mz != m or m0 != m or m1 != m:
+        raise ValueError("ztxy must be q-by-m and xtxy m-by-m for xy's m columns")
+    return 0
 
 
 def matvec(const double[:, ::1] x, const double[::1] beta, const double[::1] base,
@@ -729,14 +800,15 @@ cdef class ThetaFactorizer:
     Schur complement in one call. ``factor`` is None for the block-diagonal path, else the
     CHOLMOD factor whose values array is ``mx``.
     """
-    cdef const double[::1] avals
+    # avals, ztxy and xtxy are written by ``accumulate`` only, read by the rest
+    cdef double[::1] avals
     cdef double[::1] lam, lblocks, mx
     cdef const i64[::1] lam_index, lam_off, uoff, blk_off, pos
     cdef const int[::1] kk, nlev, blk_tr, blk_tc
     cdef const char[::1] blk_diag
-    cdef const double[::1, :] ztxy
+    cdef double[::1, :] ztxy
     cdef double[::1, :] rzxy
-    cdef const double[:, ::1] xtxy
+    cdef double[:, ::1] xtxy
     cdef double[:, ::1] r
     cdef readonly object factor
     cdef ExternalFactor ext          # the factor's C functions, where it offers them
@@ -745,6 +817,7 @@ cdef class ThetaFactorizer:
     cdef readonly SimplicialFactor small
     cdef readonly bint small_allowed, last_small
     cdef object _m_pattern
+    cdef bint bound                  # products bound (bind_products)
 
     def __cinit__(self, *args, **kwargs):
         self.tmp = NULL
@@ -762,22 +835,26 @@ cdef class ThetaFactorizer:
         self.uoff = pattern.uoff
         self.kk = pattern.kk
         self.nlev = pattern.nlev
-        self.blk_off = pattern.blk_off
-        self.blk_tr = pattern.blk_tr
-        self.blk_tc = pattern.blk_tc
-        self.blk_diag = pattern.blk_diag
-        if pattern.pos is not None:
-            self.pos = pattern.pos
         self.factor = factor
         self.ext.obj = NULL
-        if factor is not None and hasattr(factor, "external"):
-            self.ext = (<ExternalFactor *> PyCapsule_GetPointer(
-                factor.external(), b"mixedmodels.ExternalFactor"))[0]
-        self.k0 = pattern.kk[0]
+        if factor is not None:
+            # the blocks' list and M's slots are read by the scatter into mx alone (the
+            # block-diagonal path factors avals level by level)
+            self.blk_off = pattern.blk_off
+            self.blk_tr = pattern.blk_tr
+            self.blk_tc = pattern.blk_tc
+            self.blk_diag = pattern.blk_diag
+            if pattern.pos is not None:
+                self.pos = pattern.pos
+            if hasattr(factor, "external"):
+                self.ext = (<ExternalFactor *> PyCapsule_GetPointer(
+                    factor.external(), b"mixedmodels.ExternalFactor"))[0]
+        self.k0 = self.kk[0]
         self.small = None
         self.small_allowed = False
         self.last_small = False
         self._m_pattern = None
+        self.bound = False
         cdef int maxk = _maxk(self.kk)
         self.tmp = <double *> malloc(2 * maxk * maxk * sizeof(double))
         if self.tmp == NULL:
@@ -796,6 +873,57 @@ cdef class ThetaFactorizer:
         self.rzxy = rzxy
         self.xtxy = xtxy
         self.r = r
+        self.bound = True
+
+    def new_products(self, Py_ssize_t q, Py_ssize_t m):
+        """Zeroed products for m columns of [X y], bound here and returned for the
+        workspace to hold: (ztxy, rzxy) q-by-m Fortran, (xtxy, r) m-by-m C order.
+
+        NumPy: np.zeros((q, m), order="F") twice, np.zeros((m, m)) twice."""
+        cdef cnp.npy_intp dims[2]
+        dims[0] = q
+        dims[1] = m
+        ztxy = cnp.PyArray_ZEROS(2, dims, cnp.NPY_DOUBLE, 1)
+        rzxy = cnp.PyArray_ZEROS(2, dims, cnp.NPY_DOUBLE, 1)
+        dims[0] = m
+        xtxy = cnp.PyArray_ZEROS(2, dims, cnp.NPY_DOUBLE, 0)
+        r = cnp.PyArray_ZEROS(2, dims, cnp.NPY_DOUBLE, 0)
+        self.bind_products(ztxy, rzxy, xtxy, r)
+        return ztxy, rzxy, xtxy, r
+
+    def accumulate(self, pattern, const double[:, ::1] xy, const double[::1] w):
+        """The cross-products of the rows of ``pattern`` (the one this object was made
+        with) in one call: Z'WZ into the bound avals, Z'W xy and xy'W xy into the bound
+        ztxy and xtxy (``accumulate_products`` over the arrays bound here; w empty: unit
+        weights). Where no products of xy's width are bound, they are made and bound
+        first (``new_products``) and returned, for the workspace to hold; else None."""
+        cdef const double[:, ::1] zcat = pattern.zcat
+        cdef const int[:, ::1] codes = pattern.codes
+        cdef const int[::1] zoff = pattern.zoff
+        cdef const i64[:, ::1] rowoff = None
+        cdef const int[::1] pair_tr, pair_tc
+        cdef Py_ssize_t m = xy.shape[1], nterm = self.kk.shape[0]
+        cdef Py_ssize_t q = self.uoff[nterm - 1] + self.kk[nterm - 1] * self.nlev[nterm - 1]
+        if codes.shape[0] != nterm:
+            raise ValueError("the pattern is not the one this factorizer was made with")
+        made = None
+        if not self.bound or self.ztxy.shape[1] != m or self.ztxy.shape[0] != q:
+            made = self.new_products(q, m)
+        _check_products(zcat.shape[0], m, codes.shape[1], xy.shape[0], w.shape[0],
+                        self.ztxy.shape[1], self.xtxy.shape[0], self.xtxy.shape[1])
+        if nterm == 1:
+            # one term: its one pair (0, 0), which zoff's single 0 spells, and blocks at
+            # codes * k * k, without reading the rowoff a one-term pattern makes on demand
+            pair_tr = pair_tc = zoff
+        else:
+            rowoff = pattern.rowoff
+            pair_tr = pattern.pair_tr
+            pair_tc = pattern.pair_tc
+        with nogil:
+            _blocks_into(zcat, rowoff, codes, pair_tr, pair_tc, zoff, self.kk, w, self.avals)
+            _zt_into(zcat, codes, self.uoff, zoff, self.kk, w, xy, self.ztxy)
+            _crossprod_into(xy, w, self.xtxy)
+        return made
 
     def factorize(self, const double[::1] theta, bint schur):
         """Returns (log det(L), status of the Schur Cholesky; -1 when skipped).

@@ -35,6 +35,7 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 
 import numpy as np
+cimport numpy as cnp
 
 from scipy.linalg.cython_lapack cimport dlauum, dpotrf, dtrtri
 from scipy.linalg.cython_blas cimport dgemm, dgemv, dsyrk, dtrmm, dtrsm
@@ -43,6 +44,8 @@ from mixedmodels._linalg._blocked cimport chol_inplace, ExternalFactor
 from cpython.pycapsule cimport PyCapsule_New
 
 ctypedef long long i64
+
+cnp.import_array()
 
 
 cdef int _first_rest(const int[::1] ip, const int[::1] ix, int k0, int q0,
@@ -77,7 +80,8 @@ cdef int _first_rest(const int[::1] ip, const int[::1] ix, int k0, int q0,
 def _tail_columns(indptr, indices, first, int k0, int q0, int r):
     """B' by rows of the tail: for each tail column c, the slots of B (in the first column of
     each level of term 0) whose row is q0 + c, with their levels, levels ascending.
-    Returns (ptr, slot, level) in CSR form over c; built once per pattern."""
+    Returns (ptr, slot, level) in CSR form over c. The NumPy twin of ``_tail_fill``, which
+    the constructor runs (tests/test_setup_fused_products.py holds the two together)."""
     nlev0 = q0 // k0
     starts = np.asarray(first[::k0], dtype=np.int64)[:nlev0]
     counts = np.asarray(indptr[1:q0 + 1:k0], dtype=np.int64) - starts
@@ -89,6 +93,59 @@ def _tail_columns(indptr, indices, first, int k0, int q0, int r):
     ptr = np.zeros(r + 1, dtype=np.int32)
     np.cumsum(np.bincount(rows, minlength=r), out=ptr[1:])
     return ptr, slot[order].astype(np.int32), level[order]
+
+
+cdef Py_ssize_t _tail_count(const int *ip, const int *fr, int k0, Py_ssize_t nlev0) noexcept nogil:
+    """The number of slots of B: Σ over the levels of term 0 of the tail rows each meets."""
+    cdef Py_ssize_t lev, total = 0
+    for lev in range(nlev0):
+        total += ip[lev * k0 + 1] - fr[lev * k0]
+    return total
+
+
+cdef void _tail_fill(const int *ip, const int *ix, const int *fr, int k0, int q0, int r,
+                     Py_ssize_t nlev0, int *ptr, int *slot, int *level) noexcept nogil:
+    """``_tail_columns`` in two passes over B's slots, a counting sort by tail row: the
+    slots of each row come level by level, as the stable sort of the twin leaves them.
+    ptr has r + 1 entries, slot and level ``_tail_count`` each; ptr itself is the rows'
+    cursors while they fill."""
+    cdef Py_ssize_t lev, t, c
+    cdef int row
+    memset(ptr, 0, (r + 1) * sizeof(int))
+    for lev in range(nlev0):
+        for t in range(fr[lev * k0], ip[lev * k0 + 1]):
+            ptr[ix[t] - q0 + 1] += 1
+    for c in range(r):
+        ptr[c + 1] += ptr[c]
+    # ptr[c] is where row c starts: fill from there, moving it to where row c ends (the
+    # start of row c + 1), then shift back by one row
+    for lev in range(nlev0):
+        for t in range(fr[lev * k0], ip[lev * k0 + 1]):
+            row = ix[t] - q0
+            slot[ptr[row]] = <int> t
+            level[ptr[row]] = <int> lev
+            ptr[row] += 1
+    for c in range(r, 0, -1):
+        ptr[c] = ptr[c - 1]
+    ptr[0] = 0
+
+
+def _tail_columns_compiled(const int[::1] indptr, const int[::1] indices, int k0, int q0):
+    """``_tail_columns`` as the constructor computes it (``_first_rest``, then
+    ``_tail_fill``), for the tests: (ptr, slot, level)."""
+    cdef Py_ssize_t q = indptr.shape[0] - 1, nlev0 = q0 // k0, nnz
+    first = np.empty(q0, dtype=np.int32)
+    cdef int[::1] fr = first
+    if _first_rest(indptr, indices, k0, q0, fr) >= 0:
+        raise ValueError("not a dense-tail pattern")
+    nnz = _tail_count(&indptr[0], &fr[0] if q0 else NULL, k0, nlev0)
+    ptr = np.empty(q - q0 + 1, dtype=np.int32)
+    slot = np.empty(nnz, dtype=np.int32)
+    level = np.empty(nnz, dtype=np.int32)
+    cdef int[::1] p = ptr, sl = slot, lv = level
+    _tail_fill(&indptr[0], &indices[0], &fr[0] if q0 else NULL, k0, q0, <int> (q - q0),
+               nlev0, &p[0], &sl[0] if nnz else NULL, &lv[0] if nnz else NULL)
+    return ptr, slot, level
 
 
 # panel width of the triangular inverse: 48-96 measured alike at r = 1,142
@@ -280,20 +337,37 @@ cdef class DenseTailFactor:
         self.mx = mx
         self.k0 = k0
         self.q0 = q0
-        self.q = len(indptr) - 1
+        self.q = self.indptr.shape[0] - 1
         self.r = self.q - q0
         self.nlev0 = q0 // k0
-        first = np.empty(q0, dtype=np.int32)
-        cdef int bad = _first_rest(indptr, indices, k0, q0, first)
+        cdef Py_ssize_t nnz
+        cdef cnp.npy_intp dims[2]
+        cdef int[::1] ints
+        cdef const int *fr
+        # the int arrays in one allocation: first_rest (q0), then tail_ptr (r + 1); the
+        # slots and levels of B (_tail_count of each) in another, once first_rest is known
+        dims[0] = q0 + self.r + 1
+        ints = cnp.PyArray_EMPTY(1, dims, cnp.NPY_INT32, 0)
+        self.first_rest = ints[:q0]
+        self.tail_ptr = ints[q0:]
+        cdef int bad = _first_rest(self.indptr, self.indices, k0, q0, self.first_rest)
         if bad >= 0:
             raise ValueError("M's pattern is not that of a first term with levels of "
                              f"{k0} columns (column {bad})")
-        self.first_rest = first
-        self.tail_ptr, self.tail_slot, self.tail_level = _tail_columns(
-            indptr, indices, first, k0, q0, self.r)
-        self.l0 = np.zeros(self.nlev0 * k0 * k0)
-        self.w = np.zeros(len(mx))
-        self.s = np.zeros((self.r, self.r), order="F")
+        fr = &self.first_rest[0] if q0 else NULL
+        nnz = _tail_count(&self.indptr[0], fr, k0, self.nlev0)
+        dims[0] = 2 * nnz
+        ints = cnp.PyArray_EMPTY(1, dims, cnp.NPY_INT32, 0)
+        self.tail_slot = ints[:nnz]
+        self.tail_level = ints[nnz:]
+        _tail_fill(&self.indptr[0], &self.indices[0], fr, k0, q0, self.r, self.nlev0,
+                   &self.tail_ptr[0], &ints[0] if nnz else NULL, &ints[nnz] if nnz else NULL)
+        dims[0] = self.nlev0 * k0 * k0
+        self.l0 = cnp.PyArray_ZEROS(1, dims, cnp.NPY_DOUBLE, 0)
+        dims[0] = self.mx.shape[0]
+        self.w = cnp.PyArray_ZEROS(1, dims, cnp.NPY_DOUBLE, 0)
+        dims[0] = dims[1] = self.r
+        self.s = cnp.PyArray_ZEROS(2, dims, cnp.NPY_DOUBLE, 1)
         self.factored = False
         self.sinv = None
 

@@ -116,23 +116,65 @@ def build_pattern(codes, z, nlevels, general=False):
 def _one_term_pattern(codes, z, nlev):
     """:func:`build_pattern` of one term (the same arrays as the general code, which the
     tests hold it to), in fewer NumPy calls: M is block diagonal, one k-by-k block per
-    level, and there is no CSC pattern."""
+    level, and there is no CSC pattern. The arrays the block-diagonal path does not read
+    are made when first asked for (see :class:`_OneTermPattern`)."""
     n, k = z.shape
-    size = k * k
-    rowoff = np.array(codes, dtype=np.int64).reshape(1, n)   # offset = size * level
-    if size != 1:
-        rowoff *= size
-    blk_diag = np.empty(nlev, np.int8)
-    blk_diag.fill(1)
-    return _new_pattern(dict(
+    pat = object.__new__(_OneTermPattern)
+    pat.__dict__.update(
         kk=np.array([k], np.int32), nlev=np.array([nlev], np.int32),
         uoff=np.zeros(1, np.int64), zoff=np.zeros(1, np.int32),
         zcat=np.array(z, dtype=np.float64, order="C"),
         codes=np.array(codes, dtype=np.int32).reshape(1, n),
-        pair_tr=np.zeros(1, np.int32), pair_tc=np.zeros(1, np.int32), rowoff=rowoff,
-        blk_off=np.arange(0, nlev * size, size, dtype=np.int64),
-        blk_tr=np.zeros(nlev, np.int32), blk_tc=np.zeros(nlev, np.int32), blk_diag=blk_diag,
-        nvals=nlev * size, indptr=None, indices=None, pos=None))
+        nvals=nlev * k * k, indptr=None, indices=None, pos=None, q=nlev * k)
+    return pat
+
+
+class _OneTermPattern(BlockPattern):
+    """The :class:`BlockPattern` of one term, whose term-pair and per-block arrays and row
+    offsets are made on first use: the workspace factors such a model level by level from
+    ``avals`` and finds a row's block from its code (ThetaFactorizer.accumulate), so a
+    model that is only built and fitted never reads them. Its sizes are plain values."""
+
+    nterm = 1
+    blockdiagonal = True
+
+    @functools.cached_property
+    def q(self):        # set when the pattern is made; for a copy made without it
+        return int(self.kk[0]) * int(self.nlev[0])
+
+    @functools.cached_property
+    def pair_tr(self):
+        return np.zeros(1, np.int32)
+
+    @functools.cached_property
+    def pair_tc(self):
+        return np.zeros(1, np.int32)
+
+    @functools.cached_property
+    def rowoff(self):
+        # offset = k * k * level
+        size = int(self.kk[0]) ** 2
+        rowoff = self.codes.astype(np.int64)
+        if size != 1:
+            rowoff *= size
+        return rowoff
+
+    @functools.cached_property
+    def blk_off(self):
+        size = int(self.kk[0]) ** 2
+        return np.arange(0, self.nvals, size, dtype=np.int64)
+
+    @functools.cached_property
+    def blk_tr(self):
+        return np.zeros(int(self.nlev[0]), np.int32)
+
+    @functools.cached_property
+    def blk_tc(self):
+        return np.zeros(int(self.nlev[0]), np.int32)
+
+    @functools.cached_property
+    def blk_diag(self):
+        return np.ones(int(self.nlev[0]), np.int8)
 
 
 def _new_pattern(fields):
@@ -219,19 +261,20 @@ def _scalar_blocks(codes_arr, nl, uoff, pairs, pair_tr, pair_tc, rowoff):
             key += codes_arr[tc]
             size = nl[tr] * nl[tc]
             if size <= 4 * n + 1024:
-                # _unique_inverse's presence table, its rank shifted to the offsets
+                # _unique_inverse's presence table, its rank shifted to the offsets; the
+                # table as (level r, level c) gives the levels of the pairs, in key order
                 present = np.zeros(size, dtype=bool)
                 present[key] = True
-                uniq = present.nonzero()[0]
                 rank = np.add.accumulate(present, dtype=np.int64)
                 rank += nvals - 1
                 rank.take(key, out=rowoff[i])
+                lr, lc = present.reshape(nl[tr], nl[tc]).nonzero()
             else:
                 uniq, inverse = _unique_inverse(key, size)
                 inverse += nvals
                 rowoff[i] = inverse
-            nb = len(uniq)
-            lr, lc = np.divmod(uniq, nl[tc])
+                lr, lc = np.divmod(uniq, nl[tc])
+            nb = len(lr)
             lr += uoff[tr]
             lc += uoff[tc]
             rows.append(lr)
@@ -250,7 +293,7 @@ def _scalar_blocks(codes_arr, nl, uoff, pairs, pair_tr, pair_tc, rowoff):
     blk_tr = pair_tr.repeat(nblk)
     blk_tc = pair_tc.repeat(nblk)
     return dict(blk_off=np.arange(nvals, dtype=np.int64), blk_tr=blk_tr, blk_tc=blk_tc,
-                blk_diag=(blk_tr == blk_tc).astype(np.int8), nvals=int(nvals),
+                blk_diag=(blk_tr == blk_tc).view(np.int8), nvals=int(nvals),
                 indptr=indptr, indices=rows[order].astype(np.int32), pos=pos)
 
 

@@ -57,12 +57,16 @@ def faster_factor(indptr, indices, mx, k0=None, q0=None):
     pattern, and the faster is kept. Above 350 flops per nonzero of L (insteval: 439; the
     slope model above: 190) the dense supernodes win outright and the trial is skipped.
     """
+    tail_flops = None
+    if q0 is not None and DENSE_TAIL:
+        if _dense_tail_surely_free(len(indptr) - 1, int(k0), int(q0)):
+            return DenseTailFactor(indptr, indices, mx, int(k0), int(q0))
+        tail_flops = _dense_tail_flops(indptr, k0, q0)
+        if tail_flops is not None and tail_flops <= _DENSE_TAIL_FREE:
+            # below CHOLMOD's own overhead whatever its count: no need to analyse
+            return DenseTailFactor(indptr, indices, mx, int(k0), int(q0))
     mx[:] = 0.0
     mx[indptr[:-1]] = 1.0                # sorted CSC lower triangle: the diagonal comes first
-    tail_flops = _dense_tail_flops(indptr, k0, q0) if q0 is not None and DENSE_TAIL else None
-    if tail_flops is not None and tail_flops <= _DENSE_TAIL_FREE:
-        # below CHOLMOD's own overhead whatever its count: no need to analyse
-        return DenseTailFactor(indptr, indices, mx, int(k0), int(q0))
     auto = SparseCholesky(indptr, indices, mx)
     if tail_flops is not None and tail_flops <= _DENSE_TAIL_FLOPS * auto.flops + _DENSE_TAIL_FREE:
         return DenseTailFactor(indptr, indices, mx, int(k0), int(q0))
@@ -76,6 +80,17 @@ def faster_factor(indptr, indices, mx, k0=None, q0=None):
         return time.perf_counter() - t0
 
     return simplicial if seconds(simplicial) < seconds(auto) else auto
+
+
+def _dense_tail_surely_free(q, k0, q0):
+    """Whether the dense tail's flops are at most ``_DENSE_TAIL_FREE`` by a bound that needs
+    no pass over the pattern: a level of term 0 meets at most all r tail rows, so
+    Σ n_l² k₀ <= q₀ r², and :func:`_dense_tail_flops`, computed in the same floating-point
+    operations on numbers no larger, is at most the bound (rounding is monotone)."""
+    r = q - q0
+    if r > _DENSE_TAIL_MAX or q0 == 0:
+        return False
+    return r ** 3 / 3.0 + float(q0 * r * r) + q0 * k0 * k0 <= _DENSE_TAIL_FREE
 
 
 def _dense_tail_flops(indptr, k0, q0):
@@ -118,9 +133,9 @@ class ThetaLayout:
     """
 
     def __init__(self, kk, zerocorr):
-        self.kk = [int(k) for k in kk]
+        self.kk = list(map(int, kk))
         lam_off, index, lower, names, term_of, nlam = _layout_arrays(
-            tuple(self.kk), tuple(bool(z) for z in zerocorr))
+            tuple(self.kk), tuple(map(bool, zerocorr)))
         # copies of the remembered arrays: each layout owns its own
         self.lam_off = lam_off.copy()
         self.index = index.copy()
@@ -185,29 +200,29 @@ class BlockedSystem:
 
     def _setup(self, pat, zerocorr, layout=None):
         self.pattern = pat
-        self.layout = ThetaLayout(pat.kk, zerocorr) if layout is None else layout
+        self.layout = layout = ThetaLayout(pat.kk, zerocorr) if layout is None else layout
         self.q = pat.q
         self.avals = np.zeros(pat.nvals)
-        self._lam = np.zeros(self.layout.nlam)
+        self._lam = np.zeros(layout.nlam)
+        self.ztxy = self.xtxy = None
+        self.rzxy = self._r = None
+        self._empty = np.zeros(0)
         if pat.blockdiagonal:
             self.path = "block-diagonal"
             self._k = int(pat.kk[0])
             self._lblocks = np.zeros(pat.nvals)
             self.factor = None
-        else:
-            self.path = "cholmod"
-            self._mx = np.zeros(len(pat.indices))
-            self.factor = faster_factor(pat.indptr, pat.indices, self._mx,
-                                        int(pat.kk[0]), int(pat.uoff[1]))
-            if isinstance(self.factor, DenseTailFactor):
-                self.path = "dense-tail"
-        self.ztxy = self.xtxy = None
-        self.rzxy = self._r = None
-        self._empty = np.zeros(0)
+            self._theta_step = _blocked.ThetaFactorizer(
+                pat, layout, self.avals, self._lam, self._lblocks, self._empty, None)
+            return
+        self.path = "cholmod"
+        self._mx = np.zeros(len(pat.indices))
+        self.factor = faster_factor(pat.indptr, pat.indices, self._mx,
+                                    int(pat.kk[0]), int(pat.uoff[1]))
+        if isinstance(self.factor, DenseTailFactor):
+            self.path = "dense-tail"
         self._theta_step = _blocked.ThetaFactorizer(
-            pat, self.layout, self.avals, self._lam,
-            self._lblocks if self.factor is None else self._empty,
-            self._empty if self.factor is None else self._mx, self.factor)
+            pat, layout, self.avals, self._lam, self._empty, self._mx, self.factor)
         if isinstance(self.factor, SparseCholesky) and not self.factor.is_supernodal:
             # the compiled PIRLS refactors a simplicial CHOLMOD pattern itself between the
             # factorizations the workspace keeps (_blocked.SimplicialFactor)
@@ -222,12 +237,12 @@ class BlockedSystem:
                              "give it its cross-products with set_crossproducts")
         xy = np.ascontiguousarray(xy, dtype=np.float64)
         w = self._empty if weights is None else np.ascontiguousarray(weights, dtype=np.float64)
-        _blocked.accumulate_blocks(pat.zcat, pat.rowoff, pat.pair_tr, pat.pair_tc,
-                                   pat.zoff, pat.kk, w, self.avals)
-        m = xy.shape[1]
-        self._bind_products(m)
-        _blocked.accumulate_zt(pat.zcat, pat.codes, pat.uoff, pat.zoff, pat.kk, w, xy, self.ztxy)
-        _blocked.weighted_crossprod(xy, w, self.xtxy)
+        # accumulate_blocks, accumulate_zt and weighted_crossprod in one call (the same
+        # bits), the products made and bound there when their width changes: on a small
+        # model the separate calls' argument unpacking cost more than the sums
+        made = self._theta_step.accumulate(pat, xy, w)
+        if made is not None:
+            self.ztxy, self.rzxy, self.xtxy, self._r = made
 
     @property
     def factorizer(self):
@@ -243,11 +258,7 @@ class BlockedSystem:
         """Arrays for m columns of [X y], bound to the factorizer (which holds views of
         them), allocated again only when m changes."""
         if self.ztxy is None or self.ztxy.shape[1] != m:
-            self.ztxy = np.zeros((self.q, m), order="F")
-            self.rzxy = np.zeros((self.q, m), order="F")
-            self._r = np.zeros((m, m))
-            self.xtxy = np.zeros((m, m))
-            self._theta_step.bind_products(self.ztxy, self.rzxy, self.xtxy, self._r)
+            self.ztxy, self.rzxy, self.xtxy, self._r = self._theta_step.new_products(self.q, m)
 
     def set_crossproducts(self, avals, ztxy, xtxy):
         """Take the cross-products whole: sums over chunks of rows, made elsewhere.

@@ -367,14 +367,14 @@ def _short_strings_factor(values):
     Strings sort as strings, so the sorted distinct values are the levels and each
     row's code is its value's place among them: no first-appearance codes to remap.
     """
-    data = getattr(values, "_pa_array", None)
-    if (data is None or not isinstance(values.dtype, pd.StringDtype) or data.null_count
-            or not 1 < len(values) <= _PY_FACTORIZE_MAX_ROWS):
+    data = _arrow_strings_without_nulls(values)
+    if data is None or not 1 < len(data) <= _PY_FACTORIZE_MAX_ROWS:
         return None
-    import pyarrow as pa
+    return _sorted_string_codes(data)
 
-    if not (pa.types.is_string(data.type) or pa.types.is_large_string(data.type)):
-        return None
+
+def _sorted_string_codes(data):
+    """(codes, levels) of an Arrow string ChunkedArray without nulls, levels sorted."""
     items = data.to_pylist()
     levels = sorted(set(items))
     index = dict(zip(levels, range(len(levels))))
@@ -387,15 +387,23 @@ def _short_strings_factor(values):
     return codes, levels
 
 
+# pyarrow's type ids of string and large_string (looked up on first use: pyarrow is
+# imported only for a column that holds Arrow data)
+_ARROW_STRING_IDS = None
+
+
 def _arrow_strings_without_nulls(values):
-    """Whether a column is Arrow-backed strings with no missing value (so no row of
-    its factorization is -1)."""
+    """The Arrow data (a ChunkedArray) of a column of Arrow-backed strings with no
+    missing value (so no row of its factorization is -1); None for any other column."""
+    global _ARROW_STRING_IDS
     data = getattr(values, "_pa_array", None)
     if data is None or not isinstance(values.dtype, pd.StringDtype) or data.null_count:
-        return False
-    import pyarrow as pa
+        return None
+    if _ARROW_STRING_IDS is None:
+        import pyarrow as pa
 
-    return pa.types.is_string(data.type) or pa.types.is_large_string(data.type)
+        _ARROW_STRING_IDS = (pa.string().id, pa.large_string().id)
+    return data if data.type.id in _ARROW_STRING_IDS else None
 
 
 def _is_number(value):
@@ -499,6 +507,9 @@ def encode(series, levels):
     return codes, unseen
 
 
+_UNSEEN = object()    # a column not looked at yet (None is an answer)
+
+
 class ColumnCache:
     """The columns of one data frame, each extracted and analysed at most once.
 
@@ -520,7 +531,6 @@ class ColumnCache:
 
     def __init__(self, data, locs=None):
         self.data = data
-        self.n = len(data)
         self.rows = None
         # name -> position of the column in a DataFrame, where known (see column_values)
         self._locs = {} if locs is None else locs
@@ -531,6 +541,12 @@ class ColumnCache:
         self._factor = {}
         self._kind = {}
         self._missing = {}
+        self._strings = {}
+
+    @property
+    def n(self):
+        """The number of rows of the data."""
+        return len(self.data)
 
     def values(self, name):
         """The column as stored (see :func:`column_values`)."""
@@ -563,15 +579,26 @@ class ColumnCache:
             self._raw[name] = out
         return out
 
+    def arrow_strings(self, name):
+        """The column's Arrow data when it is Arrow-backed strings without nulls, else
+        None (see :func:`_arrow_strings_without_nulls`), found once."""
+        data = self._strings.get(name, _UNSEEN)
+        if data is _UNSEEN:
+            data = self._strings[name] = _arrow_strings_without_nulls(self.values(name))
+        return data
+
     def missing(self, name):
         """Missing rows of the whole column, or None when it has none for certain."""
-        if name in self._missing:
-            return self._missing[name]
+        bad = self._missing.get(name, _UNSEEN)
+        if bad is not _UNSEEN:
+            return bad
         values = self.values(name)
-        if self.is_numeric(name):
+        if isinstance(values, np.ndarray) and values.dtype.kind in "iufc":
             bad = _values_missing(values)
-        elif _arrow_strings_without_nulls(values):
-            bad = None
+        elif not isinstance(values, np.ndarray) and self.arrow_strings(name) is not None:
+            bad = None          # strings (not numeric), none missing
+        elif self.is_numeric(name):
+            bad = _values_missing(values)
         else:
             bad = self.raw(name)[0] < 0
         self._missing[name] = bad
@@ -610,9 +637,9 @@ class ColumnCache:
         key = (name, None if order is None else tuple(order))
         out = self._factor.get(key)
         if out is None and self.rows is None and order is None:
-            out = _short_strings_factor(self.values(name))
-            if out is not None:
-                self._factor[key] = out
+            data = self.arrow_strings(name)
+            if data is not None and 1 < len(data) <= _PY_FACTORIZE_MAX_ROWS:
+                out = self._factor[key] = _sorted_string_codes(data)
         if out is None:
             raw, uniques, declared = self.raw(name)
             # a factorization lists only values that occur: all of them do while

@@ -1245,7 +1245,7 @@ class _Plan:
     """
 
     __slots__ = ("parsed", "resp_col", "fixed", "offsets", "random", "parts", "matrix_cols",
-                 "group_cols", "locs")
+                 "group_cols", "locs", "resp_used", "checked")
 
     def __init__(self, formula, columns, fast):
         parsed = self.parsed = _parse(formula)
@@ -1262,6 +1262,9 @@ class _Plan:
         self.parts = [self.fixed] + self.offsets + self.random
         # (the codings' check is the build's: they are no part of the plan)
         self.matrix_cols, self.group_cols = _model_columns(self.parts, parsed, {})
+        # the columns whose missing rows a build looks for, when the response is a column
+        self.resp_used = [] if self.resp_col is None else [self.resp_col]
+        self.checked = tuple(dict.fromkeys(self.resp_used + self.matrix_cols + self.group_cols))
         # where the columns sit: a position is a property of the Index alone
         self.locs = {}
         if isinstance(columns, pd.Index):
@@ -1359,14 +1362,18 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
     # None means the column cannot hold a missing value (an integer column).
     n_all = len(data)
     bad_by = {}
-    for name in dict.fromkeys(used + matrix_cols + group_cols):
-        bad_by[name] = cache.missing(name)
-    if w_all is not None:
-        bad_by[w_label] = _or(bad_by.get(w_label), _nan_rows(w_all))
-    if o_all is not None:
-        bad_by[o_label] = _or(bad_by.get(o_label), _nonfinite_rows(o_all))
     bad = None
-    for mask in bad_by.values():
+    checked = plan.checked if used == plan.resp_used else dict.fromkeys(
+        used + matrix_cols + group_cols)
+    for name in checked:
+        mask = bad_by[name] = cache.missing(name)
+        if mask is not None:
+            bad = mask if bad is None else bad | mask
+    if w_all is not None:
+        mask = bad_by[w_label] = _or(bad_by.get(w_label), _nan_rows(w_all))
+        bad = _or(bad, mask)
+    if o_all is not None:
+        mask = bad_by[o_label] = _or(bad_by.get(o_label), _nonfinite_rows(o_all))
         bad = _or(bad, mask)
     # The response expression can be undefined where its columns are fine (0 / 0).
     if resp_bad is not None and (resp_bad if bad is None else resp_bad & ~bad).any():
@@ -1431,8 +1438,10 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
 
     def model_matrix(part, what):
         nonlocal frame
-        if part.terms is not None and part.terms in built:
-            return built[part.terms].copy_for(what)
+        if part.terms is not None and built:
+            shared = built.get(part.terms)
+            if shared is not None:
+                return shared.copy_for(what)
         part_specs = {c: specs[c] for c in part.cols}
         if part.terms is not None:
             layout = fast_plan(part.terms, part_specs, codings)
@@ -1467,8 +1476,13 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
     reterms = []
     for term, part in zip(parsed.random, random_parts):
         group = term.group_name
-        codes, labels, components, steps = _group_codes([cache.factor(g)
-                                                         for g in term.grouping])
+        if len(term.grouping) == 1:
+            # _group_codes of one column: its own codes and levels
+            codes, labels = cache.factor(term.grouping[0])
+            components, steps = [labels], []
+        else:
+            codes, labels, components, steps = _group_codes([cache.factor(g)
+                                                             for g in term.grouping])
         if len(labels) < 2:
             raise ValueError(f"grouping factor {group!r} has a single level")
         zmat = model_matrix(part, f"the columns of random-effects term {term.text}")
@@ -1492,10 +1506,11 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
         term_offset = _offset_column(mat)
         o = np.array(term_offset) if o is None else o + term_offset
 
+    coef_names = [fixed.names[j] for j in keep] if dropped else list(fixed.names)
     return _make_frozen(Design, _DESIGN_FIELDS, (
         formula, parsed.response if resp_col is None else resp_col, y, y_levels, X,
-        [fixed.names[j] for j in keep], dropped, reterms, w, o, len(y), rows,
-        counts is not None, parsed, fixed, keep, offsets))
+        coef_names, dropped, reterms, w, o, len(y), rows, counts is not None, parsed, fixed,
+        keep, offsets))
 
 
 def _make_frozen(cls, names, values):

@@ -277,7 +277,7 @@ class _Structure:
     levels and codings, so remembered (see :func:`_structure`)."""
 
     __slots__ = ("contrasts", "cats", "names", "spans", "monomial", "numeric_cols", "risky",
-                 "table")
+                 "table", "all_cols")
 
     def __init__(self, subterms, specs, codings):
         contrasts = {}
@@ -330,6 +330,8 @@ class _Structure:
         self.monomial = tuple(monomial)
         self.numeric_cols = tuple(numeric_cols)
         self.risky = tuple(risky)
+        # every subterm with its columns: what a matrix without a cell table builds
+        self.all_cols = tuple((sub, a, b) for sub, (a, b) in zip(subterms, spans))
 
 
 # Codings whose contrasts depend on nothing but their class and base level (and the
@@ -343,7 +345,12 @@ _structures = {}
 def _structure(subterms, specs, codings):
     """The :class:`_Structure` of one part, remembered when its codings allow."""
     key = _structure_key(subterms, specs, codings)
-    st = None if key is None else _structures.get(key)
+    st = None
+    if key is not None:
+        try:
+            st = _structures.get(key)
+        except TypeError:      # a level that cannot be hashed: not remembered
+            key = None
     if st is None:
         st = _Structure(subterms, specs, codings)
         if key is not None and sum(m.size for m, _ in st.contrasts.values()) <= \
@@ -374,12 +381,7 @@ def _structure_key(subterms, specs, codings):
         if len(levels) > _STRUCTURE_MAX_ENTRIES:
             return None
         parts.append((col, tuple(levels), how))
-    key = (subterms, tuple(parts))
-    try:
-        hash(key)
-    except TypeError:
-        return None
-    return key
+    return (subterms, tuple(parts))
 
 
 class FastMatrix:
@@ -513,13 +515,14 @@ class FastMatrix:
                 if structure is not None:
                     table.flags.writeable = False
                     structure.table = table
-            mat = np.take(table, cell, axis=0)
+            mat = table.take(cell, axis=0)
             todo = self._numeric_cols
             if keep:
                 self._cells = (cell, ncells, table)
         else:
             mat = np.empty((n, p), dtype=np.float64)
-            todo = [(sub, a, b) for sub, (a, b) in zip(self.subterms, self._spans)]
+            todo = (structure.all_cols if structure is not None else
+                    [(sub, a, b) for sub, (a, b) in zip(self.subterms, self._spans)])
         for sub, a, b in todo:
             if not sub:
                 mat[:, a] = 1.0
