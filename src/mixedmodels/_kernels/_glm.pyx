@@ -685,6 +685,26 @@ cdef extern from *:
         return _mm256_add_pd(_mm256_add_pd(j, lf), corr);
     }
 
+    /* the logit's inverse link at four rows from e = exp(-|η|) and it = 1/(1 + e), with
+       _linkinv's clamps (the max/min keep NaN), and the working weight and residual
+       (prior weights wi, responses yi), stored at mu, mu_eta, wrkwt, wrkresid */
+    MM_AVX static inline void mm_logit_working(__m256d h, __m256d e, __m256d it, __m256d wi,
+                                               __m256d yi, double *mu, double *mu_eta,
+                                               double *wrkwt, double *wrkresid)
+    {
+        const __m256d one = MM_SET(1.0), zero = _mm256_setzero_pd();
+        const __m256d eps = MM_SET(DBL_EPSILON), one_eps = MM_SET(1.0 - DBL_EPSILON);
+        __m256d me = _mm256_max_pd(eps, _mm256_mul_pd(_mm256_mul_pd(e, it), it));
+        __m256d nonneg = _mm256_cmp_pd(h, zero, _CMP_GE_OQ);
+        __m256d m = _mm256_mul_pd(_mm256_blendv_pd(e, one, nonneg), it);
+        m = _mm256_min_pd(one_eps, _mm256_max_pd(eps, m));
+        _mm256_storeu_pd(mu, m);
+        _mm256_storeu_pd(mu_eta, me);
+        __m256d v = _mm256_mul_pd(m, _mm256_sub_pd(one, m));
+        _mm256_storeu_pd(wrkwt, _mm256_div_pd(_mm256_mul_pd(_mm256_mul_pd(wi, me), me), v));
+        _mm256_storeu_pd(wrkresid, _mm256_div_pd(_mm256_sub_pd(yi, m), me));
+    }
+
     /* _update_loop of Bernoulli-logit for rows [0, n4), n4 a multiple of 4 (pw NULL:
        unit weights); returns the sum of the deviance residuals it writes */
     MM_AVX static double mm_bernoulli_logit_avx2(long n4, const double *eta, const double *y,
@@ -693,7 +713,6 @@ cdef extern from *:
                                                  double *devresid)
     {
         const __m256d one = MM_SET(1.0), zero = _mm256_setzero_pd(), two = MM_SET(2.0);
-        const __m256d eps = MM_SET(DBL_EPSILON), one_eps = MM_SET(1.0 - DBL_EPSILON);
         const __m256d absmask = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7fffffffffffffffLL));
         __m256d acc = zero;
         for (long i = 0; i < n4; i += 4) {
@@ -704,16 +723,7 @@ cdef extern from *:
             /* the inverse link (_linkinv), its clamps (the max/min keep NaN) */
             __m256d e = mm_exp_nonpos(_mm256_sub_pd(zero, ah));
             __m256d it = _mm256_div_pd(one, _mm256_add_pd(one, e));
-            __m256d me = _mm256_max_pd(eps, _mm256_mul_pd(_mm256_mul_pd(e, it), it));
-            __m256d nonneg = _mm256_cmp_pd(h, zero, _CMP_GE_OQ);
-            __m256d m = _mm256_mul_pd(_mm256_blendv_pd(e, one, nonneg), it);
-            m = _mm256_min_pd(one_eps, _mm256_max_pd(eps, m));
-            _mm256_storeu_pd(mu + i, m);
-            _mm256_storeu_pd(mu_eta + i, me);
-            /* working weight and residual */
-            __m256d v = _mm256_mul_pd(m, _mm256_sub_pd(one, m));
-            _mm256_storeu_pd(wrkwt + i, _mm256_div_pd(_mm256_mul_pd(_mm256_mul_pd(wi, me), me), v));
-            _mm256_storeu_pd(wrkresid + i, _mm256_div_pd(_mm256_sub_pd(yi, m), me));
+            mm_logit_working(h, e, it, wi, yi, mu + i, mu_eta + i, wrkwt + i, wrkresid + i);
             /* the deviance from eta (_logit_nlogp with a = y, b = 1 - y) */
             __m256d lp = mm_log1p_unit(e, it);
             __m256d b = _mm256_sub_pd(one, yi);
@@ -763,7 +773,6 @@ cdef extern from *:
                                               double *devresid, double *dev)
     {
         const __m256d one = MM_SET(1.0), zero = _mm256_setzero_pd(), two = MM_SET(2.0);
-        const __m256d eps = MM_SET(DBL_EPSILON), one_eps = MM_SET(1.0 - DBL_EPSILON);
         const __m256d tiny = MM_SET(DBL_MIN), huge = MM_SET(DBL_MAX);
         const __m256d absmask = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7fffffffffffffffLL));
         __m256d acc = zero;
@@ -790,15 +799,7 @@ cdef extern from *:
             __m256d wi = pw ? _mm256_loadu_pd(pw + i) : one;
             /* the inverse link and its clamps (mm_bernoulli_logit_avx2's) */
             __m256d it = _mm256_div_pd(one, ope);
-            __m256d me = _mm256_max_pd(eps, _mm256_mul_pd(_mm256_mul_pd(e, it), it));
-            __m256d nonneg = _mm256_cmp_pd(h, zero, _CMP_GE_OQ);
-            __m256d m = _mm256_mul_pd(_mm256_blendv_pd(e, one, nonneg), it);
-            m = _mm256_min_pd(one_eps, _mm256_max_pd(eps, m));
-            _mm256_storeu_pd(mu + i, m);
-            _mm256_storeu_pd(mu_eta + i, me);
-            __m256d v = _mm256_mul_pd(m, _mm256_sub_pd(one, m));
-            _mm256_storeu_pd(wrkwt + i, _mm256_div_pd(_mm256_mul_pd(_mm256_mul_pd(wi, me), me), v));
-            _mm256_storeu_pd(wrkresid + i, _mm256_div_pd(_mm256_sub_pd(yi, m), me));
+            mm_logit_working(h, e, it, wi, yi, mu + i, mu_eta + i, wrkwt + i, wrkresid + i);
             /* y in {0, 1}: _logit_nlogp with a = y, b = 1 - y (the Bernoulli's) */
             __m256d unit = zero;
             int im = _mm256_movemask_pd(inner);
