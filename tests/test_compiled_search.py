@@ -213,3 +213,23 @@ def test_solution_matches_the_python_optimum(name):
     assert compiled.keys() == python.keys()
     for key, want in python.items():
         np.testing.assert_allclose(compiled[key], want, rtol=1e-11, atol=1e-12, err_msg=key)
+
+
+@pytest.mark.parametrize("name", ["sleep-reml", "penicillin", "crossed"])
+def test_a_result_kept_is_not_reused_after_a_compiled_factorization(name):
+    # _optimum reuses the factorization _evaluate kept when none was made since; the
+    # compiled calls factor too, and the workspace's count must see them
+    model = MODELS[name]
+    kernel = compiled_objective(model)
+    theta_a = np.where(np.isfinite(model.layout.lower), 0.6, 0.2)
+    theta_b = np.where(np.isfinite(model.layout.lower), 1.3, -0.1)
+    want = model._optimum(theta_a)
+    for factor_elsewhere in (lambda: kernel(theta_b),
+                             lambda: kernel.solution(theta_b),
+                             lambda: _search.bobyqa(kernel, theta_b, model.layout.lower, None,
+                                                    1e-3, 1e-3, 1e-6, 5)):
+        model._evaluate(theta_a)
+        factor_elsewhere()
+        got = model._optimum(theta_a)
+        for key in ("objective", "coef", "u", "vcov"):
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)

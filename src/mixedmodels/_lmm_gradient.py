@@ -140,8 +140,7 @@ def aval_at(pat):
 def compiled_objective(model):
     """The model's objective as one compiled call (_kernels/_lmm_gradient.pyx), for the
     compiled search and the check: with its exact gradient (``value_and_gradient``,
-    ``has_gradient``) on the routes that have one. Each call factors at θ without
-    counting in ``ws.nfactorized``: the caller counts."""
+    ``has_gradient``) on the routes that have one."""
     ws = model.workspace
     args = (ws.factorizer, ws.layout.ntheta, float(model._dfr), float(model._logw),
             bool(model.REML), float(model.fixed.logabsdet))
@@ -171,7 +170,6 @@ def lmm_value_and_gradient(model, theta, kernel=None):
     if _route(ws).kind is None:
         return None
     kernel = compiled_objective(model) if kernel is None else kernel
-    ws.nfactorized = getattr(ws, "nfactorized", 0) + 1
     return kernel.value_and_gradient(np.asarray(theta, dtype=float))
 
 

@@ -321,15 +321,10 @@ class LinearMixedModel(MixedModelSpec):
         """BOBYQA over θ (:func:`minimize`), its evaluations in compiled code where NLopt's
         C API was found (_kernels/_search.pyx): ~1 µs an evaluation of a small model
         instead of ~6 µs through Python. ``kernel``: the fit's compiled_objective."""
-        ws = self.workspace
         objective = self._objective_unchecked
         if not progress and _search.available():
             objective = compiled_objective(self) if kernel is None else kernel
-        try:
-            return minimize(objective, optsum, progress=progress)
-        finally:
-            # the factorization has moved under any result _evaluate kept
-            ws.nfactorized = getattr(ws, "nfactorized", 0) + 1
+        return minimize(objective, optsum, progress=progress)
 
     def _rectify(self, optsum, bounded):
         """:func:`rectify` near the bounds; whether it moved a component there. BOBYQA
@@ -350,9 +345,6 @@ class LinearMixedModel(MixedModelSpec):
         # the Hessian from forward differences of the exact gradient (n + 1 gradients,
         # against n² + n + 1 values), then Newton steps with it: as many as it takes
         # from where a shortened search stopped, each a tenth to a thousandth closer
-        if kernel is not None:
-            # the compiled check factors without counting: results _evaluate kept are stale
-            ws.nfactorized = getattr(ws, "nfactorized", 0) + 1
         return check_with_exact_gradient(value_and_grad, optsum, warn=warn, max_steps=8,
                                          kernel=kernel)
 
@@ -383,7 +375,6 @@ class LinearMixedModel(MixedModelSpec):
         ``kernel``: the fit's compiled_objective, which computes them in one call."""
         theta = np.asarray(theta, dtype=float)
         if kernel is not None:
-            self.workspace.nfactorized = getattr(self.workspace, "nfactorized", 0) + 1
             sol = kernel.solution(theta)
             beta_w, pwrss, fixed = sol["beta_w"], sol["pwrss"], self.fixed
             sigma = math.sqrt(pwrss / self._dfr)

@@ -816,6 +816,9 @@ cdef class ThetaFactorizer:
     cdef double *tmp
     cdef readonly SimplicialFactor small
     cdef readonly bint small_allowed, last_small
+    # factorizations made, by any caller (Python, the compiled search, check or PIRLS): a
+    # result kept from one is current while the count has not moved
+    cdef readonly unsigned long long count
     cdef object _m_pattern
     cdef bint bound                  # products bound (bind_products)
 
@@ -952,6 +955,7 @@ cdef class ThetaFactorizer:
         cdef Py_ssize_t j, nlev0 = self.lblocks.shape[0] // (self.k0 * self.k0)
         status[0] = -1
         self.last_small = False
+        self.count += 1
         with nogil:
             _lambda_apply(self.ztxy, self.uoff, self.kk, self.nlev, self.lam, self.lam_off,
                           True, self.rzxy)
@@ -1003,6 +1007,7 @@ cdef class ThetaFactorizer:
         cdef Py_ssize_t j
         cdef int status
         self.last_small = True
+        self.count += 1
         with nogil:
             _lambda_apply(self.ztxy, self.uoff, self.kk, self.nlev, self.lam, self.lam_off,
                           True, self.rzxy)

@@ -245,6 +245,12 @@ class BlockedSystem:
             self.ztxy, self.rzxy, self.xtxy, self._r = made
 
     @property
+    def nfactorized(self):
+        """Factorizations made so far (by any caller of the factorizer): a result kept
+        from one is current while this has not moved."""
+        return self._theta_step.count
+
+    @property
     def factorizer(self):
         """The compiled per-θ step (_blocked.ThetaFactorizer), bound to this workspace's
         arrays: the compiled PIRLS (_kernels._glm.PirlsKernel) drives it directly."""
@@ -302,7 +308,6 @@ class BlockedSystem:
         Afterwards ``self.rzxy`` holds L⁻¹PΛ'Z'W[X y]. With ``schur=False`` the dense
         Schur complement is skipped (PIRLS over u alone needs only L) and r is None.
         """
-        self.nfactorized = getattr(self, "nfactorized", 0) + 1     # lets callers reuse a result
         logdet, status = self._theta_step.factorize(theta, schur)
         if not np.isfinite(logdet):
             raise np.linalg.LinAlgError("random-effects block not positive definite")
