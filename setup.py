@@ -46,6 +46,7 @@ extensions = [
     # dlsym finds NLopt's C API in the nlopt package's own extension (see the module)
     ext("mixedmodels._kernels._search", ["src/mixedmodels/_kernels/_search.pyx"], ["dl"]),
     ext("mixedmodels._kernels._check", ["src/mixedmodels/_kernels/_check.pyx"]),
+    ext("mixedmodels._kernels._factorize", ["src/mixedmodels/_kernels/_factorize.pyx"]),
 ]
 # MM_BUILD_ONLY=mixedmodels._kernels._glm,... rebuilds just those modules (work on one
 # kernel while another is half-edited)

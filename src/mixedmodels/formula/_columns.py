@@ -25,6 +25,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
+from .._kernels._factorize import sorted_string_codes
 from ._contrasts import _label
 
 __all__ = [
@@ -374,7 +375,22 @@ def _short_strings_factor(values):
 
 
 def _sorted_string_codes(data):
-    """(codes, levels) of an Arrow string ChunkedArray without nulls, levels sorted."""
+    """(codes, levels) of an Arrow string ChunkedArray without nulls, levels sorted: from
+    the Arrow buffers in compiled code (one chunk), else in Python (its twin)."""
+    if data.num_chunks == 1:
+        chunk = data.chunk(0)
+        _, offsets, values = chunk.buffers()
+        if values is not None:
+            wide = chunk.type.id == _arrow_string_ids()[1]
+            bounds = np.frombuffer(offsets, dtype=np.int64 if wide else np.int32)
+            bounds = bounds[chunk.offset:chunk.offset + len(chunk) + 1].astype(np.int64)
+            return sorted_string_codes(bounds[:-1], bounds[1:],
+                                       np.frombuffer(values, dtype=np.uint8))
+    return _sorted_string_codes_python(data)
+
+
+def _sorted_string_codes_python(data):
+    """:func:`_sorted_string_codes` through Python strings."""
     items = data.to_pylist()
     levels = sorted(set(items))
     index = dict(zip(levels, range(len(levels))))
@@ -395,15 +411,20 @@ _ARROW_STRING_IDS = None
 def _arrow_strings_without_nulls(values):
     """The Arrow data (a ChunkedArray) of a column of Arrow-backed strings with no
     missing value (so no row of its factorization is -1); None for any other column."""
-    global _ARROW_STRING_IDS
     data = getattr(values, "_pa_array", None)
     if data is None or not isinstance(values.dtype, pd.StringDtype) or data.null_count:
         return None
+    return data if data.type.id in _arrow_string_ids() else None
+
+
+def _arrow_string_ids():
+    """pyarrow's type ids of (string, large_string)."""
+    global _ARROW_STRING_IDS
     if _ARROW_STRING_IDS is None:
         import pyarrow as pa
 
         _ARROW_STRING_IDS = (pa.string().id, pa.large_string().id)
-    return data if data.type.id in _ARROW_STRING_IDS else None
+    return _ARROW_STRING_IDS
 
 
 def _is_number(value):
