@@ -31,7 +31,7 @@ Blocks are column-major, as in _blocked.pyx: entry (e, a) of a k-by-k block at e
 θ's templates T_t sit at ``lam[lam_off[t]:]`` that way, and so do the sums written here.
 """
 from libc.math cimport log, isfinite, INFINITY, NAN, M_PI
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport malloc, realloc, free
 
 from mixedmodels._linalg._blocked cimport (chol_inplace, blockdiag_solve_c, tf_factor_at,
                                           tf_arrays, TfArrays, inverse_from_lower,
@@ -887,6 +887,15 @@ cdef class OneTermGradient(LmmObjective):
     and ``lmm_value_and_gradient``'s formula."""
     cdef const i64[::1] lam_index
     cdef int k
+    cdef double *buf                # scratch of the last size asked for (grown, kept)
+    cdef Py_ssize_t buf_size
+
+    def __cinit__(self, *args, **kwargs):
+        self.buf = NULL
+        self.buf_size = 0
+
+    def __dealloc__(self):
+        free(self.buf)
 
     def __init__(self, factorizer, lam_index, int k, double dfr, double logw, bint reml,
                  double logabsdet):
@@ -894,6 +903,16 @@ cdef class OneTermGradient(LmmObjective):
         self.lam_index = lam_index
         self.k = k
         self.has_gradient = True
+
+    cdef double *scratch(self, Py_ssize_t size) except NULL:
+        """``size`` doubles, allocated once per size rather than once per evaluation."""
+        cdef double *grown
+        if size > self.buf_size:
+            grown = <double *> realloc(self.buf, size * sizeof(double))
+            if grown == NULL:
+                raise MemoryError()
+            self.buf, self.buf_size = grown, size
+        return self.buf
 
     cdef int value_gradient(self, const double *theta, double *val,
                             double *grad) except -1:
@@ -919,10 +938,8 @@ cdef class OneTermGradient(LmmObjective):
             return 0
         q, m = a.q, a.m
         p = m - 1
-        cdef double *buf = <double *> malloc((p + q + 2 * p * p + 3 * k * k
-                                              + one_term_work_size(k, p)) * sizeof(double))
-        if buf == NULL:
-            raise MemoryError()
+        cdef double *buf = self.scratch(p + q + 2 * p * p + 3 * k * k
+                                        + one_term_work_size(k, p))
         cdef double *beta = buf
         cdef double *u = beta + p
         cdef double *sinv = u + q
@@ -944,7 +961,6 @@ cdef class OneTermGradient(LmmObjective):
                 c = <int> (self.lam_index[i] // k)
                 j = e * k + c
                 grad[i] = 2.0 * (sums[j] - scale * sums[k * k + j] - sums[2 * k * k + j])
-        free(buf)
         return 0
 
 
