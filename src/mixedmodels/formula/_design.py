@@ -919,7 +919,7 @@ def _float_array(values):
     return values.to_numpy(dtype=np.float64, na_value=np.nan)
 
 
-def _evaluator(text, data, formula, columns, cache=None):
+def _evaluator(text, data, formula, columns, cache=None, code=None):
     """An expression of data columns, ready to evaluate over all rows as Python.
 
     Parameters
@@ -930,6 +930,8 @@ def _evaluator(text, data, formula, columns, cache=None):
         Extended with the data columns the expression reads.
     cache : ColumnCache, optional
         Where the columns are read from (a new one when not given).
+    code : tuple, optional
+        ``_expression_code(text, data.columns, formula)``, when the caller has it.
 
     Returns
     -------
@@ -939,14 +941,34 @@ def _evaluator(text, data, formula, columns, cache=None):
     """
     if cache is None:
         cache = ColumnCache(data)
-    code = _patsy_text(text, data.columns).strip()
-    names = _resolve(_names_in(code, "response", formula), data.columns)
+    names, compiled = (_expression_code(text, data.columns, formula) if code is None
+                       else code)
     ns = {}
     for name in names:
         ns[name] = _expression_values(cache, name)
     columns.extend(n for n in names if n not in columns)
-    compiled = _compiled(code)
     return lambda: np.asarray(eval(compiled, {"__builtins__": builtins, **_ENV}, ns))
+
+
+def _expression_code(text, columns, formula):
+    """The data columns an expression in canonical spelling reads, and its code."""
+    code = _patsy_text(text, columns).strip()
+    names = _resolve(_names_in(code, "response", formula), columns)
+    return names, _compiled(code)
+
+
+def _response_expression(lhs, columns, formula, memo):
+    """``(canonical text, the columns it reads, its code)`` of a response expression or
+    a count of a ``cbind()``: text and column names alone decide them, so a plan
+    (``memo``: its dict, or None) keeps them, which spares a small model's build the
+    tokenizing and parsing."""
+    hit = None if memo is None else memo.get(lhs)
+    if hit is None:
+        text = _canonical(lhs, columns)
+        hit = (text,) + _expression_code(text, columns, formula)
+        if memo is not None:
+            memo[lhs] = hit
+    return hit
 
 
 def _expression_values(cache, name):
@@ -991,9 +1013,11 @@ def _response(lhs, data, columns, formula, cache):
     return series, _missing(series), None
 
 
-def _evaluate_response(lhs, data, columns, formula, cache):
-    """The values of a left-hand side that is an expression, over all rows."""
-    evaluate = _evaluator(_canonical(lhs, data.columns), data, formula, columns, cache)
+def _evaluate_response(lhs, data, columns, formula, cache, memo=None):
+    """The values of a left-hand side that is an expression, over all rows (``memo``:
+    see :func:`_response_expression`)."""
+    text, *code = _response_expression(lhs, data.columns, formula, memo)
+    evaluate = _evaluator(text, data, formula, columns, cache, code)
     try:
         value = evaluate()
     except Exception as err:
@@ -1004,7 +1028,7 @@ def _evaluate_response(lhs, data, columns, formula, cache):
     return value
 
 
-def _counts(parsed, data, columns, formula, cache=None):
+def _counts(parsed, data, columns, formula, cache=None, memo=None):
     """Successes and failures of a ``cbind(successes, failures)`` response, all rows.
 
     Returns
@@ -1027,7 +1051,8 @@ def _counts(parsed, data, columns, formula, cache=None):
                                  "numeric")
             counts.append(_float_array(values))
             continue
-        evaluate = _evaluator(_canonical(arg, data.columns), data, formula, columns, cache)
+        text, *code = _response_expression(arg, data.columns, formula, memo)
+        evaluate = _evaluator(text, data, formula, columns, cache, code)
         try:
             value = evaluate()
         except Exception as err:
@@ -1240,12 +1265,12 @@ class _Plan:
 
     Shared by every build with the same formula over the same column Index (see
     :func:`_plan`): nothing in it is changed after it is made, except that a
-    :class:`_Part` fills in its patsy text on demand, which depends on the same
-    two things.
+    :class:`_Part` fills in its patsy text on demand and ``expressions`` the code of
+    the response's expressions, which depend on the same two things.
     """
 
     __slots__ = ("parsed", "resp_col", "fixed", "offsets", "random", "parts", "matrix_cols",
-                 "group_cols", "locs", "resp_used", "checked")
+                 "group_cols", "locs", "resp_used", "checked", "expressions")
 
     def __init__(self, formula, columns, fast):
         parsed = self.parsed = _parse(formula)
@@ -1265,6 +1290,8 @@ class _Plan:
         # the columns whose missing rows a build looks for, when the response is a column
         self.resp_used = [] if self.resp_col is None else [self.resp_col]
         self.checked = tuple(dict.fromkeys(self.resp_used + self.matrix_cols + self.group_cols))
+        # a response expression's or count's text -> _response_expression's answer
+        self.expressions = {}
         # where the columns sit: a position is a property of the Index alone
         self.locs = {}
         if isinstance(columns, pd.Index):
@@ -1337,7 +1364,8 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
             used.append(resp_col)
             resp_bad = cache.missing(resp_col)
         else:
-            resp_value = _evaluate_response(parsed.response, data, used, formula, cache)
+            resp_value = _evaluate_response(parsed.response, data, used, formula, cache,
+                                            plan.expressions)
             if resp_value.dtype.kind in "iuf":
                 # numbers, as pandas would keep them: no Series needed
                 resp_bad = _values_missing(resp_value)
@@ -1346,7 +1374,7 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
                 resp_bad = _missing(resp_series)
         counts = None
     else:
-        counts, resp_bad = _counts(parsed, data, used, formula, cache)
+        counts, resp_bad = _counts(parsed, data, used, formula, cache, plan.expressions)
         resp_col = None
     fixed_part, offset_parts, random_parts = plan.fixed, plan.offsets, plan.random
     matrix_cols, group_cols = plan.matrix_cols, plan.group_cols
