@@ -47,6 +47,7 @@ extensions = [
     ext("mixedmodels._kernels._search", ["src/mixedmodels/_kernels/_search.pyx"], ["dl"]),
     ext("mixedmodels._kernels._check", ["src/mixedmodels/_kernels/_check.pyx"]),
     ext("mixedmodels._kernels._factorize", ["src/mixedmodels/_kernels/_factorize.pyx"]),
+    ext("mixedmodels._kernels._dense", ["src/mixedmodels/_kernels/_dense.pyx"]),
 ]
 # MM_BUILD_ONLY=mixedmodels._kernels._glm,... rebuilds just those modules (work on one
 # kernel while another is half-edited)

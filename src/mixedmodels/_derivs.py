@@ -22,7 +22,12 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.linalg import lapack, solve_triangular
+from scipy.linalg import lapack
+
+try:
+    from ._kernels import _dense
+except ImportError:  # pragma: no cover - not built: the LAPACK twins
+    _dense = None
 
 __all__ = ["finite_difference_derivatives", "check_convergence", "assess_convergence",
            "ConvergenceCheck", "DerivativeInfo", "NonFiniteObjectiveError",
@@ -355,16 +360,84 @@ def _free_mask(boundary, n):
     return ~b
 
 
+# Up to this many parameters the checks' linear algebra is compiled (``_kernels._dense``):
+# a fit runs cold, and each SciPy LAPACK wrapper it touched cost ~50 µs there against a
+# microsecond of arithmetic on a 3 by 3 Hessian. Jacobi's O(n³) sweeps stay below
+# LAPACK's cost well past the 2-20 parameters of the usual model; above this, LAPACK.
+_COMPILED_MAX_N = 40
+
+# False: the LAPACK twins throughout (for timing and tests)
+COMPILED = True
+
+
 def cholesky_lower(a):
-    """The lower Cholesky factor of a small symmetric matrix, or None where it is not
-    positive definite. LAPACK's dpotrf directly: NumPy's wrapper costs 2.6 µs on a 3 by 3
-    matrix, five times the factorization, and the check runs several on every fit."""
+    """The lower Cholesky factor of a small symmetric matrix (its lower triangle read),
+    zeros above the diagonal, or None where it is not positive definite.
+
+    Compiled up to 40 by 40 (a nan pivot gives None there; LAPACK's OpenBLAS dpotrf
+    lets it through); above, or for another dtype, :func:`cholesky_lower_lapack`."""
+    if (COMPILED and _dense is not None and type(a) is np.ndarray and a.ndim == 2
+            and a.dtype == np.float64 and a.dtype.isnative
+            and a.shape[0] <= _COMPILED_MAX_N):
+        return _dense.cholesky_lower(a)
+    return cholesky_lower_lapack(a)
+
+
+def cholesky_lower_lapack(a):
+    """:func:`cholesky_lower` by LAPACK's dpotrf directly (its twin): NumPy's wrapper costs
+    2.6 µs on a 3 by 3 matrix, five times the factorization."""
     c, info = lapack.dpotrf(a, lower=1, clean=1)
     return c if info == 0 else None
 
 
 def _check(gradient, hessian, boundary, grad_tol, hess_tol):
-    """Scaled gradient (full length, nan where not computed) and the messages."""
+    """Scaled gradient (full length, nan where not computed) and the messages.
+
+    The numbers come from one compiled call (``_dense.convergence_numbers``) up to 40
+    parameters; the messages are built here, only for a failed test. Its twin, and the
+    path above 40 parameters: :func:`_check_python`.
+    """
+    g = np.asarray(gradient, dtype=float).reshape(-1)
+    n = g.size
+    if not COMPILED or _dense is None or n > _COMPILED_MAX_N:
+        return _check_python(gradient, hessian, boundary, grad_tol, hess_tol)
+    H = np.asarray(hessian, dtype=float)
+    if H.shape != (n, n):
+        raise ValueError(f"hessian has shape {H.shape}; the gradient has {n} entries")
+    if not (grad_tol >= 0 and hess_tol >= 0):
+        raise ValueError("grad_tol and hess_tol must be non-negative")
+    if boundary is not None:
+        boundary = np.asarray(boundary, dtype=bool).reshape(-1)
+        if boundary.shape != (n,):
+            raise ValueError(f"boundary has {boundary.size} entries; the gradient has {n}")
+    scaled, status, k, value, lo, hi, neg = _dense.convergence_numbers(g, H, boundary,
+                                                                       hess_tol)
+    if status == _dense.NO_FREE:
+        return scaled, []
+    if status == _dense.NOT_FINITE:
+        return scaled, [f"convergence not checked: the derivatives are inf or nan for "
+                        f"parameter(s) {k}"]
+    if status == _dense.NO_EIGENVALUES:
+        raise np.linalg.LinAlgError("the Hessian's eigenvalues did not converge")
+    messages = []
+    if status == _dense.NOT_DEFINITE:
+        messages.append(f"gradient not scaled: the Hessian is not positive definite "
+                        f"(max |gradient| = {value:.4g} at parameter {k})")
+    elif value > grad_tol:
+        messages.append(f"failed to converge: max |scaled gradient| = {value:.4g} at "
+                        f"parameter {k} (tolerance {grad_tol:g})")
+    if lo < hess_tol:
+        messages.append(f"failed to converge: degenerate Hessian with {neg} negative "
+                        f"eigenvalue{'' if neg == 1 else 's'} (smallest eigenvalue "
+                        f"{lo:.4g}, tolerance {hess_tol:g})")
+    elif lo > 0 and hess_tol > 0 and hi / lo > 1.0 / hess_tol:
+        messages.append(f"nearly unidentifiable: very large eigenvalue ratio {hi / lo:.4g} "
+                        f"(limit {1.0 / hess_tol:g}); consider rescaling the predictors")
+    return scaled, messages
+
+
+def _check_python(gradient, hessian, boundary, grad_tol, hess_tol):
+    """:func:`_check` with NumPy and LAPACK (its twin, and its path above 40 parameters)."""
     g = np.asarray(gradient, dtype=float).reshape(-1)
     n = g.size
     H = np.asarray(hessian, dtype=float)
@@ -399,7 +472,7 @@ def _check(gradient, hessian, boundary, grad_tol, hess_tol):
     # we keep its choice so that the numbers compare with lme4's. The smaller of the
     # scaled and raw values is used per component, so a very flat direction cannot
     # inflate a tiny raw gradient into a failure.
-    L = cholesky_lower(Hf)
+    L = cholesky_lower_lapack(Hf)
     if L is None:
         k = int(np.argmax(np.abs(gf)))
         messages.append(f"gradient not scaled: the Hessian is not positive definite "

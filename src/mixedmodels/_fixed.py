@@ -24,6 +24,11 @@ import numpy as np
 from ._linalg._blocked import upper_solve
 
 try:
+    from ._kernels import _dense
+except ImportError:  # pragma: no cover - not built: NumPy's LAPACK QR
+    _dense = None
+
+try:
     from numpy.linalg import _umath_linalg
 except ImportError:  # pragma: no cover - a NumPy without the private gufuncs
     _umath_linalg = None
@@ -51,12 +56,27 @@ except Exception:  # pragma: no cover - a NumPy without these internals
     _QR_STATE = None
 
 
-def householder_qr(X):
-    """``numpy.linalg.qr(X)`` (reduced) of a float64 matrix, bit for bit.
+# Above this many columns numpy.linalg.qr: the compiled QR matches OpenBLAS's unblocked
+# LAPACK QR (the same algorithm, level-2 kernels) up to 64 columns (0.6-1.0 of its time at
+# 200-100000 rows, one thread) and falls behind from about 100 (1.2-1.35 times at 128),
+# where also LAPACK's blocked level-3 dgeqrf takes over; by then the factorization costs
+# milliseconds and LAPACK's cold start (~90 µs) no longer matters.
+_COMPILED_QR_MAX_COLUMNS = 64
 
-    The same LAPACK calls (``dgeqrf``, ``dorgqr``) through NumPy's own gufuncs, without
-    the wrapper's type dispatch, which costs as much as the factorization of a
-    small X.
+# False: every QR by NumPy's LAPACK gufuncs (the twin; for timing and tests). Off until
+# PIRLS converges the modes of non-canonical families to the objective's rounding: the
+# negative binomial's warm-started objective carries 1e-8 of noise, and a change of
+# rounding in X moves its coefficients by 4e-5 relative
+COMPILED_QR = False
+
+
+def householder_qr(X):
+    """``numpy.linalg.qr(X)`` (reduced) of a float64 matrix, to rounding.
+
+    Up to 64 columns and at least as many rows, with finite entries, by the compiled
+    Householder QR of ``_kernels._dense`` (LAPACK's dgeqr2 and dorg2r written out, so
+    R's signs are LAPACK's): a fit runs cold, and NumPy's LAPACK path cost ~90 µs there
+    against a few for the factorization of a small X. Otherwise :func:`numpy_qr`.
 
     Parameters
     ----------
@@ -64,8 +84,26 @@ def householder_qr(X):
 
     Returns
     -------
-    q : (n, min(n, p)) ndarray
+    q : (n, min(n, p)) ndarray, C-contiguous
     r : (min(n, p), p) ndarray, upper triangular
+    """
+    if (COMPILED_QR and _dense is not None and type(X) is np.ndarray and X.ndim == 2
+            and X.dtype == np.float64 and X.dtype.isnative
+            and X.shape[0] >= X.shape[1] and 0 < X.shape[1] <= _COMPILED_QR_MAX_COLUMNS):
+        qr = _dense.householder_qr(X)
+        if qr is not None:
+            return qr
+    # an inf or nan entry too: whatever LAPACK makes of it (no error; nan in q and r)
+    return numpy_qr(X)
+
+
+def numpy_qr(X):
+    """``numpy.linalg.qr(X)`` (reduced) of a float64 matrix, bit for bit (the twin of
+    :func:`householder_qr`'s compiled path).
+
+    The same LAPACK calls (``dgeqrf``, ``dorgqr``) through NumPy's own gufuncs, without
+    the wrapper's type dispatch, which costs as much as the factorization of a
+    small X.
     """
     if _umath_linalg is None or X.dtype != np.float64 or X.ndim != 2 or \
             not X.dtype.isnative:

@@ -571,9 +571,10 @@ def _qr_if_clearly_not_aliased(X):
     Notes
     -----
     The test of :func:`_aliased_columns` runs Gram-Schmidt on the columns of R (the
-    same Householder R). Since R is upper triangular, the basis vectors of the columns
-    before j vanish below row j - 1, so the projections never touch entry j of column
-    j: its residual is at least |R_jj| (to the rounding of a norm), and when
+    same Householder R, to rounding: LAPACK's there, the compiled one here). Since R is
+    upper triangular, the basis vectors of the columns before j vanish below row j - 1,
+    so the projections never touch entry j of column j: its residual is at least |R_jj|
+    (to the rounding of a norm), and when
     ``|R_jj| > 1e-6 ||R_j||`` for every j, no residual is anywhere near the aliasing
     threshold ``RANK_RTOL ||R_j||``. Only for X of at most 16 columns and at least as
     many rows: the fitting code factors X anyway (``FixedEffectsBasis``, which takes
