@@ -675,7 +675,7 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
             return vcov, schur
         ws = self.workspace
         st.evaluate(fam, self.y, pw, st.eta)
-        ws.set_products(np.column_stack([X, st.eta - off + st.wrkresid]), st.wrkwt)
+        ws.set_products(X, st.wrkwt, y=st.eta - off + st.wrkresid)
         _, r = ws.factorize(theta)
         return rx_inverse_crossprod(r, p), None
 

@@ -85,7 +85,8 @@ class LinearMixedModel(MixedModelSpec):
             self._workspace_ready(self._workspace)
 
     def _workspace_ready(self, ws):
-        ws.set_products(np.column_stack([self.X, self.y_fit]), self.design.weights)
+        # [X y] stacked in compiled code: np.column_stack is a cold path of its own
+        ws.set_products(self.X, self.design.weights, y=self.y_fit)
 
     def _evaluate(self, theta):
         result = self._factorized(theta)

@@ -21,7 +21,7 @@ from libc.string cimport memset
 
 import numpy as np
 cimport numpy as cnp
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport malloc, free, qsort
 from cpython.pycapsule cimport PyCapsule_GetPointer
 
 cnp.import_array()
@@ -1139,3 +1139,416 @@ cdef void inverse_from_lower(const double *lo, int k, double *li, double *minv) 
             for a in range(e if e > c else c, k):
                 s += li[a + e * k] * li[a + c * k]
             minv[e + c * k] = s
+
+# -- the block pattern in one call -------------------------------------------------------
+#
+# _pattern.build_pattern's arrays for the terms as they come from the design: on a small
+# model its NumPy construction was ~45 small calls (penicillin: 60 µs back to back, 130
+# after a pause, when every distinct NumPy path runs cold); here it is one. The NumPy
+# construction stays as the twin (_pattern.build_pattern_numpy) and builds whatever this
+# declines; tests/test_pattern_compiled.py holds the two together bit for bit.
+
+cdef struct _TermIn:
+    const char *codes           # n level codes at stride cstride, 4 or 8 bytes each
+    Py_ssize_t cstride
+    bint cwide
+    const char *z               # n-by-k float64 at strides zs0, zs1
+    Py_ssize_t zs0, zs1
+    int k, nlev
+
+
+cdef inline i64 _code_at(const _TermIn *t, Py_ssize_t i) noexcept nogil:
+    if t.cwide:
+        return (<const i64 *> (t.codes + i * t.cstride))[0]
+    return (<const int *> (t.codes + i * t.cstride))[0]
+
+
+cdef object _new_array(int nd, cnp.npy_intp d0, cnp.npy_intp d1, int typenum):
+    cdef cnp.npy_intp dims[2]
+    dims[0] = d0
+    dims[1] = d1
+    return cnp.PyArray_EMPTY(nd, dims, typenum, 0)
+
+
+cdef inline void *_data(object arr) noexcept:
+    return cnp.PyArray_DATA(<cnp.ndarray> arr)
+
+
+cdef int _terms_in(object codes, object z, object nlevels, _TermIn *terms,
+                   Py_ssize_t nterm, Py_ssize_t *n_out) except -1:
+    """Reads the terms into ``terms``; returns 1 if they are all of the kinds the compiled
+    builder takes (ndarrays: 1-d signed 4- or 8-byte codes, one row count, 2-d float64
+    columns; integer level counts from 1 to 2³¹ - 2), else 0."""
+    cdef Py_ssize_t t, n = -1
+    cdef object c, zt, nl
+    cdef cnp.ndarray ca, za
+    cdef long long nlv
+    for t in range(nterm):
+        c = codes[t]
+        zt = z[t]
+        if not (cnp.PyArray_Check(c) and cnp.PyArray_Check(zt)):
+            return 0
+        ca = <cnp.ndarray> c
+        za = <cnp.ndarray> zt
+        if (cnp.PyArray_NDIM(ca) != 1 or not cnp.PyArray_ISINTEGER(ca)
+                or not cnp.PyArray_ISSIGNED(ca)
+                or (cnp.PyArray_ITEMSIZE(ca) != 4 and cnp.PyArray_ITEMSIZE(ca) != 8)
+                or not cnp.PyArray_ISNOTSWAPPED(ca) or not cnp.PyArray_ISALIGNED(ca)):
+            return 0
+        if (cnp.PyArray_NDIM(za) != 2 or cnp.PyArray_TYPE(za) != cnp.NPY_DOUBLE
+                or not cnp.PyArray_ISNOTSWAPPED(za) or not cnp.PyArray_ISALIGNED(za)):
+            return 0
+        if t == 0:
+            n = cnp.PyArray_DIMS(ca)[0]
+        if cnp.PyArray_DIMS(ca)[0] != n or cnp.PyArray_DIMS(za)[0] != n:
+            return 0
+        if cnp.PyArray_DIMS(za)[1] < 1 or cnp.PyArray_DIMS(za)[1] > 1 << 20:
+            return 0
+        nl = nlevels[t]
+        if type(nl) is not int and not isinstance(nl, np.integer):
+            return 0
+        try:
+            nlv = nl
+        except OverflowError:
+            return 0
+        if nlv < 1 or nlv >= 2147483647:
+            return 0
+        terms[t].codes = <const char *> cnp.PyArray_DATA(ca)
+        terms[t].cstride = cnp.PyArray_STRIDES(ca)[0]
+        terms[t].cwide = cnp.PyArray_ITEMSIZE(ca) == 8
+        terms[t].z = <const char *> cnp.PyArray_DATA(za)
+        terms[t].zs0 = cnp.PyArray_STRIDES(za)[0]
+        terms[t].zs1 = cnp.PyArray_STRIDES(za)[1]
+        terms[t].k = <int> cnp.PyArray_DIMS(za)[1]
+        terms[t].nlev = <int> nlv
+    n_out[0] = n
+    return 1
+
+
+cdef int _rows_in(const _TermIn *terms, Py_ssize_t nterm, Py_ssize_t n, int ktot,
+                  int *codes_out, double *zcat) noexcept nogil:
+    """codes_out (nterm-by-n) <- the codes as int32, zcat (n-by-ktot, C order) <- the terms'
+    columns side by side. Returns 1 if a code lies outside its term's levels, else 0."""
+    cdef Py_ssize_t t, i
+    cdef i64 code
+    cdef int a, col = 0
+    cdef const _TermIn *tm
+    for t in range(nterm):
+        tm = &terms[t]
+        for i in range(n):
+            code = _code_at(tm, i)
+            if code < 0 or code >= tm.nlev:
+                return 1
+            codes_out[t * n + i] = <int> code
+        for i in range(n):
+            for a in range(tm.k):
+                zcat[i * ktot + col + a] = (<const double *> (tm.z + i * tm.zs0 + a * tm.zs1))[0]
+        col += tm.k
+    return 0
+
+
+cdef int _cmp_i64(const void *a, const void *b) noexcept nogil:
+    cdef i64 x = (<const i64 *> a)[0], y = (<const i64 *> b)[0]
+    return (x > y) - (x < y)
+
+
+cdef i64 _pair_blocks(const int *ctr, const int *ctc, Py_ssize_t n, int nlr, int nlc,
+                      i64 size, i64 nvals, int *table, i64 *keys, i64 *rowoff, int *lr,
+                      int *lc) noexcept nogil:
+    """The blocks of an off-diagonal term pair: their levels (lr, lc) in increasing key
+    ``lr * nlc + lc``, and ``rowoff`` <- nvals + size * (the block of each row): the
+    sorted distinct keys and each row's index among them, as _pattern._unique_inverse
+    finds them. With ``table`` (nlr * nlc ints) by its presence table, which then holds
+    each key's block; else (table NULL: a table that would be large for the rows) by
+    sorting the rows' keys in ``keys`` (n of them) and a binary search per row. Returns
+    the number of blocks."""
+    cdef Py_ssize_t i, lo, hi, mid
+    cdef i64 key, ntab = <i64> nlr * nlc
+    cdef int nb = 0, r, c
+    if table == NULL:
+        for i in range(n):
+            keys[i] = <i64> ctr[i] * nlc + ctc[i]
+        qsort(keys, n, sizeof(i64), _cmp_i64)
+        for i in range(n):
+            if i == 0 or keys[i] != keys[nb - 1]:
+                keys[nb] = keys[i]
+                lr[nb] = <int> (keys[i] // nlc)
+                lc[nb] = <int> (keys[i] % nlc)
+                nb += 1
+        for i in range(n):
+            key = <i64> ctr[i] * nlc + ctc[i]
+            lo, hi = 0, nb - 1
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if keys[mid] < key:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            rowoff[i] = nvals + size * lo
+        return nb
+    memset(table, 0, ntab * sizeof(int))
+    for i in range(n):
+        table[<i64> ctr[i] * nlc + ctc[i]] = 1
+    key = 0
+    for r in range(nlr):
+        for c in range(nlc):
+            if table[key]:
+                table[key] = nb
+                lr[nb] = r
+                lc[nb] = c
+                nb += 1
+            key += 1
+    for i in range(n):
+        rowoff[i] = nvals + size * table[<i64> ctr[i] * nlc + ctc[i]]
+    return nb
+
+
+cdef void _csc_entries(const int *kk, const i64 *uoff, const i64 *blk_off, const int *blk_tr,
+                       const int *blk_tc, const int *lr, const int *lc, Py_ssize_t nblk,
+                       int *indptr, int *indices, i64 *pos, bint fill) noexcept nogil:
+    """M's lower CSC pattern from the blocks (the entries on or below the diagonal; pos -1
+    for the rest). Without ``fill``: indptr[j + 1] <- the entries of column j. With it
+    (indptr[j] then being where column j starts, and moved on to where it ends): indices,
+    pos. The blocks come in pair order (tr ascending, each tc's pair after the pairs of
+    lower tr), each pair's in increasing (lr, lc) and a block's entries column by column,
+    so the entries of one column come in increasing row: a counting sort by column is the
+    NumPy twin's sort by (column, row)."""
+    cdef Py_ssize_t b
+    cdef int kr, kc, a, d
+    cdef i64 row0, col, row, v
+    for b in range(nblk):
+        kr = kk[blk_tr[b]]
+        kc = kk[blk_tc[b]]
+        row0 = uoff[blk_tr[b]] + <i64> lr[b] * kr
+        for d in range(kc):
+            col = uoff[blk_tc[b]] + <i64> lc[b] * kc + d
+            v = blk_off[b] + <i64> d * kr
+            for a in range(kr):
+                row = row0 + a
+                if not fill:
+                    if row >= col:
+                        indptr[col + 1] += 1
+                elif row >= col:
+                    indices[indptr[col]] = <int> row
+                    pos[v + a] = indptr[col]
+                    indptr[col] += 1
+                else:
+                    pos[v + a] = -1
+
+
+def pattern_fields(codes, z, nlevels):
+    """The fields of _pattern.build_pattern's pattern for these terms (a dict, with the
+    same arrays bit for bit), or None where it takes the NumPy construction
+    (_pattern.build_pattern_numpy, the twin): terms not ndarrays of the usual kinds, codes
+    outside their levels, or possibly 2³¹ or more values.
+
+    One term: kk, nlev, uoff, zoff, zcat, codes, nvals, q and no CSC pattern (the fields a
+    _pattern._OneTermPattern is made with). Several: every BlockPattern field."""
+    cdef Py_ssize_t nterm = len(codes), n = 0, t, tr, tc, p, npair, nblk, b, i
+    if nterm < 1 or len(z) != nterm or len(nlevels) != nterm:
+        return None
+    cdef _TermIn *terms = <_TermIn *> malloc(nterm * sizeof(_TermIn))
+    if terms == NULL:
+        raise MemoryError()
+    cdef int *table = NULL
+    cdef int *blr = NULL
+    cdef int *blc = NULL
+    cdef i64 *pair_nb = NULL
+    cdef i64 *keys = NULL
+    cdef bint sorted_pairs = False
+    cdef i64 q = 0, nvals = 0, vmax = 0, size, ntab, maxtab = 1, cap = 0, off, nnz
+    cdef int ktot = 0, bad, nb
+    cdef int *kk_p
+    cdef int *nlev_p
+    cdef int *zoff_p
+    cdef i64 *uoff_p
+    cdef int *codes_p
+    cdef int *ptr_p
+    cdef int *ptr_tr
+    cdef int *ptr_tc
+    cdef i64 *rowoff_p
+    cdef i64 *boff_p
+    cdef int *btr_p
+    cdef int *btc_p
+    cdef char *bdiag_p
+    cdef double *zcat_p
+    cdef int *ind_p
+    cdef i64 *pos_p
+    try:
+        if not _terms_in(codes, z, nlevels, terms, nterm, &n):
+            return None
+        npair = nterm * (nterm + 1) // 2
+        # bounds: a diagonal pair has a block per level, another at most one per row
+        for tr in range(nterm):
+            ktot += terms[tr].k
+            q += <i64> terms[tr].k * terms[tr].nlev
+            cap += terms[tr].nlev
+            vmax += <i64> terms[tr].k * terms[tr].k * terms[tr].nlev
+            for tc in range(tr):
+                ntab = <i64> terms[tr].nlev * terms[tc].nlev
+                if ntab <= 4 * n + 1024:       # the twin's choice of presence table
+                    maxtab = max(maxtab, ntab)
+                else:
+                    sorted_pairs = True
+                cap += min(<i64> n, ntab)
+                vmax += min(<i64> n, ntab) * terms[tr].k * terms[tc].k
+        if q >= 2147483647 or vmax >= 2147483647:
+            return None
+        kk = _new_array(1, nterm, 0, cnp.NPY_INT32)
+        nlev = _new_array(1, nterm, 0, cnp.NPY_INT32)
+        uoff = _new_array(1, nterm, 0, cnp.NPY_INT64)
+        zoff = _new_array(1, nterm, 0, cnp.NPY_INT32)
+        kk_p, nlev_p = <int *> _data(kk), <int *> _data(nlev)
+        uoff_p, zoff_p = <i64 *> _data(uoff), <int *> _data(zoff)
+        for t in range(nterm):
+            kk_p[t] = terms[t].k
+            nlev_p[t] = terms[t].nlev
+            uoff_p[t] = uoff_p[t - 1] + <i64> terms[t - 1].k * terms[t - 1].nlev if t else 0
+            zoff_p[t] = zoff_p[t - 1] + terms[t - 1].k if t else 0
+        zcat = _new_array(2, n, ktot, cnp.NPY_DOUBLE)
+        codes_arr = _new_array(2, nterm, n, cnp.NPY_INT32)
+        codes_p = <int *> _data(codes_arr)
+        zcat_p = <double *> _data(zcat)
+        with nogil:
+            bad = _rows_in(terms, nterm, n, ktot, codes_p, zcat_p)
+        if bad:
+            return None
+        if nterm == 1:
+            nvals = vmax
+            return dict(kk=kk, nlev=nlev, uoff=uoff, zoff=zoff, zcat=zcat, codes=codes_arr,
+                        nvals=nvals, indptr=None, indices=None, pos=None, q=q)
+
+        # every term pair's blocks, and where each row adds to them
+        pair_tr = _new_array(1, npair, 0, cnp.NPY_INT32)
+        pair_tc = _new_array(1, npair, 0, cnp.NPY_INT32)
+        rowoff = _new_array(2, npair, n, cnp.NPY_INT64)
+        ptr_tr, ptr_tc = <int *> _data(pair_tr), <int *> _data(pair_tc)
+        rowoff_p = <i64 *> _data(rowoff)
+        table = <int *> malloc(maxtab * sizeof(int))
+        if sorted_pairs:
+            keys = <i64 *> malloc(n * sizeof(i64) + 1)
+        blr = <int *> malloc(cap * sizeof(int) + 1)
+        blc = <int *> malloc(cap * sizeof(int) + 1)
+        pair_nb = <i64 *> malloc(npair * sizeof(i64))
+        if (table == NULL or blr == NULL or blc == NULL or pair_nb == NULL
+                or (sorted_pairs and keys == NULL)):
+            raise MemoryError()
+        nvals = 0
+        nblk = 0
+        p = 0
+        with nogil:
+            for tr in range(nterm):
+                for tc in range(tr + 1):
+                    ptr_tr[p] = <int> tr
+                    ptr_tc[p] = <int> tc
+                    size = <i64> terms[tr].k * terms[tc].k
+                    if tr == tc:
+                        nb = terms[tr].nlev
+                        for i in range(n):
+                            rowoff_p[p * n + i] = nvals + size * codes_p[tr * n + i]
+                        for b in range(nb):
+                            blr[nblk + b] = <int> b
+                            blc[nblk + b] = <int> b
+                    else:
+                        ntab = <i64> terms[tr].nlev * terms[tc].nlev
+                        nb = <int> _pair_blocks(&codes_p[tr * n], &codes_p[tc * n], n,
+                                                terms[tr].nlev, terms[tc].nlev, size, nvals,
+                                                table if ntab <= 4 * n + 1024 else NULL,
+                                                keys, &rowoff_p[p * n], &blr[nblk], &blc[nblk])
+                    pair_nb[p] = nb
+                    nblk += nb
+                    nvals += nb * size
+                    p += 1
+
+        blk_off = _new_array(1, nblk, 0, cnp.NPY_INT64)
+        blk_tr = _new_array(1, nblk, 0, cnp.NPY_INT32)
+        blk_tc = _new_array(1, nblk, 0, cnp.NPY_INT32)
+        blk_diag = _new_array(1, nblk, 0, cnp.NPY_INT8)
+        pos = _new_array(1, nvals, 0, cnp.NPY_INT64)
+        indptr = _new_array(1, q + 1, 0, cnp.NPY_INT32)
+        boff_p, btr_p = <i64 *> _data(blk_off), <int *> _data(blk_tr)
+        btc_p, bdiag_p = <int *> _data(blk_tc), <char *> _data(blk_diag)
+        ptr_p = <int *> _data(indptr)
+        with nogil:
+            b = 0
+            off = 0
+            for p in range(npair):
+                size = <i64> kk_p[ptr_tr[p]] * kk_p[ptr_tc[p]]
+                for i in range(pair_nb[p]):
+                    boff_p[b] = off
+                    btr_p[b] = ptr_tr[p]
+                    btc_p[b] = ptr_tc[p]
+                    bdiag_p[b] = ptr_tr[p] == ptr_tc[p]
+                    off += size
+                    b += 1
+            memset(ptr_p, 0, (q + 1) * sizeof(int))
+            _csc_entries(kk_p, uoff_p, boff_p, btr_p, btc_p, blr, blc, nblk, ptr_p,
+                         NULL, NULL, False)
+            for i in range(q):
+                ptr_p[i + 1] += ptr_p[i]
+        nnz = ptr_p[q]
+        indices = _new_array(1, nnz, 0, cnp.NPY_INT32)
+        ind_p, pos_p = <int *> _data(indices), <i64 *> _data(pos)
+        with nogil:
+            # ptr_p[j + 1] <- where column j starts: the fill's cursor of column j, which
+            # it moves on to where the column ends, indptr's own entry
+            for i in range(q, 0, -1):
+                ptr_p[i] = ptr_p[i - 1]
+            _csc_entries(kk_p, uoff_p, boff_p, btr_p, btc_p, blr, blc, nblk, &ptr_p[1],
+                         ind_p, pos_p, True)
+        return dict(kk=kk, nlev=nlev, uoff=uoff, zoff=zoff, zcat=zcat, codes=codes_arr,
+                    pair_tr=pair_tr, pair_tc=pair_tc, rowoff=rowoff, blk_off=blk_off,
+                    blk_tr=blk_tr, blk_tc=blk_tc, blk_diag=blk_diag, nvals=nvals,
+                    indptr=indptr, indices=indices, pos=pos)
+    finally:
+        free(terms)
+        free(table)
+        free(blr)
+        free(blc)
+        free(pair_nb)
+        free(keys)
+
+
+def zero_vectors(*sizes):
+    """A float64 zero vector of each size (numpy.zeros(size) for each) in one call: the
+    workspace's value arrays, made where a small model's set-up pays for every NumPy call."""
+    cdef cnp.npy_intp dims[1]
+    out = []
+    for size in sizes:
+        dims[0] = size
+        if dims[0] < 0:
+            raise ValueError("negative dimensions are not allowed")
+        out.append(cnp.PyArray_ZEROS(1, dims, cnp.NPY_DOUBLE, 0))
+    return out
+
+
+def stack_columns(x, y):
+    """[x y] as a new C-ordered float64 n-by-(p + 1) array (numpy.ascontiguousarray of
+    numpy.column_stack([x, y]), bit for bit; the twin in tests/test_pattern_compiled.py),
+    for x an n-by-p and y a length-n float64 ndarray of any strides; None
+    for anything else (the caller takes numpy.column_stack). A small model's
+    ``set_products`` paid more for column_stack's Python-level dispatch, cold, than for
+    the sums themselves."""
+    if not (cnp.PyArray_Check(x) and cnp.PyArray_Check(y)):
+        return None
+    cdef cnp.ndarray xa = x, ya = y
+    if (cnp.PyArray_NDIM(xa) != 2 or cnp.PyArray_NDIM(ya) != 1
+            or cnp.PyArray_TYPE(xa) != cnp.NPY_DOUBLE or cnp.PyArray_TYPE(ya) != cnp.NPY_DOUBLE
+            or not cnp.PyArray_ISNOTSWAPPED(xa) or not cnp.PyArray_ISNOTSWAPPED(ya)
+            or not cnp.PyArray_ISALIGNED(xa) or not cnp.PyArray_ISALIGNED(ya)):
+        return None
+    cdef Py_ssize_t n = cnp.PyArray_DIMS(xa)[0], p = cnp.PyArray_DIMS(xa)[1], i, j
+    if cnp.PyArray_DIMS(ya)[0] != n:
+        return None
+    cdef Py_ssize_t xs0 = cnp.PyArray_STRIDES(xa)[0], xs1 = cnp.PyArray_STRIDES(xa)[1]
+    cdef Py_ssize_t ys = cnp.PyArray_STRIDES(ya)[0]
+    cdef const char *xp = <const char *> cnp.PyArray_DATA(xa)
+    cdef const char *yp = <const char *> cnp.PyArray_DATA(ya)
+    out = _new_array(2, n, p + 1, cnp.NPY_DOUBLE)
+    cdef double *o = <double *> _data(out)
+    with nogil:
+        for i in range(n):
+            for j in range(p):
+                o[i * (p + 1) + j] = (<const double *> (xp + i * xs0 + j * xs1))[0]
+            o[i * (p + 1) + p] = (<const double *> (yp + i * ys))[0]
+    return out

@@ -12,6 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _blocked
+
+# False: the NumPy construction (build_pattern_numpy) builds every pattern, for comparisons
+COMPILED = True
+
 
 @dataclass(frozen=True)
 class BlockPattern:
@@ -78,9 +83,27 @@ def build_pattern(codes, z, nlevels, general=False):
     z : list of float arrays (n, k_t), the terms' columns
     nlevels : list of int
     general : bool
-        Take the general code for one term and for scalar terms too (the tests hold the
-        shortcuts to it).
+        Take the general NumPy code for one term and for scalar terms too (the tests hold
+        the shortcuts to it).
+
+    The arrays come from one compiled call (_blocked.pattern_fields) where it takes the
+    terms: its NumPy twin, :func:`build_pattern_numpy`, is ~45 small NumPy calls, each of
+    which runs cold in a fit that follows a pause (penicillin, in a fit: 60 µs back to
+    back and 130 after a pause; the compiled call 10 and 30). The twin builds whatever
+    the compiled call declines (see there).
     """
+    if COMPILED and not general:
+        fields = _blocked.pattern_fields(codes, z, nlevels)
+        if fields is not None:
+            pat = object.__new__(_OneTermPattern if len(codes) == 1 else BlockPattern)
+            pat.__dict__.update(fields)
+            return pat
+    return build_pattern_numpy(codes, z, nlevels, general)
+
+
+def build_pattern_numpy(codes, z, nlevels, general=False):
+    """:func:`build_pattern` in NumPy: the twin of _blocked.pattern_fields, and the
+    construction of the patterns that it declines (see there)."""
     nterm = len(codes)
     if nterm == 1 and not general:
         return _one_term_pattern(codes[0], z[0], int(nlevels[0]))

@@ -202,21 +202,21 @@ class BlockedSystem:
         self.pattern = pat
         self.layout = layout = ThetaLayout(pat.kk, zerocorr) if layout is None else layout
         self.q = pat.q
-        self.avals = np.zeros(pat.nvals)
-        self._lam = np.zeros(layout.nlam)
         self.ztxy = self.xtxy = None
         self.rzxy = self._r = None
-        self._empty = np.zeros(0)
         if pat.blockdiagonal:
             self.path = "block-diagonal"
             self._k = int(pat.kk[0])
-            self._lblocks = np.zeros(pat.nvals)
+            # one compiled call where four np.zeros were four NumPy calls of set-up
+            self.avals, self._lam, self._empty, self._lblocks = _blocked.zero_vectors(
+                pat.nvals, layout.nlam, 0, pat.nvals)
             self.factor = None
             self._theta_step = _blocked.ThetaFactorizer(
                 pat, layout, self.avals, self._lam, self._lblocks, self._empty, None)
             return
         self.path = "cholmod"
-        self._mx = np.zeros(len(pat.indices))
+        self.avals, self._lam, self._empty, self._mx = _blocked.zero_vectors(
+            pat.nvals, layout.nlam, 0, len(pat.indices))
         self.factor = faster_factor(pat.indptr, pat.indices, self._mx,
                                     int(pat.kk[0]), int(pat.uoff[1]))
         if isinstance(self.factor, DenseTailFactor):
@@ -229,13 +229,22 @@ class BlockedSystem:
             self._theta_step.allow_small(pat.indptr, pat.indices)
 
     # -- cross-products -------------------------------------------------------------
-    def set_products(self, xy, weights=None):
-        """Accumulate Z'WZ, Z'W[X y] and [X y]'W[X y] for the columns ``xy`` (n-by-m)."""
+    def set_products(self, xy, weights=None, *, y=None):
+        """Accumulate Z'WZ, Z'W[X y] and [X y]'W[X y] for the columns ``xy`` (n-by-m).
+
+        With ``y`` (length n), ``xy`` is X alone and y its last column: [X y] is stacked
+        here in one compiled call (``_blocked.stack_columns``), where the caller's
+        ``numpy.column_stack`` cost a small model more, cold, than the sums."""
         pat = self.pattern
         if not hasattr(pat, "zcat"):
             raise ValueError("this workspace was built from a block structure without rows; "
                              "give it its cross-products with set_crossproducts")
-        xy = np.ascontiguousarray(xy, dtype=np.float64)
+        stacked = None if y is None else _blocked.stack_columns(xy, y)
+        if stacked is not None:
+            xy = stacked
+        else:
+            xy = np.ascontiguousarray(xy if y is None else np.column_stack([xy, y]),
+                                      dtype=np.float64)
         w = self._empty if weights is None else np.ascontiguousarray(weights, dtype=np.float64)
         # accumulate_blocks, accumulate_zt and weighted_crossprod in one call (the same
         # bits), the products made and bound there when their width changes: on a small
