@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from ._gradient import _PIRLS_MAXITER
+from ._optimize import scipy_setulb
 from ._pirls import STEP_TOL, row_kernel, warn_exhausted
 
 # minimize_with_gradient's stopping rules
@@ -33,15 +34,14 @@ def minimize_one_term(model, optsum):
     term, nAGQ = 1, a canonical link of Bernoulli, Binomial or Poisson). Returns None,
     with nothing done, where scipy's private routine is not there or has another
     interface (the caller takes ``minimize_with_gradient``)."""
-    try:
-        from scipy.optimize import _lbfgsb
-        from scipy.optimize._lbfgsb_py import status_messages, task_messages
-    except ImportError:
+    private = scipy_setulb()
+    if private is None:
         return None
+    setulb, status_messages, task_messages = private
     fam = model.family
     u = np.array(model._u, dtype=float)
     t0 = time.perf_counter()
-    result = row_kernel(model).lbfgsb(_lbfgsb.setulb, fam.code, fam.link.code, fam.param,
+    result = row_kernel(model).lbfgsb(setulb, fam.code, fam.link.code, fam.param,
                                       model.prior_w, optsum.initial, optsum.lowerbd, u,
                                       optsum.maxfeval, FTOL, GTOL, tol=1e-13,
                                       maxiter=_PIRLS_MAXITER, max_halving=30,

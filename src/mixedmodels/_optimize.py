@@ -17,6 +17,7 @@ from scipy.linalg import lapack
 from ._derivs import ConvergenceCheck, assess_convergence, cholesky_lower
 from ._kernels import _search
 from ._kernels._check import check_and_polish
+from ._kernels._dense import cholesky_solve
 from ._kernels._lmm_gradient import LmmObjective
 
 
@@ -288,6 +289,25 @@ def restart_lbfgsb(value_and_grad, optsum, start, progress=False, ftol=1e-14):
         optsum.final, optsum.fmin, optsum.returnvalue = again.final, again.fmin, again.returnvalue
 
 
+_EPS = float(np.finfo(float).eps)
+
+_SETULB = []
+
+
+def scipy_setulb():
+    """scipy's private L-BFGS-B routine and its status and task messages, or None where
+    they are not there; looked up once (an import statement in a function goes through
+    the import machinery on every call, a cold path of its own on a small fit)."""
+    if not _SETULB:
+        try:
+            from scipy.optimize import _lbfgsb
+            from scipy.optimize._lbfgsb_py import status_messages, task_messages
+            _SETULB.append((_lbfgsb.setulb, status_messages, task_messages))
+        except ImportError:
+            _SETULB.append(None)
+    return _SETULB[0]
+
+
 def setulb_arrays(x0, lower, maxcor, ftol):
     """What scipy's L-BFGS-B routine (``scipy.optimize._lbfgsb.setulb``) works in, for a
     start x0 and lower bounds (-inf: none), as :func:`lbfgsb` and the compiled one-term
@@ -307,7 +327,7 @@ def setulb_arrays(x0, lower, maxcor, ftol):
         iwa=np.zeros(3 * n, dtype=np.int32), task=np.zeros(2, dtype=np.int32),
         ln_task=np.zeros(2, dtype=np.int32), lsave=np.zeros(4, dtype=np.int32),
         isave=np.zeros(44, dtype=np.int32), dsave=np.zeros(29),
-        factr=ftol / np.finfo(float).eps)
+        factr=ftol / _EPS)
 
 
 def lbfgsb(fun_and_grad, x0, lower, maxfun, ftol, gtol, maxcor=10, maxls=20):
@@ -318,18 +338,17 @@ def lbfgsb(fun_and_grad, x0, lower, maxfun, ftol, gtol, maxcor=10, maxls=20):
     The compiled routine (``scipy.optimize._lbfgsb.setulb``) is private; where its
     interface differs from scipy 1.15's, the public ``minimize`` runs instead.
     """
-    try:
-        from scipy.optimize import _lbfgsb
-        from scipy.optimize._lbfgsb_py import status_messages, task_messages
-    except ImportError:
+    private = scipy_setulb()
+    if private is None:
         return _lbfgsb_public(fun_and_grad, x0, lower, maxfun, ftol, gtol)
+    setulb, status_messages, task_messages = private
     w = setulb_arrays(x0, lower, maxcor, ftol)
     x, task = w.x, w.task
     nfev = 0
     niter = 0
     try:
         while True:
-            _lbfgsb.setulb(maxcor, x, w.low, w.upp, w.nbd, w.f0, w.g, w.factr, gtol, w.wa,
+            setulb(maxcor, x, w.low, w.upp, w.nbd, w.f0, w.g, w.factr, gtol, w.wa,
                            w.iwa, task, w.lsave, w.isave, w.dsave, maxls, w.ln_task)
             if task[0] == 3:            # f and g wanted at x
                 val, grad = fun_and_grad(x.copy())
@@ -539,7 +558,9 @@ def _newton_polish(objective, optsum, record, boundary, lower):
         xf = x[free]
     else:
         free, xf = slice(None), x
-    _, step, info = lapack.dposv(0.5 * (hess + hess.T), grad, lower=1)
+    # LAPACK's dposv in compiled code of ours: scipy's wrapper is the only LAPACK call
+    # left on a small GLMM's path, and its cold start costs more than the solve
+    step, info = cholesky_solve(0.5 * (hess + hess.T), grad)
     decrement = float(grad @ step)
     if info != 0 or not math.isfinite(decrement):
         # not positive definite, or derivatives not finite: no Newton step, and the

@@ -958,17 +958,18 @@ def _expression_code(text, columns, formula):
     return names, _compiled(code)
 
 
-def _response_expression(lhs, columns, formula, memo):
+def _response_expression(lhs, columns, formula, plan):
     """``(canonical text, the columns it reads, its code)`` of a response expression or
-    a count of a ``cbind()``: text and column names alone decide them, so a plan
-    (``memo``: its dict, or None) keeps them, which spares a small model's build the
-    tokenizing and parsing."""
-    hit = None if memo is None else memo.get(lhs)
+    a count of a ``cbind()``: text and column names alone decide them, so the formula's
+    :class:`_Plan` (or None) keeps them, and where those columns sit, which spares a
+    small model's build the tokenizing, parsing and lookups."""
+    hit = None if plan is None else plan.expressions.get(lhs)
     if hit is None:
         text = _canonical(lhs, columns)
         hit = (text,) + _expression_code(text, columns, formula)
-        if memo is not None:
-            memo[lhs] = hit
+        if plan is not None:
+            plan.expressions[lhs] = hit
+            plan.add_locs(hit[1], columns)
     return hit
 
 
@@ -1014,10 +1015,10 @@ def _response(lhs, data, columns, formula, cache):
     return series, _missing(series), None
 
 
-def _evaluate_response(lhs, data, columns, formula, cache, memo=None):
-    """The values of a left-hand side that is an expression, over all rows (``memo``:
+def _evaluate_response(lhs, data, columns, formula, cache, plan=None):
+    """The values of a left-hand side that is an expression, over all rows (``plan``:
     see :func:`_response_expression`)."""
-    text, *code = _response_expression(lhs, data.columns, formula, memo)
+    text, *code = _response_expression(lhs, data.columns, formula, plan)
     evaluate = _evaluator(text, data, formula, columns, cache, code)
     try:
         value = evaluate()
@@ -1029,7 +1030,7 @@ def _evaluate_response(lhs, data, columns, formula, cache, memo=None):
     return value
 
 
-def _counts(parsed, data, columns, formula, cache=None, memo=None):
+def _counts(parsed, data, columns, formula, cache=None, plan=None):
     """Successes and failures of a ``cbind(successes, failures)`` response, all rows.
 
     Returns
@@ -1052,7 +1053,7 @@ def _counts(parsed, data, columns, formula, cache=None, memo=None):
                                  "numeric")
             counts.append(_float_array(values))
             continue
-        text, *code = _response_expression(arg, data.columns, formula, memo)
+        text, *code = _response_expression(arg, data.columns, formula, plan)
         evaluate = _evaluator(text, data, formula, columns, cache, code)
         try:
             value = evaluate()
@@ -1295,9 +1296,16 @@ class _Plan:
         self.expressions = {}
         # where the columns sit: a position is a property of the Index alone
         self.locs = {}
+        counted = [single_name(arg) for arg in parsed.counts or ()]
+        self.add_locs([self.resp_col, *counted, *self.matrix_cols, *self.group_cols], columns)
+
+    def add_locs(self, names, columns):
+        """Remember where these columns sit (a position is a property of the Index)."""
         if isinstance(columns, pd.Index):
-            for name in [self.resp_col, *self.matrix_cols, *self.group_cols]:
-                loc = columns.get_loc(name) if name in columns else None
+            for name in names:
+                if name in self.locs:
+                    continue
+                loc = columns.get_loc(name) if name is not None and name in columns else None
                 if isinstance(loc, int):
                     self.locs[name] = loc
 
@@ -1366,7 +1374,7 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
             resp_bad = cache.missing(resp_col)
         else:
             resp_value = _evaluate_response(parsed.response, data, used, formula, cache,
-                                            plan.expressions)
+                                            plan)
             if resp_value.dtype.kind in "iuf":
                 # numbers, as pandas would keep them: no Series needed
                 resp_bad = _values_missing(resp_value)
@@ -1375,7 +1383,7 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
                 resp_bad = _missing(resp_series)
         counts = None
     else:
-        counts, resp_bad = _counts(parsed, data, used, formula, cache, plan.expressions)
+        counts, resp_bad = _counts(parsed, data, used, formula, cache, plan)
         resp_col = None
     fixed_part, offset_parts, random_parts = plan.fixed, plan.offsets, plan.random
     matrix_cols, group_cols = plan.matrix_cols, plan.group_cols
