@@ -200,6 +200,8 @@ def test_compiled_check_takes_the_python_checks_steps(name, ftol_rel):
     np.testing.assert_allclose(rc.hessian, rp.hessian, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(rc.gradient, rp.gradient, rtol=1e-8, atol=1e-9)
     assert rc.messages == rp.messages and rc.nfeval == rp.nfeval
+    # both Hessians are forward differences of the exact gradient, and say so
+    assert rc.stencil == rp.stencil == "forward"
     if name == "singular":
         assert oc.final[-1] == 0.0 and np.isnan(rc.scaled_gradient[-1])
 

@@ -659,7 +659,7 @@ def _check_compiled(kernel, optsum, warn, max_steps):
         optsum.final, optsum.fmin, optsum.polished = out["x"], out["fmin"], True
     record = ConvergenceCheck.from_derivatives(out["grad"], out["hessian"],
                                                nfeval=len(out["x"]) + 1 + len(trials),
-                                               boundary=out["boundary"])
+                                               boundary=out["boundary"], stencil="forward")
     optsum.derivs = record
     if warn:
         for msg in record.messages:
@@ -736,8 +736,11 @@ def polish_with_gradient(value_and_grad, optsum, warn=True, max_steps=3, start=N
     if restore:
         value_and_grad(optsum.final)       # leave the model's state at the optimum
     optsum.feval = len(fitlog)
-    record = ConvergenceCheck.from_derivatives(np.asarray(grad, dtype=float), hess,
-                                               nfeval=spent + nfeval, boundary=boundary)
+    # the Hessian's stencil: the caller's forward differences of the exact gradient, or
+    # the earlier check's
+    record = ConvergenceCheck.from_derivatives(
+        np.asarray(grad, dtype=float), hess, nfeval=spent + nfeval, boundary=boundary,
+        stencil="forward" if hessian is not None else optsum.derivs.stencil)
     optsum.derivs = record
     if warn:
         for msg in record.messages:
