@@ -176,7 +176,8 @@ def test_singular_fit_is_flagged_and_on_the_boundary(jl_ref):
 def test_optimization_record_is_kept():
     m = mm.fit("yield ~ 1 + (1 | batch)", mm.dataset("dyestuff"))
     opt = m.optsum
-    assert opt.optimizer == "LN_BOBYQA"
+    # a model with a compiled gradient takes the trust-region search by default
+    assert opt.optimizer == "TRUST_REGION_BFGS"
     # a small model starts where lme4 does (Λ = I); the moment start of a scalar term is
     # the one-way moment estimate (by algebra from the data)
     assert np.array_equal(opt.initial, [1.0])

@@ -63,13 +63,16 @@ def test_the_probe_leaves_a_bound_that_is_no_minimum():
 
 
 def test_lmm_optimizers_reach_the_same_optimum():
-    """penicillin (two crossed scalar terms): L-BFGS-B with the exact gradient and BOBYQA
-    end at lme4's optimum; the record says which ran."""
+    """penicillin (two crossed scalar terms): L-BFGS-B with the exact gradient, the default
+    trust-region search and BOBYQA end at lme4's optimum; the record says which ran."""
     data = mm.dataset("penicillin")
     form = "diameter ~ 1 + (1 | plate) + (1 | sample)"
     auto = mm.LinearMixedModel(form, data).fit()
     lbfgs = mm.LinearMixedModel(form, data).fit(optimizer="lbfgs")
-    assert auto.optsum.optimizer == "LN_BOBYQA"
+    bobyqa = mm.LinearMixedModel(form, data).fit(optimizer="bobyqa")
+    assert auto.optsum.optimizer == "TRUST_REGION_BFGS"
+    assert bobyqa.optsum.optimizer == "LN_BOBYQA"
+    assert abs(bobyqa.objective - auto.objective) < 1e-9
     assert lbfgs.optsum.optimizer == "L-BFGS-B"
     # lme4 (tests/reference/lme4_inference.json, penicillin_ml): 332.188348668501
     assert lbfgs.objective <= 332.188348668501 + 1e-8

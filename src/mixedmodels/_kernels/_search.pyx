@@ -15,6 +15,10 @@ False and the fit takes the Python route.
 The objective is ``_lmm_gradient.LmmObjective`` (its NumPy twin
 ``LinearMixedModel._objective_unchecked``); the twin of ``bobyqa`` is
 ``_optimize.minimize`` with that objective (tests/test_compiled_search.py).
+
+``trust_region`` is the default search of LMMs with a compiled exact gradient: a
+projected trust-region quasi-Newton search in plain C, no NLopt (its twin
+``_trust_region.trust_region_search``, tests/test_gradient_search.py).
 """
 from libc.math cimport INFINITY
 from libc.stdlib cimport malloc, realloc, free
@@ -216,3 +220,353 @@ def bobyqa(LmmObjective objective, x0, lower, initial_step, double ftol_rel,
         free(log_.xs)
         free(log_.fs)
 
+
+
+# -- a projected trust-region quasi-Newton search with the exact gradient -------------
+#
+# For LMMs whose objective has a compiled exact gradient (LmmObjective.has_gradient).
+# Its NumPy twin is ``mixedmodels._trust_region.trust_region_search``, which does the same
+# arithmetic in the same order (tests/test_gradient_search.py holds them to the same
+# iterates); the algorithm is described there.
+
+cdef extern from "<math.h>" nogil:
+    double sqrt(double x)
+    double fabs(double x)
+    bint isfinite(double x)
+
+# what ``trust_region`` returns as its code
+TR_CONVERGED, TR_MAXEVAL = 0, 1
+
+
+cdef struct TrState:
+    Py_ssize_t n, count, capacity
+    double *xs
+    double *fs
+
+
+cdef int _tr_log(TrState *st, const double *x, double f) except -1:
+    cdef Py_ssize_t cap
+    cdef double *grown
+    if st.count == st.capacity:
+        cap = 2 * st.capacity
+        grown = <double *> realloc(st.xs, cap * st.n * sizeof(double))
+        if grown == NULL:
+            raise MemoryError()
+        st.xs = grown
+        grown = <double *> realloc(st.fs, cap * sizeof(double))
+        if grown == NULL:
+            raise MemoryError()
+        st.fs = grown
+        st.capacity = cap
+    memcpy(&st.xs[st.count * st.n], x, st.n * sizeof(double))
+    st.fs[st.count] = f
+    st.count += 1
+    return 0
+
+
+cdef double _model(Py_ssize_t n, const double *g, const double *B, const double *s) noexcept nogil:
+    """g's + s'Bs/2."""
+    cdef Py_ssize_t i, j
+    cdef double m = 0.0, bs
+    for i in range(n):
+        bs = 0.0
+        for j in range(n):
+            bs = bs + B[i * n + j] * s[j]
+        m = m + s[i] * (g[i] + 0.5 * bs)
+    return m
+
+
+cdef void _box_qp(Py_ssize_t n, const double *g, const double *B, const double *lo,
+                  const double *hi, const char *held, double *s, double *q, double *d,
+                  double *sn, double *L, Py_ssize_t *free_) noexcept nogil:
+    """s minimizing g's + s'Bs/2 over lo <= s <= hi (B positive definite; held components
+    stay 0): projected Newton steps on the free components with a backtracking search."""
+    cdef Py_ssize_t i, j, a, b, c, nf, it, ls
+    cdef double gmax = 0.0, qmax, v, ms, mn, dq, t
+    cdef bint fail, same
+    for i in range(n):
+        s[i] = 0.0
+        if fabs(g[i]) > gmax:
+            gmax = fabs(g[i])
+    for it in range(30):
+        for i in range(n):
+            v = g[i]
+            for j in range(n):
+                v = v + B[i * n + j] * s[j]
+            q[i] = v
+        nf = 0
+        for i in range(n):
+            if held[i] or (s[i] <= lo[i] and q[i] > 0.0) or (s[i] >= hi[i] and q[i] < 0.0):
+                continue
+            free_[nf] = i
+            nf += 1
+        if nf == 0:
+            break
+        qmax = 0.0
+        for a in range(nf):
+            if fabs(q[free_[a]]) > qmax:
+                qmax = fabs(q[free_[a]])
+        if qmax <= 1e-14 * (1.0 + gmax):
+            break
+        fail = False
+        for a in range(nf):                 # L L' = B over the free components (row-major)
+            for b in range(a + 1):
+                v = B[free_[a] * n + free_[b]]
+                for c in range(b):
+                    v = v - L[a * nf + c] * L[b * nf + c]
+                if a == b:
+                    if not v > 0.0:
+                        fail = True
+                        break
+                    L[a * nf + a] = sqrt(v)
+                else:
+                    L[a * nf + b] = v / L[b * nf + b]
+            if fail:
+                break
+        for i in range(n):
+            d[i] = 0.0
+        if fail:                            # rounding lost definiteness: steepest descent
+            for a in range(nf):
+                d[free_[a]] = -q[free_[a]]
+        else:
+            for a in range(nf):             # L y = q_F, into sn as scratch
+                v = q[free_[a]]
+                for c in range(a):
+                    v = v - L[a * nf + c] * sn[c]
+                sn[a] = v / L[a * nf + a]
+            for a in range(nf - 1, -1, -1):  # L' z = y
+                v = sn[a]
+                for c in range(a + 1, nf):
+                    v = v - L[c * nf + a] * sn[c]
+                sn[a] = v / L[a * nf + a]
+            for a in range(nf):
+                d[free_[a]] = -sn[a]
+        ms = _model(n, g, B, s)
+        t = 1.0
+        for ls in range(30):
+            for i in range(n):
+                sn[i] = min(max(s[i] + t * d[i], lo[i]), hi[i])
+            mn = _model(n, g, B, sn)
+            dq = 0.0
+            for i in range(n):
+                dq = dq + q[i] * (sn[i] - s[i])
+            if mn <= ms + 1e-4 * dq:
+                break
+            t = 0.5 * t
+        same = True
+        for i in range(n):
+            if sn[i] != s[i]:
+                same = False
+            s[i] = sn[i]
+        if same:
+            break
+
+
+cdef double _scaled_identity(Py_ssize_t n, const double *g, double radius, double *B) noexcept nogil:
+    """B = I times the largest |g_i| over the radius: the first step's Newton step then
+    reaches the trust region's edge, as BOBYQA's first steps do."""
+    cdef Py_ssize_t i
+    cdef double gmax = 0.0
+    for i in range(n):
+        if fabs(g[i]) > gmax:
+            gmax = fabs(g[i])
+    gmax = gmax / radius
+    if not gmax > 1e-8:
+        gmax = 1e-8
+    for i in range(n * n):
+        B[i] = 0.0
+    for i in range(n):
+        B[i * n + i] = gmax
+    return gmax
+
+
+def trust_region(LmmObjective objective, x0, lower, double radius, double ftol, int maxeval):
+    """The trust-region search of ``_trust_region.trust_region_search`` (its twin) over a compiled
+    objective with the exact gradient.
+
+    Returns
+    -------
+    xs : (k, n) ndarray
+        Every point evaluated (value and gradient), in order.
+    fs : (k,) ndarray
+        Their values (+inf where the system is singular).
+    code : int
+        TR_CONVERGED or TR_MAXEVAL.
+    """
+    if not objective.has_gradient:
+        raise ValueError("the objective has no gradient")
+    cdef Py_ssize_t n = objective.ntheta, i, j
+    cdef double[::1] x = np.array(x0, dtype=np.float64)
+    cdef const double[::1] lower_ = np.ascontiguousarray(lower, dtype=np.float64)
+    if x.shape[0] != n or lower_.shape[0] != n or n == 0:
+        raise ValueError(f"x0 and lower must have {n} > 0 entries")
+    cdef TrState st
+    st.n, st.count, st.capacity = n, 0, 32
+    st.xs = <double *> malloc(32 * n * sizeof(double))
+    st.fs = <double *> malloc(32 * sizeof(double))
+    # g, gn, B, lo, hi, s, q, d, sn, L, xn, sv, yv, bs
+    cdef double *buf = <double *> malloc((11 * n + 3 * n * n) * sizeof(double))
+    cdef Py_ssize_t *free_ = <Py_ssize_t *> malloc(n * sizeof(Py_ssize_t))
+    cdef char *held = <char *> malloc(n)
+    cdef char *near = <char *> malloc(n)
+    cdef double *g
+    cdef double *gn
+    cdef double *B
+    cdef double *lo
+    cdef double *hi
+    cdef double *s
+    cdef double *q
+    cdef double *d
+    cdef double *sn
+    cdef double *L
+    cdef double *xn
+    cdef double *sv
+    cdef double *yv
+    cdef double *bs
+    cdef double f, fn, delta, pred, snorm, fscale, ared, rho, sy, sbs, th, v
+    cdef int code = TR_MAXEVAL, escapes = 0, escaped
+    cdef bint any_strict, any_near, down
+    try:
+        if st.xs == NULL or st.fs == NULL or buf == NULL or free_ == NULL or held == NULL \
+                or near == NULL:
+            raise MemoryError()
+        g, gn, lo, hi, s, q, d, sn, xn, sv, yv = (buf, buf + n, buf + 2 * n, buf + 3 * n,
+                                                  buf + 4 * n, buf + 5 * n, buf + 6 * n,
+                                                  buf + 7 * n, buf + 8 * n, buf + 9 * n,
+                                                  buf + 10 * n)
+        B, L, bs = buf + 11 * n, buf + 11 * n + n * n, buf + 11 * n + 2 * n * n
+        for i in range(n):
+            held[i] = 0
+        objective.value_gradient(&x[0], &f, g)
+        _tr_log(&st, &x[0], f)
+        if not isfinite(f):
+            return _tr_result(&st, TR_MAXEVAL)
+        _scaled_identity(n, g, radius, B)
+        delta = radius
+        while st.count < maxeval:
+            for i in range(n):
+                lo[i] = max(lower_[i] - x[i], -delta)
+                hi[i] = delta
+            _box_qp(n, g, B, lo, hi, held, s, q, d, sn, L, free_)
+            pred = -_model(n, g, B, s)
+            snorm = 0.0
+            for i in range(n):
+                if fabs(s[i]) > snorm:
+                    snorm = fabs(s[i])
+            fscale = max(1.0, fabs(f))
+            escaped = 0
+            if snorm == 0.0 or pred <= 1e-3 * ftol * fscale:
+                escaped = -1
+            else:
+                for i in range(n):
+                    xn[i] = max(x[i] + s[i], lower_[i])
+                objective.value_gradient(xn, &fn, gn)
+                _tr_log(&st, xn, fn)
+                if not isfinite(fn):
+                    delta = 0.25 * snorm
+                    continue
+                # the damped BFGS update (Powell's), with every trial point
+                sy = 0.0
+                sbs = 0.0
+                for i in range(n):
+                    sv[i] = xn[i] - x[i]
+                    yv[i] = gn[i] - g[i]
+                for i in range(n):
+                    v = 0.0
+                    for j in range(n):
+                        v = v + B[i * n + j] * sv[j]
+                    bs[i] = v
+                for i in range(n):
+                    sy = sy + sv[i] * yv[i]
+                    sbs = sbs + sv[i] * bs[i]
+                if sy <= 0.2 * sbs:
+                    th = 0.8 * sbs / (sbs - sy)
+                    sy = 0.0
+                    for i in range(n):
+                        yv[i] = th * yv[i] + (1.0 - th) * bs[i]
+                        sy = sy + sv[i] * yv[i]
+                for i in range(n):
+                    for j in range(n):
+                        B[i * n + j] = B[i * n + j] - bs[i] * bs[j] / sbs + yv[i] * yv[j] / sy
+                ared = f - fn
+                rho = ared / pred
+                if rho < 0.25:
+                    delta = 0.25 * snorm
+                elif rho > 0.75 and snorm >= 0.99 * delta:
+                    delta = 2.0 * delta
+                if ared > 0.0 and rho > 1e-4:
+                    for i in range(n):
+                        x[i] = xn[i]
+                        g[i] = gn[i]
+                    f = fn
+                    fscale = max(1.0, fabs(f))
+                    if ared <= ftol * fscale and pred <= 10.0 * ftol * fscale:
+                        escaped = -1
+            if escaped == 0:
+                continue
+            code = TR_CONVERGED
+            if escapes >= 2 or st.count >= maxeval:
+                break
+            escapes += 1
+            # a bounded component within 0.01 of its bound: onto the bound where that is
+            # no worse (and held there), else off it to 0.01 where the objective falls
+            # there (see _trust_region.trust_region_search)
+            any_strict = any_near = False
+            for i in range(n):
+                near[i] = isfinite(lower_[i]) and x[i] < lower_[i] + 0.01
+                any_near = any_near or near[i]
+                any_strict = any_strict or (near[i] and x[i] > lower_[i])
+            if any_strict:
+                for i in range(n):
+                    xn[i] = lower_[i] if (near[i] and x[i] > lower_[i]) else x[i]
+                objective.value_gradient(xn, &fn, gn)
+                _tr_log(&st, xn, fn)
+                if fn <= f:
+                    for i in range(n):
+                        if near[i] and x[i] > lower_[i]:
+                            held[i] = 1
+                        x[i] = xn[i]
+                        g[i] = gn[i]
+                    f = fn
+                    code = TR_MAXEVAL
+                    continue
+            if any_near:
+                for i in range(n):
+                    xn[i] = lower_[i] + 0.01 if near[i] else x[i]
+                objective.value_gradient(xn, &fn, gn)
+                _tr_log(&st, xn, fn)
+                down = fn < f
+                for i in range(n):
+                    if near[i] and gn[i] < 0.0:
+                        down = True
+                if isfinite(fn) and down:
+                    for i in range(n):
+                        x[i] = xn[i]
+                        g[i] = gn[i]
+                        held[i] = 0
+                    f = fn
+                    _scaled_identity(n, g, radius, B)
+                    delta = radius
+                    code = TR_MAXEVAL
+                    continue
+            break
+        return _tr_result(&st, code)
+    finally:
+        free(st.xs)
+        free(st.fs)
+        free(buf)
+        free(free_)
+        free(held)
+        free(near)
+
+
+cdef object _tr_result(TrState *st, int code):
+    cdef double[:, ::1] xv
+    cdef double[::1] fv
+    xs = np.empty((st.count, st.n))
+    fs = np.empty(st.count)
+    if st.count:
+        xv, fv = xs, fs
+        memcpy(&xv[0, 0], st.xs, st.count * st.n * sizeof(double))
+        memcpy(&fv[0], st.fs, st.count * sizeof(double))
+    return xs, fs, code
