@@ -102,8 +102,9 @@ def test_loglik_matches_twin(theta):
 
 
 def _numpy_pirls(link_code, theta, fixed, z, codes, y, w, lam, u, tol=1e-13,
-                 maxiter=100, max_halving=30, step_tol=1e-9):
-    """The algorithm of _glm.pirls_blockdiag written with NumPy and the twin's update."""
+                 maxiter=100, max_halving=30, step_tol=1e-9, mode_tol=1e-12):
+    """The algorithm of _glm.pirls_blockdiag written with NumPy and the twin's update
+    (the negative binomial's PIRLS is Fisher scoring: its exit and extrapolation)."""
     n, k = z.shape
     nlev = u.size // k
     out = _outputs(n)
@@ -115,6 +116,7 @@ def _numpy_pirls(link_code, theta, fixed, z, codes, y, w, lam, u, tol=1e-13,
     dev, eta = evaluate(u)
     pdev = dev + u @ u
     it, converged = 0, False
+    last_step, last_vec = -1.0, None
     while True:
         wrkwt, wrkresid = out[2], out[3]
         r = eta - fixed + wrkresid
@@ -143,9 +145,28 @@ def _numpy_pirls(link_code, theta, fixed, z, codes, y, w, lam, u, tol=1e-13,
             dev, eta = evaluate(u)
             converged = True
             continue
-        converged = (abs(pdev - new_pdev) <= tol * abs(new_pdev) + tol
-                     or (halvings == 0 and step <= step_tol * (1.0 + usize)))
+        # the modes' distance to their limit at the rate of the last two steps, or
+        # steps that stopped shrinking, once the step is below step_tol
+        converged = bool(step <= step_tol * (1.0 + usize) and (
+            (halvings == 0 and step * step <= mode_tol * (1.0 + usize) * (last_step - step))
+            or 0.0 <= last_step <= step))
+        last_step = step
+        svec = unew - u
         u, pdev, dev = unew, new_pdev, new_dev
+        if converged:
+            continue
+        if halvings == 0 and last_vec is not None:
+            # two nearly parallel steps at a ratio 0.5 <= |lam| < 1: on to the limit
+            lam_ = (svec @ last_vec) / (last_vec @ last_vec)
+            if 0.5 <= abs(lam_) < 1.0 and np.sum((svec - lam_ * last_vec) ** 2) <= 0.09 * (svec @ svec):
+                far = u + lam_ / (1.0 - lam_) * svec
+                far_dev, far_eta = evaluate(far)
+                if far_dev + far @ far <= pdev * (1.0 + 1e-12) + 1e-12:
+                    u, dev, eta, pdev = far, far_dev, far_eta, far_dev + far @ far
+                    last_step, last_vec = -1.0, None
+                    continue
+                dev, eta = evaluate(u)
+        last_vec = svec if halvings == 0 else None
     return u, logdet, dev, it, converged, out
 
 

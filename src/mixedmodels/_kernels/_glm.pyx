@@ -1710,6 +1710,59 @@ cdef inline void _newton_step_size(const double *unew, const double *u, Py_ssize
             usize[0] = fabs(u[m])
 
 
+cdef inline bint _is_newton(int family, int link) noexcept nogil:
+    # the canonical pairs: there the working weights (the expected information) are the
+    # observed information too, and PIRLS is Newton's iteration
+    return ((family == FAM_BERNOULLI or family == FAM_BINOMIAL) and link == LNK_LOGIT
+            or family == FAM_POISSON and link == LNK_LOG
+            or family == FAM_GAMMA and link == LNK_INVERSE
+            or family == FAM_INVERSE_GAUSSIAN and link == LNK_INVERSE_SQUARE
+            or family == FAM_NORMAL and link == LNK_IDENTITY)
+
+
+def pirls_is_newton(int family, int link):
+    """Whether PIRLS is a Newton iteration for this family and link (a canonical link:
+    the working weights are the observed information), not Fisher scoring."""
+    return bool(_is_newton(family, link))
+
+
+cdef inline bint _fisher_converged(double step, double last_step, double usize,
+                                   int halvings, double step_tol,
+                                   double mode_tol) noexcept nogil:
+    # Fisher scoring's end (see _pirls._fisher_converged, its twin): a full step below
+    # step_tol, and either the distance left at the rate of the last two steps,
+    # step²/(last_step - step), below mode_tol, or steps that no longer shrink (the
+    # modes' rounding); last_step < 0 before the second step
+    if not step <= step_tol * (1.0 + usize):
+        return False
+    return ((halvings == 0 and step * step <= mode_tol * (1.0 + usize) * (last_step - step))
+            or 0.0 <= last_step <= step)
+
+
+cdef inline bint _extrapolation(const double *u, const double *uold, const double *last_vec,
+                                bint have_last, Py_ssize_t q, double *factor) noexcept nogil:
+    # Fisher scoring's step s = u - uold and the one before it, last_vec: where they are
+    # nearly parallel at a ratio 0.5 <= |λ| < 1, factor <- λ/(1 - λ) (the limit along s
+    # is u + factor s) and True (see _pirls._extrapolation, its twin)
+    cdef double ss = 0.0, sp = 0.0, pp = 0.0, d, lam
+    cdef Py_ssize_t m
+    if not have_last:
+        return False
+    for m in range(q):
+        d = u[m] - uold[m]
+        ss += d * d
+        sp += d * last_vec[m]
+        pp += last_vec[m] * last_vec[m]
+    if not pp > 0.0:
+        return False
+    lam = sp / pp
+    # ‖s - λ last_vec‖² = ss - λ sp
+    if not (0.5 <= fabs(lam) < 1.0 and ss - lam * sp <= 0.09 * ss):
+        return False
+    factor[0] = lam / (1.0 - lam)
+    return True
+
+
 cdef int _check_levels(const int *codes, Py_ssize_t n, Py_ssize_t nlev, str name) except -1:
     cdef Py_ssize_t i
     cdef int bad = 0
@@ -1728,7 +1781,7 @@ def pirls_blockdiag(int family, int link, const double[::1] fixed, const double[
                     double[::1] eta, double[::1] mu, double[::1] mu_eta, double[::1] wrkwt,
                     double[::1] wrkresid, double[::1] devresid,
                     double tol=1e-13, int maxiter=100, int max_halving=30,
-                    double step_tol=1e-9, double param=NAN):
+                    double step_tol=1e-9, double param=NAN, double mode_tol=1e-12):
     """PIRLS over u for a model with one random-effects term, β held fixed.
 
     Parameters
@@ -1738,7 +1791,7 @@ def pirls_blockdiag(int family, int link, const double[::1] fixed, const double[
     modes.  lblocks : out, the factor chol(T'A_l T + I) per level at the modes (the
     working weights evaluated at the modes).  eta ... devresid : out, the response side
     at the modes.  param : the family's own parameter (negative binomial theta), as in
-    ``update``.
+    ``update``.  step_tol, mode_tol : see mixedmodels._pirls (STEP_TOL, MODE_TOL).
 
     Returns
     -------
@@ -1754,9 +1807,10 @@ def pirls_blockdiag(int family, int link, const double[::1] fixed, const double[
     _check_codes(family, link, param)
     cdef Py_ssize_t n = fixed.shape[0], nlev, q, l, m
     cdef int k = z.shape[1], it = 0, halvings, a, c, nlev_i
-    cdef bint converged = False
+    cdef bint converged = False, newton = _is_newton(family, link)
     cdef double dev, pdev, new_dev = 0.0, new_pdev, logdet = 0.0, s
-    cdef double step = 0.0, usize = 0.0
+    cdef double step = 0.0, usize = 0.0, last_step = -1.0, factor, far_dev, far_pdev
+    cdef bint have_last = False
     cdef i64 zero64 = 0
     cdef int zero = 0
     cdef Rows R
@@ -1775,7 +1829,7 @@ def pirls_blockdiag(int family, int link, const double[::1] fixed, const double[
         raise ValueError("pirls_blockdiag: no observations or no random effects")
     _check_levels(&codes[0], n, nlev, "pirls_blockdiag")
     nlev_i = <int> nlev
-    cdef double *ablk = <double *> malloc((nlev * k * k + 4 * q + k * k) * sizeof(double))
+    cdef double *ablk = <double *> malloc((nlev * k * k + 5 * q + k * k) * sizeof(double))
     if ablk == NULL:
         raise MemoryError()
     cdef double *rhs = ablk + nlev * k * k
@@ -1783,6 +1837,7 @@ def pirls_blockdiag(int family, int link, const double[::1] fixed, const double[
     cdef double *uold = unew + q
     cdef double *b = uold + q
     cdef double *tmp = b + q
+    cdef double *last_vec = tmp + k * k     # the last step taken whole (Fisher scoring)
     R.n = n
     R.nterm = 1
     R.npair = 1
@@ -1851,12 +1906,40 @@ def pirls_blockdiag(int family, int link, const double[::1] fixed, const double[
                 dev = _rows_pass(family, link, param, &R, b, True)
                 converged = True
                 continue
-            converged = (fabs(pdev - new_pdev) <= tol * fabs(new_pdev) + tol
-                         or (halvings == 0 and step <= step_tol * (1.0 + usize)))
+            if newton:
+                converged = (fabs(pdev - new_pdev) <= tol * fabs(new_pdev) + tol
+                             or (halvings == 0 and step <= step_tol * (1.0 + usize)))
+            else:
+                converged = _fisher_converged(step, last_step, usize, halvings, step_tol,
+                                              mode_tol)
+            last_step = step
             for m in range(q):
                 u[m] = unew[m]
             pdev = new_pdev
             dev = new_dev
+            if not (newton or converged):
+                # along the one direction that dominates a slow rate, on to the limit
+                # (see _pirls: _extrapolation)
+                if halvings == 0 and _extrapolation(&u[0], uold, last_vec, have_last, q,
+                                                    &factor):
+                    for m in range(q):
+                        unew[m] = u[m] + factor * (u[m] - uold[m])
+                    lambda_times_c(&lam[0], &zero64, &zero64, &k, &nlev_i, 1, unew, b)
+                    far_dev = _rows_pass(family, link, param, &R, b, True)
+                    far_pdev = far_dev + _sumsq(unew, q)
+                    if far_pdev <= pdev * (1.0 + 1e-12) + 1e-12:
+                        for m in range(q):
+                            u[m] = unew[m]
+                        pdev = far_pdev
+                        dev = far_dev
+                        last_step = -1.0
+                        have_last = False
+                        continue
+                    lambda_times_c(&lam[0], &zero64, &zero64, &k, &nlev_i, 1, &u[0], b)
+                    _rows_pass(family, link, param, &R, b, True)
+                have_last = halvings == 0
+                for m in range(q):
+                    last_vec[m] = u[m] - uold[m]
     free(ablk)
     return logdet, dev, it, bool(converged)
 
@@ -2022,7 +2105,8 @@ cdef class PirlsKernel:
         self.release_gil = n >= RELEASE_GIL_ROWS
         self.ubuf_arr = np.zeros((q, 1), order="F")
         self.ubuf = self.ubuf_arr
-        self.buf = <double *> malloc((3 * q + 1) * sizeof(double))
+        # unew, uold, Λu (the 3q + 1 it always had), then Fisher scoring's last step
+        self.buf = <double *> malloc((4 * q + 1) * sizeof(double))
         if self.buf == NULL:
             raise MemoryError()
         R = &self.R
@@ -2162,10 +2246,12 @@ cdef class PirlsKernel:
 
     def pirls(self, int family, int link, double param, const double[::1] prior_w,
               const double[::1] theta, double[::1] u, double tol=1e-13, int maxiter=100,
-              int max_halving=30, double step_tol=1e-9, const double[::1] beta=None):
+              int max_halving=30, double step_tol=1e-9, const double[::1] beta=None,
+              double mode_tol=1e-12):
         """PIRLS over u from u (overwritten by the modes), as mixedmodels._pirls.pirls
         with ``vary_beta=False``; ``fixed`` must hold Xβ + offset, or ``beta`` be given
-        (the kernel bound to X and the offset: fixed is formed here).
+        (the kernel bound to X and the offset: fixed is formed here). step_tol and
+        mode_tol: mixedmodels._pirls's STEP_TOL and MODE_TOL.
 
         Returns (logdet, deviance, iterations, converged, exhausted): log det(L) of the
         last factorization, the deviance at the modes, the Newton steps taken, the
@@ -2178,7 +2264,8 @@ cdef class PirlsKernel:
         cdef double out[5]
         self._prepare(family, link, param, prior_w, theta, u, beta)
         try:
-            self._pirls(family, link, param, &u[0], tol, maxiter, max_halving, step_tol, out)
+            self._pirls(family, link, param, &u[0], tol, maxiter, max_halving, step_tol,
+                        mode_tol, out)
         finally:
             self.R.pw = NULL
         return out[0], out[1], int(out[2]), bool(out[3]), bool(out[4])
@@ -2239,7 +2326,9 @@ cdef class PirlsKernel:
             self._predict_modes(&u[0], theta[0])
         self.pred_ok = False
         try:
-            self._pirls(family, link, param, &u[0], tol, maxiter, max_halving, step_tol, out)
+            # (the canonical pairs only: Newton's rule, mode_tol unused)
+            self._pirls(family, link, param, &u[0], tol, maxiter, max_halving, step_tol,
+                        1e-12, out)
         finally:
             self.R.pw = NULL
         ot.n, ot.nlev, ot.p, ot.zstride, ot.k = self.R.n, self.nlev[0], p, self.R.ncol, <int> k
@@ -2524,15 +2613,16 @@ cdef class PirlsKernel:
         return 0
 
     cdef int _pirls(self, int family, int link, double param, double *u, double tol,
-                    int maxiter, int max_halving, double step_tol, double *out) except -1:
+                    int maxiter, int max_halving, double step_tol, double mode_tol,
+                    double *out) except -1:
         # the loop of ``pirls``; out <- (logdet, deviance, iterations, converged,
         # exhausted)
         cdef Py_ssize_t q = self.q, m
         cdef double *unew = self.buf
         cdef double *uold = self.buf + q
-        cdef double dev, pdev, logdet = NAN
-        cdef int it = 0, j
-        cdef bint converged = False, exhausted = True
+        cdef double dev, pdev, logdet = NAN, last_step = -1.0
+        cdef int it = 0, j, have_last = False
+        cdef bint converged = False, exhausted = True, newton = _is_newton(family, link)
         if self.release_gil:
             with nogil:
                 dev = self._evaluate(family, link, param, u, True)
@@ -2553,10 +2643,12 @@ cdef class PirlsKernel:
             if self.release_gil:
                 with nogil:
                     converged = self._newton_step(family, link, param, u, unew, uold, &pdev,
-                                                  &dev, tol, max_halving, step_tol)
+                                                  &dev, tol, max_halving, step_tol, newton,
+                                                  mode_tol, &last_step, &have_last)
             else:
                 converged = self._newton_step(family, link, param, u, unew, uold, &pdev,
-                                              &dev, tol, max_halving, step_tol)
+                                              &dev, tol, max_halving, step_tol, newton,
+                                              mode_tol, &last_step, &have_last)
         if exhausted and tf_has_small(self.tf):
             # out of iterations after a SimplicialFactor step: the workspace's own
             # factor at the last products (the modes returned)
@@ -2570,11 +2662,15 @@ cdef class PirlsKernel:
 
     cdef bint _newton_step(self, int family, int link, double param, double *u,
                            double *unew, double *uold, double *pdev, double *dev,
-                           double tol, int max_halving, double step_tol) noexcept nogil:
+                           double tol, int max_halving, double step_tol, bint newton,
+                           double mode_tol, double *last_step, int *have_last) noexcept nogil:
         # from u to the solution unew of the last factorization, halved while it raises
-        # the penalized deviance; u, pdev and dev move with it. Returns convergence.
+        # the penalized deviance; u, pdev, dev, last_step (the full step's size) and, for
+        # Fisher scoring, the last whole step (have_last: whether there is one) move with
+        # it. Returns convergence.
         cdef Py_ssize_t q = self.q, m
-        cdef double new_dev, new_pdev, step, usize
+        cdef double new_dev, new_pdev, step, usize, factor, far_dev, far_pdev
+        cdef double *last_vec
         cdef int halvings = 0
         cdef bint converged
         for m in range(q):
@@ -2593,12 +2689,38 @@ cdef class PirlsKernel:
             # no step lowers the penalized deviance: stay at u
             self._evaluate(family, link, param, u, True)
             return True
-        converged = (fabs(pdev[0] - new_pdev) <= tol * fabs(new_pdev) + tol
-                     or (halvings == 0 and step <= step_tol * (1.0 + usize)))
+        if newton:
+            converged = (fabs(pdev[0] - new_pdev) <= tol * fabs(new_pdev) + tol
+                         or (halvings == 0 and step <= step_tol * (1.0 + usize)))
+        else:
+            converged = _fisher_converged(step, last_step[0], usize, halvings, step_tol,
+                                          mode_tol)
+        last_step[0] = step
         for m in range(q):
             u[m] = unew[m]
         pdev[0] = new_pdev
         dev[0] = new_dev
+        if not (newton or converged):
+            # along the one direction that dominates a slow rate, on to the limit (see
+            # _pirls: _extrapolation)
+            last_vec = self.buf + 3 * q + 1
+            if halvings == 0 and _extrapolation(u, uold, last_vec, have_last[0], q, &factor):
+                for m in range(q):
+                    unew[m] = u[m] + factor * (u[m] - uold[m])
+                far_dev = self._evaluate(family, link, param, unew, True)
+                far_pdev = far_dev + _sumsq(unew, q)
+                if far_pdev <= pdev[0] * (1.0 + 1e-12) + 1e-12:
+                    for m in range(q):
+                        u[m] = unew[m]
+                    pdev[0] = far_pdev
+                    dev[0] = far_dev
+                    last_step[0] = -1.0
+                    have_last[0] = False
+                    return False
+                self._evaluate(family, link, param, u, True)
+            have_last[0] = halvings == 0
+            for m in range(q):
+                last_vec[m] = u[m] - uold[m]
         return converged
 
     cdef int _solve_modes(self, double *unew) except -1:
