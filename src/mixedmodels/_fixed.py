@@ -63,11 +63,8 @@ except Exception:  # pragma: no cover - a NumPy without these internals
 # milliseconds and LAPACK's cold start (~90 µs) no longer matters.
 _COMPILED_QR_MAX_COLUMNS = 64
 
-# False: every QR by NumPy's LAPACK gufuncs (the twin; for timing and tests). Off until
-# PIRLS converges the modes of non-canonical families to the objective's rounding: the
-# negative binomial's warm-started objective carries 1e-8 of noise, and a change of
-# rounding in X moves its coefficients by 4e-5 relative
-COMPILED_QR = False
+# False: every QR by NumPy's LAPACK gufuncs (the twin; for timing and tests)
+COMPILED_QR = True
 
 
 def householder_qr(X):
