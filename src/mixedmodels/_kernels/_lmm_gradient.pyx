@@ -33,9 +33,11 @@ Blocks are column-major, as in _blocked.pyx: entry (e, a) of a k-by-k block at e
 from libc.math cimport log, isfinite, INFINITY, NAN, M_PI
 from libc.stdlib cimport malloc, realloc, free
 
+from cpython.pycapsule cimport PyCapsule_GetPointer
+
 from mixedmodels._linalg._blocked cimport (chol_inplace, blockdiag_solve_c, tf_factor_at,
                                           tf_arrays, TfArrays, inverse_from_lower,
-                                          tf_backward, tf_lambda_times)
+                                          tf_backward, tf_lambda_times, ExternalFactor)
 
 import numpy as np
 cimport numpy as cnp
@@ -969,30 +971,44 @@ cdef class DenseTailValueGradient(LmmObjective):
     value from the factorizer, then S⁻¹ and ``DenseTailGradient``'s pass (the tail factor
     refactored first where it sits beside CHOLMOD's, ``side``). NumPy twin:
     ``_lmm_gradient.dense_tail_sums_numpy``."""
-    cdef object tail, kernel
+    cdef object tail
+    cdef DenseTailGradient kernel
     cdef bint side
+    # the tail factor's C functions, and S⁻¹'s buffer: Python calls and a new array per
+    # evaluation cost more than penicillin's gradient arithmetic
+    cdef ExternalFactor ext
+    cdef object sinv
+    cdef double *sinv_ptr
 
     def __init__(self, factorizer, Py_ssize_t ntheta, double dfr, double logw, bint reml,
                  double logabsdet, tail, DenseTailGradient kernel, bint side):
         LmmObjective.__init__(self, factorizer, ntheta, dfr, logw, reml, logabsdet)
         self.tail, self.kernel, self.side = tail, kernel, side
+        if tail.r != kernel.rdim:
+            raise ValueError(f"the tail factor has {tail.r} rows; the gradient's tail "
+                             f"{kernel.rdim}")
+        self.ext = (<ExternalFactor *> PyCapsule_GetPointer(
+            tail.external(), b"mixedmodels.ExternalFactor"))[0]
+        self.sinv = np.zeros((max(kernel.rdim, 1), max(kernel.rdim, 1)), order="F")
+        self.sinv_ptr = <double *> cnp.PyArray_DATA(self.sinv)
         self.has_gradient = True
 
     cdef int value_gradient(self, const double *theta, double *val,
                             double *grad) except -1:
         cdef Py_ssize_t i
-        cdef const double[::1] g
         val[0] = self.value(theta)
-        if val[0] != INFINITY:
+        if val[0] != INFINITY and self.side:
             try:
-                if self.side:
-                    self.tail.factorize()       # the M the factorizer has just written
-                g = self.kernel.gradient(self.tail.tail_inverse(), self.reml, self.dfr)
+                self.tail.factorize()           # the M the factorizer has just written
             except np.linalg.LinAlgError:
                 val[0] = INFINITY
-            else:
-                for i in range(self.ntheta):
-                    grad[i] = g[i]
+        if val[0] != INFINITY:
+            if not self.kernel.bound:
+                raise ValueError("bind_products first")
+            # S singular, or a level block of term 0 not positive definite
+            if (self.ext.tail_inverse(self.ext.obj, self.sinv_ptr)
+                    or self.kernel._run(self.sinv_ptr, self.reml, self.dfr, grad)):
+                val[0] = INFINITY
         if val[0] == INFINITY:
             for i in range(self.ntheta):
                 grad[i] = NAN

@@ -21,16 +21,20 @@ cdef void lambda_times_c(const double *lam, const i64 *lam_off, const i64 *uoff,
 # calls it without a Python method call (a microsecond each on a small model). ``obj`` is
 # the factor object (borrowed); ``factorize`` returns 0, or 1 where M is not positive
 # definite, and sets *logdet; ``solve`` is b <- L⁻¹b (L'⁻¹b with transpose) for m columns of
-# length q at leading dimension ldb; both called with the GIL held. Handed over in a
-# PyCapsule named "mixedmodels.ExternalFactor".
+# length q at leading dimension ldb; ``tail_inverse`` writes the lower triangle of S⁻¹, the
+# inverse of the tail's Schur complement at the last factorization (r-square, column-major),
+# and returns 0, or 1 where there is no factorization or S is singular; all called with the
+# GIL held. Handed over in a PyCapsule named "mixedmodels.ExternalFactor".
 ctypedef int (*external_factorize_t)(void *obj, double *logdet) noexcept
 ctypedef void (*external_solve_t)(void *obj, double *b, Py_ssize_t ldb, Py_ssize_t m,
                                   bint transpose) noexcept
+ctypedef int (*external_tail_inverse_t)(void *obj, double *out) noexcept
 
 cdef struct ExternalFactor:
     void *obj
     external_factorize_t factorize
     external_solve_t solve
+    external_tail_inverse_t tail_inverse
 
 
 # The per-θ factorizer (ThetaFactorizer) through functions rather than its declaration:

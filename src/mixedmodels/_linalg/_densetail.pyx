@@ -390,6 +390,7 @@ cdef class DenseTailFactor:
         self._ext.obj = <void *> self
         self._ext.factorize = _external_factorize
         self._ext.solve = _external_solve
+        self._ext.tail_inverse = _external_tail_inverse
         return PyCapsule_New(&self._ext, b"mixedmodels.ExternalFactor", NULL)
 
     def factorize(self):
@@ -503,19 +504,13 @@ cdef class DenseTailFactor:
             raise ValueError("the factor holds no factorization")
         out = np.zeros((self.r, self.r), order="F")
         cdef double[::1, :] o = out
-        cdef int r = self.r, info = 0
-        cdef Py_ssize_t i, col
+        cdef int r = self.r
         if r == 0:
             return out
-        with nogil:
-            for col in range(r):
-                for i in range(col, r):
-                    o[i, col] = self.s[i, col]
-            info = _tail_inverse_c(&o[0, 0], r)
-            if info == 0:
-                _mirror_lower(&o[0, 0], r)
-        if info:
+        if _external_tail_inverse(<void *> self, &o[0, 0]):
             raise np.linalg.LinAlgError("S is singular")
+        with nogil:
+            _mirror_lower(&o[0, 0], r)
         return out
 
     def selected_inverse(self, double[::1] out):
@@ -756,6 +751,22 @@ cdef int _external_factorize(void *obj, double *logdet) noexcept:
     f.factored = status == 0
     logdet[0] = f._logdet
     return status
+
+
+cdef int _external_tail_inverse(void *obj, double *out) noexcept:
+    cdef DenseTailFactor f = <DenseTailFactor> obj
+    cdef int r = f.r, info
+    cdef Py_ssize_t i, col
+    if not f.factored:
+        return 1
+    if r == 0:
+        return 0
+    with nogil:
+        for col in range(r):
+            for i in range(col, r):
+                out[i + col * r] = f.s[i, col]
+        info = _tail_inverse_c(out, r)
+    return 1 if info else 0
 
 
 cdef void _external_solve(void *obj, double *b, Py_ssize_t ldb, Py_ssize_t m,
