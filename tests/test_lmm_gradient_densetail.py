@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 import mixedmodels as mm
-from mixedmodels._kernels._lmm_gradient import DenseTailGradient
+from mixedmodels._kernels._lmm_gradient import DenseTailGradient, slot_values
 from mixedmodels._lmm_gradient import (_ROUTES, aval_at, dense_tail_sums_numpy,
                                        gradient_route, lmm_value_and_gradient)
 
@@ -46,6 +46,18 @@ def _model(formula, data, kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return mm.LinearMixedModel(formula, df, **kw)
+
+
+@pytest.mark.parametrize("formula,data,kw", CASES)
+def test_slot_values_are_their_numpy_twin(formula, data, kw):
+    pat = _model(formula, data, kw).workspace.pattern
+    out = slot_values(pat.pos, len(pat.indices))
+    assert out.dtype == np.int64 and np.array_equal(out, aval_at(pat))
+    # a slot no value reaches, and a value past the last slot, are refused as the twin's
+    with pytest.raises(ValueError, match="no value of C"):
+        slot_values(np.where(pat.pos == 0, -1, pat.pos), len(pat.indices))
+    with pytest.raises(ValueError, match="no value of C"):
+        slot_values(pat.pos, len(pat.indices) - 1)
 
 
 @pytest.mark.parametrize("formula,data,kw", CASES)

@@ -49,7 +49,7 @@ import numpy as np
 import scipy.linalg as sla
 
 from ._kernels._lmm_gradient import (DenseTailGradient, DenseTailValueGradient,
-                                     LmmObjective, OneTermGradient)
+                                     LmmObjective, OneTermGradient, slot_values)
 from ._linalg._blocked import upper_solve
 from ._linalg._densetail import DenseTailFactor
 from ._linalg.system import _dense_tail_flops
@@ -85,8 +85,8 @@ class _Route:
         if tail is not None:
             pat, layout = ws.pattern, ws.layout
             self.kernel = DenseTailGradient(pat.indptr, pat.indices, ws._mx, ws.avals,
-                                            aval_at(pat), ws._lam, layout.lam_off,
-                                            layout.index, pat.kk, pat.uoff)
+                                            slot_values(pat.pos, len(pat.indices)), ws._lam,
+                                            layout.lam_off, layout.index, pat.kk, pat.uoff)
 
     def bind(self, ws):
         """The compiled pass, bound to the workspace's current product arrays (which it
@@ -128,7 +128,8 @@ def _choose_route(ws):
 
 def aval_at(pat):
     """For every CSC slot of M's lower triangle, the index in avals of C's value there
-    (each slot has exactly one: the blocks' entries on or below the diagonal)."""
+    (each slot has exactly one: the blocks' entries on or below the diagonal). The twin
+    of the compiled ``slot_values(pat.pos, len(pat.indices))``."""
     keep = np.flatnonzero(pat.pos >= 0)
     out = np.full(len(pat.indices), -1, dtype=np.int64)
     out[pat.pos[keep]] = keep

@@ -1168,3 +1168,34 @@ def lmm_blockdiag_gradient(const double[::1] avals, const double[::1] lam,
                       &sinv[0, 0] if reml else NULL, &ktrace[0, 0], &rss[0, 0],
                       &schur[0, 0], buf)
     free(buf)
+
+
+def slot_values(cnp.ndarray pos not None, Py_ssize_t nslot):
+    """For each of the nslot CSC slots of M's lower triangle, the index in C's values
+    (``avals``) of the value there, from ``pos`` (int64: each value's slot, or -1): one
+    pass where the NumPy expression (the twin, ``_lmm_gradient.aval_at``) is five calls,
+    a cold start of its own on a small model's set-up. Raises ValueError where a slot
+    has no value."""
+    if (cnp.PyArray_TYPE(pos) != cnp.NPY_INT64 or cnp.PyArray_NDIM(pos) != 1
+            or not cnp.PyArray_IS_C_CONTIGUOUS(pos)):
+        raise ValueError("pos must be a contiguous int64 vector")
+    cdef cnp.npy_intp n = nslot
+    cdef cnp.ndarray out = cnp.PyArray_EMPTY(1, &n, cnp.NPY_INT64, 0)
+    cdef i64 *o = <i64 *> cnp.PyArray_DATA(out)
+    cdef const i64 *p = <const i64 *> cnp.PyArray_DATA(pos)
+    cdef Py_ssize_t i, npos = cnp.PyArray_DIM(pos, 0)
+    cdef bint bad = False
+    with nogil:
+        for i in range(nslot):
+            o[i] = -1
+        for i in range(npos):
+            if p[i] >= nslot:
+                bad = True
+            elif p[i] >= 0:
+                o[p[i]] = i
+        for i in range(nslot):
+            if o[i] < 0:
+                bad = True
+    if bad:
+        raise ValueError("a slot of M's pattern has no value of C")
+    return out
