@@ -254,7 +254,9 @@ class FixedEffectsBasis:
         log |det R̃|, the REML criterion's constant.
     """
 
-    def __init__(self, X, names=None, warn=True, qr=None):
+    def __init__(self, X, names=None, warn=True, qr=None, ones=False):
+        # ``ones``: the caller knows X to be a column of ones (the formula's intercept
+        # alone), which spares the test
         X = np.asarray(X, dtype=np.float64)
         n, p = X.shape
         self.p = p
@@ -264,7 +266,7 @@ class FixedEffectsBasis:
             self.Rinv = np.zeros((0, 0))
             self.logabsdet = 0.0
             return
-        if p == 1 and 0 < n < _INTERCEPT_MAX_ROWS and (X == 1.0).all():
+        if p == 1 and 0 < n < _INTERCEPT_MAX_ROWS and (ones or (X == 1.0).all()):
             # the intercept alone: the basis depends on n only
             X1, R, Rinv, self.logabsdet = _intercept_basis(n)
             self.X, self.R, self.Rinv = X1.copy(), R.copy(), Rinv.copy()

@@ -60,7 +60,8 @@ class MixedModelSpec:
         self.reterms = _in_term_order(design.reterms)
         self.layout = ThetaLayout([t.ncols for t in self.reterms],
                                   [t.zerocorr for t in self.reterms])
-        self.fixed = FixedEffectsBasis(design.X, design.coef_names, qr=qr[0] if qr else None)
+        self.fixed = FixedEffectsBasis(design.X, design.coef_names, qr=qr[0] if qr else None,
+                                       ones=getattr(design._fixed, "subterms", None) == ((),))
         self._workspace = None
         self._Z = None
 

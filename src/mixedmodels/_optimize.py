@@ -262,17 +262,20 @@ def probe_off_the_bound(value_and_grad, optsum, bounded):
     components on (or within ``BOUND_PROBE`` of) their bound moved to the probe, if the
     objective falls away from the bound there (a negative derivative in one of them, or a
     lower value), else None. The evaluation joins ``optsum``'s log."""
-    bounded = np.asarray(bounded, dtype=int)
-    # on the bound, or short of the probe (L-BFGS-B stops at θ ~ 1e-12 as often)
-    at = bounded[optsum.final[bounded] < optsum.lowerbd[bounded] + BOUND_PROBE]
-    if at.size == 0:
+    # on the bound, or short of the probe (L-BFGS-B stops at θ ~ 1e-12 as often); a few
+    # components, so in Python floats
+    final, lower = optsum.final.tolist(), optsum.lowerbd.tolist()
+    at = [i for i in np.asarray(bounded, dtype=int).tolist()
+          if final[i] < lower[i] + BOUND_PROBE]
+    if not at:
         return None
     trial = optsum.final.copy()
-    trial[at] = optsum.lowerbd[at] + BOUND_PROBE
+    for i in at:
+        trial[i] = lower[i] + BOUND_PROBE
     value, grad = value_and_grad(trial)
     optsum.fitlog.append((trial.copy(), float(value)))
     optsum.feval = len(optsum.fitlog)
-    if np.isfinite(value) and (np.any(np.asarray(grad)[at] < 0.0) or value < optsum.fmin):
+    if math.isfinite(value) and (any(grad[i] < 0.0 for i in at) or value < optsum.fmin):
         return trial
     return None
 

@@ -484,7 +484,7 @@ def _stationary(record):
     tolerance of it (sleepstudy simulated: a search stopped 0.06 above the optimum,
     three Newton steps left a scaled gradient of 4e-4, 1e-7 above the optimum)."""
     # NaN (a parameter on its bound) compares False: only the finite ones can fail
-    return not bool((np.abs(record.scaled_gradient) > STATIONARY_TOL).any())
+    return not any(abs(g) > STATIONARY_TOL for g in record.scaled_gradient.tolist())
 
 
 def start_from_relative(layout, reterms, rels):

@@ -24,6 +24,7 @@ Two paths, chosen from the structure of the model and reported by ``path``:
   keeps CHOLMOD, for comparisons).
 """
 import functools
+import math
 import time
 
 import numpy as np
@@ -150,7 +151,7 @@ class ThetaLayout:
 
     def initial(self):
         """1 on the diagonal, 0 elsewhere: Λ = I, as lme4 and MixedModels.jl start."""
-        return np.where(np.isfinite(self.lower), 1.0, 0.0)
+        return np.array([1.0 if math.isfinite(v) else 0.0 for v in self.lower.tolist()])
 
     def lam(self, theta, out=None):
         """The templates' entries, flat (column-major per term)."""

@@ -1496,8 +1496,13 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
     gram = None
     if isinstance(fixed, FastMatrix) and tall:
         gram = fixed.gram({c: values(c) for c in fixed_part.cols})
-    qr = None if tall else _qr_if_clearly_not_aliased(fixed.matrix)
-    aliased = [] if qr is not None else _aliased_columns(fixed.matrix, gram=gram)
+    if isinstance(fixed, FastMatrix) and fixed.subterms == ((),):
+        # the intercept alone, a column of ones: never aliased, and the model's basis of
+        # it is remembered by n (FixedEffectsBasis), which takes no QR from here
+        qr, aliased = None, []
+    else:
+        qr = None if tall else _qr_if_clearly_not_aliased(fixed.matrix)
+        aliased = [] if qr is not None else _aliased_columns(fixed.matrix, gram=gram)
     if qr_out is not None and qr is not None:
         qr_out.append(qr)
     dropped = [fixed.names[j] for j in aliased]
