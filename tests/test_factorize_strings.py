@@ -48,3 +48,24 @@ def test_several_chunks_take_the_python_route():
     data = pa.chunked_array([pa.array(["b", "a"]), pa.array(["c", "a"])])
     codes, levels = _sorted_string_codes(data)
     assert levels == ["a", "b", "c"] and codes.tolist() == [1, 0, 2, 0]
+
+
+def test_offsets_outside_the_buffers_are_refused():
+    import struct
+
+    from mixedmodels._kernels._factorize import arrow_string_codes, sorted_string_codes
+    data = pa.array(["b", "a", "b"])
+    _, offsets, values = data.buffers()
+    good = arrow_string_codes(offsets.address, offsets.size, values.address, values.size,
+                              0, 3, False)
+    assert good[0].tolist() == [1, 0, 1] and good[1] == ["a", "b"]
+    # more rows than the offsets hold, and offsets past the end of the data
+    with pytest.raises(ValueError, match="shorter than the rows"):
+        arrow_string_codes(offsets.address, offsets.size, values.address, values.size,
+                           0, 4, False)
+    bad = pa.py_buffer(struct.pack("4i", 0, 1, 9, 3))
+    with pytest.raises(ValueError, match="outside the string data"):
+        arrow_string_codes(bad.address, bad.size, values.address, values.size, 0, 3, False)
+    with pytest.raises(ValueError, match="outside the data"):
+        sorted_string_codes(np.array([0, 2], dtype=np.int64), np.array([1, 1], dtype=np.int64),
+                            np.frombuffer(b"ab", dtype=np.uint8))

@@ -15,6 +15,9 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memcmp, memset
 
 import numpy as np
+cimport numpy as cnp
+
+cnp.import_array()
 
 
 cdef inline unsigned long long _hash(const unsigned char *p, Py_ssize_t n) noexcept nogil:
@@ -39,16 +42,56 @@ def sorted_string_codes(const long long[::1] starts, const long long[::1] ends,
                         const unsigned char[::1] data):
     """(codes, levels): row i is the UTF-8 bytes data[starts[i]:ends[i]]; levels the
     distinct values as str, sorted; codes (int32) each row's place among them."""
-    cdef Py_ssize_t n = starts.shape[0], i, j, slot, u = 0, cap = 16
+    cdef Py_ssize_t n = starts.shape[0], i
+    if ends.shape[0] != n:
+        raise ValueError("starts and ends must have the same length")
+    for i in range(n):
+        if not 0 <= starts[i] <= ends[i] <= data.shape[0]:
+            raise ValueError(f"row {i} lies outside the data: [{starts[i]}, {ends[i]})")
+    return _codes(&starts[0] if n else NULL, &ends[0] if n else NULL, n,
+                  &data[0] if data.shape[0] else NULL)
+
+
+def arrow_string_codes(size_t offsets_address, Py_ssize_t offsets_size,
+                       size_t data_address, Py_ssize_t data_size, Py_ssize_t offset,
+                       Py_ssize_t length, bint wide):
+    """:func:`sorted_string_codes` of ``length`` rows of an Arrow string array from
+    ``offset`` on, given its buffers' addresses and sizes in bytes (``pyarrow.Buffer``'s
+    ``address`` and ``size``): the offsets (int64 where ``wide``, a large_string, else
+    int32) and the UTF-8 data. Reading the buffers in place spares NumPy views of them,
+    a cold start of their own on a small model's set-up. Raises ValueError where the
+    offsets do not fit the buffers."""
+    cdef Py_ssize_t width = 8 if wide else 4, i
+    if length < 0 or offset < 0 or (offset + length + 1) * width > offsets_size or (
+            length and offsets_address == 0):
+        raise ValueError("the offsets buffer is shorter than the rows")
+    cdef long long *bounds = <long long *> malloc((length + 1) * sizeof(long long))
+    if bounds == NULL:
+        raise MemoryError()
+    cdef const long long *o64 = <const long long *> offsets_address
+    cdef const int *o32 = <const int *> offsets_address
+    try:
+        for i in range(length + 1):
+            bounds[i] = o64[offset + i] if wide else o32[offset + i]
+            if not 0 <= bounds[i] <= data_size or (i and bounds[i] < bounds[i - 1]):
+                raise ValueError(f"row {i} lies outside the string data")
+        return _codes(bounds, bounds + 1, length, <const unsigned char *> data_address)
+    finally:
+        free(bounds)
+
+
+cdef _codes(const long long *starts, const long long *ends, Py_ssize_t n,
+            const unsigned char *base):
+    cdef Py_ssize_t i, j, slot, u = 0, cap = 16
     while cap < 2 * n:
         cap *= 2
-    codes = np.empty(n, dtype=np.int32)
-    cdef int[::1] cv = codes
+    cdef cnp.npy_intp dim = n
+    cdef cnp.ndarray codes = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_INT32, 0)
+    cdef int *cv = <int *> cnp.PyArray_DATA(codes)
     cdef Py_ssize_t *table = <Py_ssize_t *> malloc(cap * sizeof(Py_ssize_t))
     cdef Py_ssize_t *first = <Py_ssize_t *> malloc((n + 1) * sizeof(Py_ssize_t))
     cdef Py_ssize_t *order = <Py_ssize_t *> malloc((n + 1) * sizeof(Py_ssize_t))
     cdef Py_ssize_t *rank = <Py_ssize_t *> malloc((n + 1) * sizeof(Py_ssize_t))
-    cdef const unsigned char *base = &data[0] if data.shape[0] else NULL
     cdef const unsigned char *p
     cdef Py_ssize_t length, k
     try:

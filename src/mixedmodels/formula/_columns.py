@@ -25,7 +25,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from .._kernels._factorize import sorted_string_codes
+from .._kernels._factorize import arrow_string_codes
 from ._contrasts import _label
 
 __all__ = [
@@ -381,11 +381,10 @@ def _sorted_string_codes(data):
         chunk = data.chunk(0)
         _, offsets, values = chunk.buffers()
         if values is not None:
-            wide = chunk.type.id == _arrow_string_ids()[1]
-            bounds = np.frombuffer(offsets, dtype=np.int64 if wide else np.int32)
-            bounds = bounds[chunk.offset:chunk.offset + len(chunk) + 1].astype(np.int64)
-            return sorted_string_codes(bounds[:-1], bounds[1:],
-                                       np.frombuffer(values, dtype=np.uint8))
+            # the buffers read in place, by address (no NumPy views of them)
+            return arrow_string_codes(offsets.address, offsets.size, values.address,
+                                      values.size, chunk.offset, len(chunk),
+                                      data.type.id == _arrow_string_ids()[1])
     return _sorted_string_codes_python(data)
 
 
