@@ -426,14 +426,20 @@ def _check(gradient, hessian, boundary, grad_tol, hess_tol):
     elif value > grad_tol:
         messages.append(f"failed to converge: max |scaled gradient| = {value:.4g} at "
                         f"parameter {k} (tolerance {grad_tol:g})")
+    return scaled, messages + _hessian_messages(lo, hi, neg, hess_tol)
+
+
+def _hessian_messages(lo, hi, neg, hess_tol):
+    """The Hessian's messages from its smallest and largest eigenvalues and the number
+    of them below -hess_tol."""
     if lo < hess_tol:
-        messages.append(f"failed to converge: degenerate Hessian with {neg} negative "
-                        f"eigenvalue{'' if neg == 1 else 's'} (smallest eigenvalue "
-                        f"{lo:.4g}, tolerance {hess_tol:g})")
-    elif lo > 0 and hess_tol > 0 and hi / lo > 1.0 / hess_tol:
-        messages.append(f"nearly unidentifiable: very large eigenvalue ratio {hi / lo:.4g} "
-                        f"(limit {1.0 / hess_tol:g}); consider rescaling the predictors")
-    return scaled, messages
+        return [f"failed to converge: degenerate Hessian with {neg} negative "
+                f"eigenvalue{'' if neg == 1 else 's'} (smallest eigenvalue "
+                f"{lo:.4g}, tolerance {hess_tol:g})"]
+    if lo > 0 and hess_tol > 0 and hi / lo > 1.0 / hess_tol:
+        return [f"nearly unidentifiable: very large eigenvalue ratio {hi / lo:.4g} "
+                f"(limit {1.0 / hess_tol:g}); consider rescaling the predictors"]
+    return []
 
 
 def _check_python(gradient, hessian, boundary, grad_tol, hess_tol):
@@ -497,15 +503,8 @@ def _check_python(gradient, hessian, boundary, grad_tol, hess_tol):
     if info != 0:
         raise np.linalg.LinAlgError("the Hessian's eigenvalues did not converge")
     lo, hi = eig[0], eig[-1]
-    if lo < hess_tol:
-        neg = int(np.sum(eig < -hess_tol))
-        messages.append(f"failed to converge: degenerate Hessian with {neg} negative "
-                        f"eigenvalue{'' if neg == 1 else 's'} (smallest eigenvalue "
-                        f"{lo:.4g}, tolerance {hess_tol:g})")
-    elif lo > 0 and hess_tol > 0 and hi / lo > 1.0 / hess_tol:
-        messages.append(f"nearly unidentifiable: very large eigenvalue ratio {hi / lo:.4g} "
-                        f"(limit {1.0 / hess_tol:g}); consider rescaling the predictors")
-    return scaled, messages
+    neg = int(np.sum(eig < -hess_tol))
+    return scaled, messages + _hessian_messages(lo, hi, neg, hess_tol)
 
 
 def check_convergence(gradient, hessian, *, boundary=None, grad_tol=GRAD_TOL, hess_tol=HESS_TOL):
