@@ -402,9 +402,13 @@ def gradient_hessian(value_and_grad, x, step, lower, stencil="central", grad=Non
     lower = np.asarray(lower, dtype=float)
     step = np.asarray(step, dtype=float)
     n = len(x)
+    k = 0 if known is None else int(known[0])
+    if stencil == "forward" and grad is not None:
+        small = _forward_hessian_floats(value_and_grad, x, step, grad, k, known)
+        if small is not None:
+            return small
     hess = np.empty((n, n))
     nfeval = 0
-    k = 0 if known is None else int(known[0])
 
     def at(point):
         nonlocal nfeval
@@ -429,6 +433,41 @@ def gradient_hessian(value_and_grad, x, step, lower, stencil="central", grad=Non
         hess[:k, :k] = known[1]
         hess[k:, :k] = hess[:k, k:].T
     return 0.5 * (hess + hess.T), nfeval
+
+
+def _forward_hessian_floats(value_and_grad, x, step, grad, k, known):
+    """:func:`gradient_hessian`'s forward stencil (``grad`` given) in Python floats: the
+    same operations on the same numbers, so the same Hessian bit for bit (its twin is
+    the NumPy loop there; tests/test_glmm_cold_path.py). On a GLMM's handful of
+    parameters NumPy's ufuncs on 5-element arrays (zeros, add, subtract, divide,
+    transpose-add, multiply: each a C path of its own) cost more cold than the
+    arithmetic. None where a step is zero (Python would raise where NumPy gives inf)."""
+    xs, hs, g0 = x.tolist(), step.tolist(), np.asarray(grad, dtype=float).tolist()
+    n = len(xs)
+    if 0.0 in hs[k:]:
+        return None
+    # x + e: the entries off the stepped one are x + 0.0 (-0.0 becomes 0.0 there)
+    base = [v + 0.0 for v in xs]
+    hess = [[0.0] * n for _ in range(n)]
+    for i in range(k, n):
+        point = list(base)
+        point[i] = xs[i] + hs[i]
+        gi = np.asarray(value_and_grad(np.array(point))[1], dtype=float).tolist()
+        h = hs[i]
+        for r in range(n):
+            hess[r][i] = (gi[r] - g0[r]) / h
+    if k:
+        block = known[1]
+        block = (block.tolist() if isinstance(block, np.ndarray) else block)
+        for r in range(k):
+            row = hess[r]
+            for c in range(k):
+                row[c] = float(block[r][c])
+        for r in range(k, n):
+            for c in range(k):
+                hess[r][c] = hess[c][r]
+    sym = [[0.5 * (hess[r][c] + hess[c][r]) for c in range(n)] for r in range(n)]
+    return np.array(sym, dtype=float).reshape(n, n), n - k
 
 
 def check_optimum_with_gradient(value_and_grad, optsum, warn=True, step=None,
@@ -464,7 +503,9 @@ def check_optimum_with_gradient(value_and_grad, optsum, warn=True, step=None,
     record = ConvergenceCheck.from_derivatives(grad, hess, nfeval=spent + 1, boundary=boundary,
                                                stencil=stencil, point=x, step=step)
     optsum.derivs = record
-    _newton_polish(lambda v: value_and_grad(v)[0], optsum, record, boundary, lower)
+    # (gradient_hessian's Hessian is symmetric, bit for bit)
+    _newton_polish(lambda v: value_and_grad(v)[0], optsum, record, boundary, lower,
+                   symmetric=True)
     if optsum.polished and not record.converged:
         # the messages must speak of the point the fit reports
         grad = np.asarray(value_and_grad(optsum.final)[1], dtype=float)
@@ -521,16 +562,22 @@ def hessian_steps(x, beta_se=None):
     error changes the objective by a fixed, well-resolved amount however the
     coefficient is scaled.
     """
-    x = np.asarray(x, dtype=float)
     # relative to the parameter itself (floored at 0.05): a small standard deviation
     # (0.0175 on a log scale) is curved on its own scale, and a step of 1e-3 there
-    # biased the gradient enough to raise a false convergence warning
-    step = 1e-3 * np.maximum(0.05, np.abs(x))
+    # biased the gradient enough to raise a false convergence warning. In Python
+    # floats (a handful of them), as 1e-3 * np.maximum(0.05, np.abs(x)) and
+    # np.where(np.isfinite(se) & (se > 0), 0.05 * se, step) compute them, NaN included
+    step = []
+    for v in np.asarray(x, dtype=float).reshape(-1).tolist():
+        a = abs(v)
+        step.append(1e-3 * (0.05 if 0.05 >= a else a))
     if beta_se is not None:
-        se = np.asarray(beta_se, dtype=float)
-        p = len(se)
-        step[:p] = np.where(np.isfinite(se) & (se > 0), 0.05 * se, step[:p])
-    return step
+        se = beta_se if isinstance(beta_se, list) else np.asarray(beta_se, dtype=float).tolist()
+        for i, s in enumerate(se[:len(step)]):
+            s = float(s)
+            if math.isfinite(s) and s > 0:
+                step[i] = 0.05 * s
+    return np.array(step, dtype=float)
 
 
 # a Newton step shorter than this (relative to the parameters, floored at 1e-3) whose
@@ -538,7 +585,7 @@ def hessian_steps(x, beta_se=None):
 MAX_SKIPPED_STEP = 1e-5
 
 
-def _newton_polish(objective, optsum, record, boundary, lower):
+def _newton_polish(objective, optsum, record, boundary, lower, symmetric=False):
     """One Newton step from the optimizer's end point with the derivatives just taken.
 
     BOBYQA stops when its trust region is small, a few 1e-8 short of the optimum on some
@@ -553,7 +600,8 @@ def _newton_polish(objective, optsum, record, boundary, lower):
     """
     x = optsum.final
     grad, hess = record.gradient, record.hessian
-    if boundary.any():
+    # (Python's any over a handful of flags: no ufunc reduction on a small fit's path)
+    if True in boundary.tolist():
         free = ~boundary
         if not free.any():
             return
@@ -561,10 +609,14 @@ def _newton_polish(objective, optsum, record, boundary, lower):
         xf = x[free]
     else:
         free, xf = slice(None), x
+    if not symmetric:
+        hess = 0.5 * (hess + hess.T)
     # LAPACK's dposv in compiled code of ours: scipy's wrapper is the only LAPACK call
     # left on a small GLMM's path, and its cold start costs more than the solve
-    step, info = cholesky_solve(0.5 * (hess + hess.T), grad)
-    decrement = float(grad @ step)
+    step, info = cholesky_solve(hess, grad)
+    # g's: the decrement decides only whether the step is tried, so its summation
+    # order (Python's, not BLAS's) does not matter
+    decrement = sum([a * b for a, b in zip(grad.tolist(), step.tolist())], 0.0)
     if info != 0 or not math.isfinite(decrement):
         # not positive definite, or derivatives not finite: no Newton step, and the
         # record says why

@@ -575,15 +575,22 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         or θ by a difference of gradients, saved no evaluations.) None when L-BFGS-B
         does not report success (the caller falls back)."""
         layout, p = self.layout, self.p
-        lower = np.concatenate([np.full(p, -np.inf), layout.lower])
-        opt = OptSummary(initial=np.concatenate([self.beta0, layout.initial()]), lowerbd=lower)
+        # the bounds, the start and the bound test in Python floats, made arrays once:
+        # np.concatenate, np.full, np.flatnonzero, fancy indexing and a comparison's
+        # any() on a handful of numbers are each a cold C path of a small fit
+        lower_theta = layout.lower.tolist()
+        lower = [-math.inf] * p + lower_theta
+        opt = OptSummary(initial=np.array(self.beta0.tolist() + layout.initial().tolist(),
+                                          dtype=float),
+                         lowerbd=np.array(lower, dtype=float))
         if progress or not self._one_term_laplace() or minimize_one_term(self, opt) is None:
             minimize_with_gradient(self._joint_value_and_grad, opt, progress=progress,
                                    ftol=SEARCH_FTOL)
-        if opt.returnvalue != "SUCCESS" or not np.isfinite(opt.fmin):
+        if opt.returnvalue != "SUCCESS" or not math.isfinite(opt.fmin):
             return None
-        bounded = p + np.flatnonzero(np.isfinite(layout.lower))
-        if (opt.final[bounded] < opt.lowerbd[bounded] + BOUND_PROBE).any():
+        bounded = [p + i for i, v in enumerate(lower_theta) if math.isfinite(v)]
+        final = opt.final.tolist()
+        if any(final[i] < lower[i] + BOUND_PROBE for i in bounded):
             # (both look only at components this close to their bound)
             leave_the_bound(self._joint_value_and_grad, opt, bounded, progress)
             rectify(self._joint_value, opt, bounded, near=BOUND_PROBE)
@@ -625,11 +632,16 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         grad = None if last is None else last[2]
         beta_w, theta, phi, fam = self._split(x, True)
         vcov, schur = self._beta_covariance(theta, beta_w, phi, fam, at_modes=last is not None)
-        se = np.sqrt(np.diag(vcov))
+        # the standard errors and the β block in Python floats (np.sqrt(np.diag(V)),
+        # np.isfinite, 2 S: a handful of numbers, each ufunc a cold C path of its own)
+        rows = vcov.tolist()
+        se = [math.sqrt(v) if v >= 0.0 else math.nan
+              for v in (rows[i][i] for i in range(len(rows)))]
         known = None
-        if self._schur_beta_block and np.all(np.isfinite(vcov)):
+        if self._schur_beta_block and all(math.isfinite(v) for row in rows for v in row):
             try:
-                known = (self.p, 2.0 * (np.linalg.inv(vcov) if schur is None else schur))
+                known = (self.p, [[2.0 * v for v in row] for row in schur.tolist()]
+                         if schur is not None else 2.0 * np.linalg.inv(vcov))
             except np.linalg.LinAlgError:
                 known = None
         return check_optimum_with_gradient(self._joint_value_and_grad, opt, warn=warn,

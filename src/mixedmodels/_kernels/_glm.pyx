@@ -124,6 +124,9 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memset, memcmp, memcpy
 
 import numpy as np
+cimport numpy as cnp
+
+cnp.import_array()
 
 from mixedmodels._linalg._blocked cimport (i64, blockdiag_factor_c, blockdiag_solve_c,
                                            lambda_times_c, tf_set_theta, tf_lam,
@@ -1987,6 +1990,57 @@ def max_predicted_step(value=None):
     return MAX_PREDICTED_STEP
 
 
+cdef enum:
+    _F64 = 0
+    _I32 = 1
+    _I64 = 2
+
+
+cdef void *_data(object a, int kind, int ndim, bint fortran, bint writable, str name,
+                 cnp.npy_intp *dims) except? NULL:
+    # the data of a NumPy array the kernel binds, checked as a typed memoryview of its
+    # kind would be (float64, or a signed integer of 4 or 8 bytes; C order, or Fortran
+    # with ``fortran``; writable where written), and its shape into dims
+    cdef cnp.ndarray arr
+    cdef bint ok
+    if not cnp.PyArray_Check(a):
+        raise TypeError(f"PirlsKernel: {name} must be a NumPy array")
+    arr = <cnp.ndarray> a
+    if kind == _F64:
+        ok = cnp.PyArray_TYPE(arr) == cnp.NPY_DOUBLE
+    else:
+        ok = (cnp.PyArray_ISINTEGER(arr) and cnp.PyArray_ISSIGNED(arr)
+              and cnp.PyArray_ITEMSIZE(arr) == (4 if kind == _I32 else 8))
+    if not (ok and cnp.PyArray_NDIM(arr) == ndim and cnp.PyArray_ISNOTSWAPPED(arr)
+            and cnp.PyArray_ISALIGNED(arr)):
+        raise ValueError(f"PirlsKernel: {name} must be a {ndim}-d array of "
+                         f"{('float64', 'int32', 'int64')[kind]}")
+    if not (cnp.PyArray_IS_F_CONTIGUOUS(arr) if fortran else cnp.PyArray_IS_C_CONTIGUOUS(arr)):
+        raise ValueError(f"PirlsKernel: {name} must be contiguous")
+    if writable and not cnp.PyArray_ISWRITEABLE(arr):
+        raise ValueError(f"PirlsKernel: {name} must be writable")
+    dims[0] = cnp.PyArray_DIM(arr, 0)
+    if ndim == 2:
+        dims[1] = cnp.PyArray_DIM(arr, 1)
+    return cnp.PyArray_DATA(arr)
+
+
+cdef object _zeros(Py_ssize_t n, int typenum):
+    # a new array of n zeros (n < 0: a 0-d one)
+    cdef cnp.npy_intp d[1]
+    d[0] = n
+    return cnp.PyArray_ZEROS(0 if n < 0 else 1, d, typenum, 0)
+
+
+cdef void *_rows(object a, bint writable, str name, Py_ssize_t n) except? NULL:
+    # a float64 vector of the kernel's n rows
+    cdef cnp.npy_intp d[2]
+    cdef void *data = _data(a, _F64, 1, False, writable, name, d)
+    if d[0] != n:
+        raise ValueError(f"PirlsKernel: {name} has {d[0]} rows, the design {n}")
+    return data
+
+
 cdef class PirlsKernel:
     """PIRLS over u (β fixed) for any blocked system, in compiled code.
 
@@ -2024,20 +2078,41 @@ cdef class PirlsKernel:
     """
     cdef Rows R
     cdef object tf
-    cdef const double[:, ::1] zcat
-    cdef const int[:, ::1] codes
-    cdef const i64[:, ::1] rowoff
-    cdef const i64[::1] uoff, lam_off, lam_index
-    cdef const int[::1] zoff, kk, nlev, pair_tr, pair_tc
-    cdef const double[::1] y
-    cdef double[::1] fixed, eta, mu, mu_eta, wrkwt, wrkresid, devresid, avals
-    cdef double[::1, :] ztxy, rzxy
-    cdef double[:, ::1] xtxy
-    cdef const double[:, ::1] xmat
-    cdef const double[::1] offset
+    # the arrays the kernel reads and writes, by their data (their shapes below): bound
+    # once per model, where typed memoryviews cost ~0.5 µs each warm, and their
+    # acquisition machinery tens of µs cold, on a 56-row fit
+    cdef object pattern_arrays       # keeps the pattern's arrays alive
+    cdef const double *zcat          # n x ncol, C order
+    cdef const int *codes            # nterm x n
+    cdef const i64 *rowoff           # npair x n
+    cdef const i64 *uoff
+    cdef const i64 *lam_off
+    cdef const i64 *lam_index
+    cdef const int *zoff
+    cdef const int *kk
+    cdef const int *nlev
+    cdef const int *pair_tr
+    cdef const int *pair_tc
+    cdef const double *y
+    cdef double *fixed
+    cdef double *eta
+    cdef double *mu
+    cdef double *mu_eta
+    cdef double *wrkwt
+    cdef double *wrkresid
+    cdef double *devresid
+    cdef double *avals
+    cdef double *ztxy                # q x 1
+    cdef double *rzxy                # q x 1
+    cdef double *xtxy                # 1 x 1
+    cdef const double *xmat          # n x p, C order
+    cdef const double *offset
+    cdef Py_ssize_t p                # X's columns
+    cdef Py_ssize_t nth              # lam_index's length
+    cdef Py_ssize_t navals
     cdef bint has_x, has_lam_index
     cdef object ubuf_arr
-    cdef double[::1, :] ubuf
+    cdef double *ubuf
     cdef readonly object arrays      # what the kernel is bound to (see ``bound_to``)
     cdef double *buf
     cdef double *gwork               # the one-term gradient's scratch (NULL: not yet)
@@ -2062,127 +2137,148 @@ cdef class PirlsKernel:
     def __init__(self, pattern, lam_off, factorizer, avals, ztxy, xtxy, rzxy, y,
                  fixed, eta, mu, mu_eta, wrkwt, wrkresid, devresid, x=None, offset=None,
                  lam_index=None):
-        cdef Py_ssize_t n, t, p, i, q
+        cdef Py_ssize_t n, t, p, i, q, nterm, npair, ncol
+        cdef cnp.npy_intp d[2]
+        cdef cnp.npy_intp dn[2]
         self.tf = factorizer
         self.lam = tf_lam(factorizer)
-        self.zcat = pattern.zcat
-        self.codes = pattern.codes
-        self.rowoff = pattern.rowoff
-        self.uoff = pattern.uoff
-        self.zoff = pattern.zoff
-        self.kk = pattern.kk
-        self.nlev = pattern.nlev
-        self.pair_tr = pattern.pair_tr
-        self.pair_tc = pattern.pair_tc
-        self.lam_off = lam_off
-        self.avals = avals
-        self.ztxy = ztxy
-        self.xtxy = xtxy
-        self.rzxy = rzxy
-        self.y = y
-        self.fixed = fixed
-        self.eta = eta
-        self.mu = mu
-        self.mu_eta = mu_eta
-        self.wrkwt = wrkwt
-        self.wrkresid = wrkresid
-        self.devresid = devresid
-        self.has_x = x is not None
-        if self.has_x:
-            self.xmat = x
-            self.offset = offset
-        self.has_lam_index = lam_index is not None
-        if self.has_lam_index:
-            self.lam_index = lam_index
-        self.arrays = (avals, ztxy, xtxy, rzxy, y, x, offset)
-        n = self.zcat.shape[0]
+        zcat, codes, rowoff = pattern.zcat, pattern.codes, pattern.rowoff
+        uoff, zoff, kk, nlev = pattern.uoff, pattern.zoff, pattern.kk, pattern.nlev
+        pair_tr, pair_tc = pattern.pair_tr, pattern.pair_tc
+        self.pattern_arrays = (zcat, codes, rowoff, uoff, zoff, kk, nlev, pair_tr, pair_tc,
+                               lam_off, lam_index)
+        self.zcat = <const double *> _data(zcat, _F64, 2, False, False, "zcat", d)
+        n, ncol = d[0], d[1]
+        self.codes = <const int *> _data(codes, _I32, 2, False, False, "codes", d)
+        nterm = d[0]
+        if d[1] != n:
+            raise ValueError("PirlsKernel: inconsistent pattern")
+        self.rowoff = <const i64 *> _data(rowoff, _I64, 2, False, False, "rowoff", d)
+        npair = d[0]
+        if d[1] != n or npair == 0:
+            raise ValueError("PirlsKernel: inconsistent pattern")
+        for a, name, typenum, size in (
+                (uoff, "uoff", _I64, nterm), (lam_off, "lam_off", _I64, nterm),
+                (zoff, "zoff", _I32, nterm), (kk, "kk", _I32, nterm),
+                (nlev, "nlev", _I32, nterm), (pair_tr, "pair_tr", _I32, npair),
+                (pair_tc, "pair_tc", _I32, npair)):
+            _data(a, typenum, 1, False, False, name, d)
+            if d[0] != size:
+                raise ValueError("PirlsKernel: inconsistent pattern")
+        self.uoff = <const i64 *> _data(uoff, _I64, 1, False, False, "uoff", d)
+        self.lam_off = <const i64 *> _data(lam_off, _I64, 1, False, False, "lam_off", d)
+        self.zoff = <const int *> _data(zoff, _I32, 1, False, False, "zoff", d)
+        self.kk = <const int *> _data(kk, _I32, 1, False, False, "kk", d)
+        self.nlev = <const int *> _data(nlev, _I32, 1, False, False, "nlev", d)
+        self.pair_tr = <const int *> _data(pair_tr, _I32, 1, False, False, "pair_tr", d)
+        self.pair_tc = <const int *> _data(pair_tc, _I32, 1, False, False, "pair_tc", d)
+        self.avals = <double *> _data(avals, _F64, 1, False, True, "avals", d)
+        self.navals = d[0]
+        # the workspace's products for one column: ztxy, rzxy q x 1, xtxy 1 x 1
+        self.ztxy = <double *> _data(ztxy, _F64, 2, True, True, "ztxy", d)
+        self.rzxy = <double *> _data(rzxy, _F64, 2, True, True, "rzxy", dn)
         q = int(pattern.q)
-        nterm = self.kk.shape[0]
+        if d[0] != q or d[1] != 1 or dn[0] != q or dn[1] != 1:
+            raise ValueError("PirlsKernel: the workspace's products must be for one column")
+        self.xtxy = <double *> _data(xtxy, _F64, 2, False, True, "xtxy", d)
+        if d[0] != 1 or d[1] != 1:
+            raise ValueError("PirlsKernel: the workspace's products must be for one column")
+        self.y = <const double *> _rows(y, False, "y", n)
+        self.fixed = <double *> _rows(fixed, True, "fixed", n)
+        self.eta = <double *> _rows(eta, True, "eta", n)
+        self.mu = <double *> _rows(mu, True, "mu", n)
+        self.mu_eta = <double *> _rows(mu_eta, True, "mu_eta", n)
+        self.wrkwt = <double *> _rows(wrkwt, True, "wrkwt", n)
+        self.wrkresid = <double *> _rows(wrkresid, True, "wrkresid", n)
+        self.devresid = <double *> _rows(devresid, True, "devresid", n)
+        self.has_x = x is not None
+        self.p = 0
+        if self.has_x:
+            self.xmat = <const double *> _data(x, _F64, 2, False, False, "x", d)
+            self.p = d[1]
+            self.offset = <const double *> _data(offset, _F64, 1, False, False, "offset", dn)
+            if d[0] != n or dn[0] != n:
+                raise ValueError("PirlsKernel: X and the offset must have a row per "
+                                 "observation")
+        self.has_lam_index = lam_index is not None
+        self.nth = 0
+        if self.has_lam_index:
+            self.lam_index = <const i64 *> _data(lam_index, _I64, 1, False, False,
+                                                 "lam_index", d)
+            self.nth = d[0]
+        self.arrays = (avals, ztxy, xtxy, rzxy, y, x, offset, fixed, eta, mu, mu_eta, wrkwt,
+                       wrkresid, devresid)
+        R = &self.R
+        R.n = n
+        R.nterm = <int> nterm
+        R.npair = <int> npair
+        R.ncol = <int> ncol
         self._check_shapes(n, q, nterm)
         self.q = q
         # releasing the GIL costs ~0.1 µs (a mutex each way), a tenth of a pass over 50
         # rows: only where the passes are long enough for other threads to gain from it
         self.release_gil = n >= RELEASE_GIL_ROWS
         self.ubuf_arr = np.zeros((q, 1), order="F")
-        self.ubuf = self.ubuf_arr
+        self.ubuf = <double *> cnp.PyArray_DATA(<cnp.ndarray> self.ubuf_arr)
         # unew, uold, Λu (the 3q + 1 it always had), then Fisher scoring's last step
         self.buf = <double *> malloc((4 * q + 1) * sizeof(double))
         if self.buf == NULL:
             raise MemoryError()
-        R = &self.R
-        R.n = n
-        R.nterm = <int> nterm
-        R.npair = <int> self.pair_tr.shape[0]
-        R.ncol = <int> self.zcat.shape[1]
-        R.scalar = all(k == 1 for k in pattern.kk)
+        R.scalar = True
+        for t in range(nterm):
+            R.scalar = R.scalar and self.kk[t] == 1
         # one term: the arithmetic of pirls_blockdiag (the results of that path stay as
         # they were); several: that of accumulate_blocks (set_products')
         R.wz_first = nterm > 1
-        R.zcat = &self.zcat[0, 0]
-        R.codes = &self.codes[0, 0]
-        R.uoff = &self.uoff[0]
-        R.zoff = &self.zoff[0]
-        R.kk = &self.kk[0]
-        R.rowoff = &self.rowoff[0, 0]
-        R.pair_tr = &self.pair_tr[0]
-        R.pair_tc = &self.pair_tc[0]
-        R.y = &self.y[0]
+        R.zcat = self.zcat
+        R.codes = self.codes
+        R.uoff = self.uoff
+        R.zoff = self.zoff
+        R.kk = self.kk
+        R.rowoff = self.rowoff
+        R.pair_tr = self.pair_tr
+        R.pair_tc = self.pair_tc
+        R.y = self.y
         R.pw = NULL
-        R.fixed = &self.fixed[0]
-        R.eta = &self.eta[0]
-        R.mu = &self.mu[0]
-        R.mu_eta = &self.mu_eta[0]
-        R.wrkwt = &self.wrkwt[0]
-        R.wrkresid = &self.wrkresid[0]
-        R.devresid = &self.devresid[0]
-        R.avals = &self.avals[0]
-        R.nvals = self.avals.shape[0]
-        R.ztr = &self.ztxy[0, 0]
+        R.fixed = self.fixed
+        R.eta = self.eta
+        R.mu = self.mu
+        R.mu_eta = self.mu_eta
+        R.wrkwt = self.wrkwt
+        R.wrkresid = self.wrkresid
+        R.devresid = self.devresid
+        R.avals = self.avals
+        R.nvals = self.navals
+        R.ztr = self.ztxy
         R.q = q
-        R.xtx = &self.xtxy[0, 0]
+        R.xtx = self.xtxy
 
-    def _check_shapes(self, Py_ssize_t n, Py_ssize_t q, Py_ssize_t nterm):
+    cdef int _check_shapes(self, Py_ssize_t n, Py_ssize_t q, Py_ssize_t nterm) except -1:
         # everything the fused pass indexes without bounds checks, checked once here
-        cdef Py_ssize_t t, p, i, width, nlam
+        # (the arrays' own shapes by __init__)
+        cdef Py_ssize_t t, p, i, width, nlam, npair = self.R.npair
         cdef i64 hi
         if n == 0 or q == 0 or nterm == 0:
             raise ValueError("PirlsKernel: no observations or no random effects")
-        for name, a in (("y", self.y), ("fixed", self.fixed), ("eta", self.eta),
-                        ("mu", self.mu), ("mu_eta", self.mu_eta), ("wrkwt", self.wrkwt),
-                        ("wrkresid", self.wrkresid), ("devresid", self.devresid)):
-            if a.shape[0] != n:
-                raise ValueError(f"PirlsKernel: {name} has {a.shape[0]} rows, the design {n}")
-        if self.has_x and (self.xmat.shape[0] != n or self.offset.shape[0] != n):
-            raise ValueError("PirlsKernel: X and the offset must have a row per observation")
-        if (self.codes.shape[0] != nterm or self.codes.shape[1] != n
-                or self.uoff.shape[0] != nterm or self.zoff.shape[0] != nterm
-                or self.nlev.shape[0] != nterm or self.lam_off.shape[0] != nterm
-                or self.pair_tr.shape[0] != self.rowoff.shape[0]
-                or self.pair_tc.shape[0] != self.rowoff.shape[0]
-                or self.rowoff.shape[1] != n or self.rowoff.shape[0] == 0):
-            raise ValueError("PirlsKernel: inconsistent pattern")
-        if (self.ztxy.shape[0] != q or self.ztxy.shape[1] != 1 or self.rzxy.shape[0] != q
-                or self.rzxy.shape[1] != 1 or self.xtxy.shape[0] != 1
-                or self.xtxy.shape[1] != 1):
-            raise ValueError("PirlsKernel: the workspace's products must be for one column")
         nlam = tf_lam_size(self.tf)
         for t in range(nterm):
-            if (self.kk[t] < 1 or self.zoff[t] < 0 or self.zoff[t] + self.kk[t] > self.zcat.shape[1]
+            if (self.kk[t] < 1 or self.zoff[t] < 0 or self.zoff[t] + self.kk[t] > self.R.ncol
                     or self.uoff[t] < 0 or self.uoff[t] + <i64> self.kk[t] * self.nlev[t] > q
                     or self.lam_off[t] < 0 or self.lam_off[t] + self.kk[t] * self.kk[t] > nlam):
                 raise ValueError("PirlsKernel: inconsistent pattern")
-            _check_levels(&self.codes[t, 0], n, self.nlev[t], "PirlsKernel")
-        for i in range(self.lam_index.shape[0] if self.has_lam_index else 0):
+            _check_levels(self.codes + t * n, n, self.nlev[t], "PirlsKernel")
+        for i in range(self.nth):
             if not 0 <= self.lam_index[i] < nlam:
                 raise ValueError("PirlsKernel: a theta index is outside the templates")
-        for p in range(self.rowoff.shape[0]):
+        for p in range(npair):
             if not (0 <= self.pair_tr[p] < nterm and 0 <= self.pair_tc[p] < nterm):
                 raise ValueError("PirlsKernel: inconsistent pattern")
             width = self.kk[self.pair_tr[p]] * self.kk[self.pair_tc[p]]
-            hi = self.avals.shape[0] - width
+            hi = self.navals - width
             for i in range(n):
-                if self.rowoff[p, i] < 0 or self.rowoff[p, i] > hi:
+                if self.rowoff[p * n + i] < 0 or self.rowoff[p * n + i] > hi:
                     raise ValueError("PirlsKernel: a block offset is outside avals")
+        return 0
 
     def bound_to(self, avals, ztxy, xtxy, rzxy, y, x=None, offset=None):
         """Whether the kernel writes into these very arrays (a workspace reallocates its
@@ -2194,8 +2290,8 @@ cdef class PirlsKernel:
     cdef double _evaluate(self, int family, int link, double param, const double *u,
                           bint accumulate) noexcept nogil:
         cdef double *b = self.buf + 2 * self.q
-        lambda_times_c(self.lam, &self.lam_off[0], &self.uoff[0], &self.kk[0],
-                       &self.nlev[0], self.R.nterm, u, b)
+        lambda_times_c(self.lam, self.lam_off, self.uoff, self.kk,
+                       self.nlev, self.R.nterm, u, b)
         return _rows_pass(family, link, param, &self.R, b, accumulate)
 
     cdef int _bind_weights(self, const double[::1] prior_w) except -1:
@@ -2213,12 +2309,12 @@ cdef class PirlsKernel:
         cdef double *out
         if not self.has_x:
             raise ValueError("PirlsKernel: bound without X; set fixed = Xβ + offset instead")
-        p = self.xmat.shape[1]
+        p = self.p
         if beta.shape[0] != p:
             raise ValueError(f"beta has {beta.shape[0]} entries; X has {p} columns")
-        off = &self.offset[0]
-        out = &self.fixed[0]
-        x = &self.xmat[0, 0] if p > 0 else NULL
+        off = self.offset
+        out = self.fixed
+        x = self.xmat if p > 0 else NULL
         b = &beta[0] if p > 0 else NULL
         if self.release_gil:
             with nogil:
@@ -2294,8 +2390,8 @@ cdef class PirlsKernel:
         if self.R.nterm != 1 or not self.has_x or not self.has_lam_index:
             raise ValueError("laplace: one random-effects term, and a kernel bound to X, "
                              "the offset and the theta indices")
-        p = self.xmat.shape[1]
-        nth = self.lam_index.shape[0]
+        p = self.p
+        nth = self.nth
         if grad.shape[0] != p + nth:
             raise ValueError(f"grad has {grad.shape[0]} entries; the model has {p + nth}")
         self._laplace_at(family, link, param, prior_w, theta, beta, u, grad, tol, maxiter,
@@ -2311,8 +2407,8 @@ cdef class PirlsKernel:
         # logdet, deviance, iterations, converged, exhausted)
         cdef double out[5]
         cdef double usq = 0.0
-        cdef Py_ssize_t p = self.xmat.shape[1], m, j, k = self.kk[0]
-        cdef Py_ssize_t nth = self.lam_index.shape[0]
+        cdef Py_ssize_t p = self.p, m, j, k = self.kk[0]
+        cdef Py_ssize_t nth = self.nth
         cdef OneTerm ot
         cdef int bad
         cdef double *gt
@@ -2334,7 +2430,7 @@ cdef class PirlsKernel:
         ot.n, ot.nlev, ot.p, ot.zstride, ot.k = self.R.n, self.nlev[0], p, self.R.ncol, <int> k
         ot.codes = self.R.codes
         ot.z = self.R.zcat + self.zoff[0]
-        ot.x = &self.xmat[0, 0] if p > 0 else NULL
+        ot.x = self.xmat if p > 0 else NULL
         ot.wrkwt, ot.wrkresid, ot.mu = self.R.wrkwt, self.R.wrkresid, self.R.mu
         ot.logit = link == LNK_LOGIT
         gt = self.gwork
@@ -2343,12 +2439,12 @@ cdef class PirlsKernel:
         if self.release_gil:
             with nogil:
                 bad = blockdiag_laplace_gradient_c(&ot, self.lam + self.lam_off[0],
-                                                   &self.avals[0], &u[0],
+                                                   self.avals, &u[0],
                                                    &grad[0] if p > 0 else NULL, gt,
                                                    self.gwork + k * k)
         else:
             bad = blockdiag_laplace_gradient_c(&ot, self.lam + self.lam_off[0],
-                                               &self.avals[0], &u[0],
+                                               self.avals, &u[0],
                                                &grad[0] if p > 0 else NULL, gt,
                                                self.gwork + k * k)
         if not bad:
@@ -2365,12 +2461,17 @@ cdef class PirlsKernel:
         return 0
 
     def lbfgsb(self, setulb, int family, int link, double param, const double[::1] prior_w,
-               x0, lower, double[::1] u, int maxfun, double ftol, double gtol,
-               int maxcor=10, int maxls=20, double tol=1e-13, int maxiter=100,
-               int max_halving=30, double step_tol=1e-9):
+               const double[::1] x0, const double[::1] lower, double[::1] u, int maxfun,
+               double ftol, double gtol, int maxcor=10, int maxls=20, double tol=1e-13,
+               int maxiter=100, int max_halving=30, double step_tol=1e-9):
         """L-BFGS-B over x = [β, θ] of :meth:`laplace`'s deviance: scipy's compiled
         routine (``setulb``, handed in: ``scipy.optimize._lbfgsb.setulb``) driven step by
         step as mixedmodels._optimize.lbfgsb drives it, with the evaluations made here.
+
+        The routine's arrays are those of ``_optimize.setulb_arrays`` (their twin), made
+        here by the C API: that function's NumPy calls on 5-element arrays (np.where,
+        np.maximum, np.isfinite, astype, reshape: distinct C paths) cost ~30 µs of a
+        cold 56-row fit.
 
         Each evaluation is :meth:`laplace` at x from the modes ``u`` (overwritten by the
         new modes where it succeeds; where a random-effects block is not positive
@@ -2386,13 +2487,18 @@ cdef class PirlsKernel:
         before any evaluation). Twin: ``_optimize.minimize_with_gradient`` over
         ``GeneralizedLinearMixedModel._joint_value_and_grad`` (tests/test_glmm_search.py).
         """
-        cdef Py_ssize_t p, nth, n, q = self.q
+        cdef Py_ssize_t p, nth, n, q = self.q, i
         cdef double out[6]
-        cdef double value
+        cdef double value, lo
         cdef int nfev = 0, niter = 0, t0
-        cdef double[::1] xv, gv, gradv, fv, lastgv
+        cdef double[::1] xv, gradv
+        cdef double *xp
+        cdef double *gp
+        cdef double *fp
+        cdef double *gradp
+        cdef double *lastgp
+        cdef int *taskp
         cdef double last_value, last_logdet
-        cdef int[::1] taskv
         cdef double *ubak
         cdef bint ok
         if not ((family == FAM_BERNOULLI or family == FAM_BINOMIAL) and link == LNK_LOGIT
@@ -2402,24 +2508,48 @@ cdef class PirlsKernel:
         if self.R.nterm != 1 or not self.has_x or not self.has_lam_index:
             raise ValueError("lbfgsb: one random-effects term, and a kernel bound to X, "
                              "the offset and the theta indices")
-        p = self.xmat.shape[1]
-        nth = self.lam_index.shape[0]
-        x0 = np.asarray(x0, dtype=np.float64)
-        lower = np.asarray(lower, dtype=np.float64)
+        p = self.p
+        nth = self.nth
         n = x0.shape[0]
         if n != p + nth or lower.shape[0] != n:
             raise ValueError(f"lbfgsb: x0 and lower must have {p + nth} entries")
         if u.shape[0] != q:
             raise ValueError(f"u has {u.shape[0]} entries; the model has {q}")
-        from mixedmodels._optimize import setulb_arrays
-        w = setulb_arrays(x0, lower, maxcor, ftol)
-        x, low, upp, nbd, f, f0, g = w.x, w.low, w.upp, w.nbd, w.f, w.f0, w.g
-        wa, iwa, task, ln_task, lsave, isave, dsave = (w.wa, w.iwa, w.task, w.ln_task,
-                                                       w.lsave, w.isave, w.dsave)
-        factr = w.factr
-        grad = np.zeros(n)
-        last_grad = np.zeros(n)
-        xv, gv, gradv, fv, taskv, lastgv = x, g, grad, f, task, last_grad
+        # setulb_arrays': x (x0 moved onto its bounds), the bounds and their kinds
+        # (1: a lower bound only; 0: none), f (0-d), g, the work arrays, the task
+        x = _zeros(n, cnp.NPY_DOUBLE)
+        low = _zeros(n, cnp.NPY_DOUBLE)
+        upp = _zeros(n, cnp.NPY_DOUBLE)
+        nbd = _zeros(n, cnp.NPY_INT32)
+        f0 = _zeros(-1, cnp.NPY_DOUBLE)
+        g = _zeros(n, cnp.NPY_DOUBLE)
+        wa = _zeros(2 * maxcor * n + 5 * n + 11 * maxcor * maxcor + 8 * maxcor,
+                    cnp.NPY_DOUBLE)
+        iwa = _zeros(3 * n, cnp.NPY_INT32)
+        task = _zeros(2, cnp.NPY_INT32)
+        ln_task = _zeros(2, cnp.NPY_INT32)
+        lsave = _zeros(4, cnp.NPY_INT32)
+        isave = _zeros(44, cnp.NPY_INT32)
+        dsave = _zeros(29, cnp.NPY_DOUBLE)
+        factr = ftol / DBL_EPSILON
+        grad = _zeros(n, cnp.NPY_DOUBLE)
+        last_grad = _zeros(n, cnp.NPY_DOUBLE)
+        xp = <double *> cnp.PyArray_DATA(<cnp.ndarray> x)
+        gp = <double *> cnp.PyArray_DATA(<cnp.ndarray> g)
+        fp = <double *> cnp.PyArray_DATA(<cnp.ndarray> f0)
+        gradp = <double *> cnp.PyArray_DATA(<cnp.ndarray> grad)
+        lastgp = <double *> cnp.PyArray_DATA(<cnp.ndarray> last_grad)
+        taskp = <int *> cnp.PyArray_DATA(<cnp.ndarray> task)
+        for i in range(n):
+            if isfinite(lower[i]):
+                lo = lower[i]
+                (<double *> cnp.PyArray_DATA(<cnp.ndarray> low))[i] = lo
+                (<int *> cnp.PyArray_DATA(<cnp.ndarray> nbd))[i] = 1
+                # np.maximum(x0, low): x0 where x0 >= low or x0 is NaN
+                xp[i] = x0[i] if (x0[i] >= lo or x0[i] != x0[i]) else lo
+            else:
+                xp[i] = x0[i]
+        xv, gradv = x, grad
         log, exhausted = [], []
         last = last_x = None
         last_value = last_logdet = NAN
@@ -2437,7 +2567,7 @@ cdef class PirlsKernel:
                     if nfev:
                         raise
                     return None
-                t0 = taskv[0]
+                t0 = taskp[0]
                 if t0 == 3:                 # f and g wanted at x
                     memcpy(ubak, &u[0], q * sizeof(double))
                     try:
@@ -2448,33 +2578,33 @@ cdef class PirlsKernel:
                         memcpy(&u[0], ubak, q * sizeof(double))
                         ok = False
                     nfev += 1
-                    xcopy = x.copy()
+                    xcopy = cnp.PyArray_NewCopy(<cnp.ndarray> x, cnp.NPY_CORDER)
                     if ok:
                         value = out[0]
                         last_x, last_value, last_logdet = xcopy, value, out[1]
-                        lastgv[:] = gradv
+                        memcpy(lastgp, gradp, n * sizeof(double))
                         if out[5]:
                             exhausted.append(x[p:].copy())
                     else:
                         value = INFINITY
                     if isfinite(value):
-                        gv[:] = gradv
+                        memcpy(gp, gradp, n * sizeof(double))
                     else:
                         value = 1e300
-                        gv[:] = 0.0
-                    fv[0] = value
+                        memset(gp, 0, n * sizeof(double))
+                    fp[0] = value
                     log.append((xcopy, value))
                 elif t0 == 1:               # a new iterate
                     niter += 1
                     if niter >= maxfun or nfev > maxfun:
-                        taskv[0], taskv[1] = 5, 502
+                        taskp[0], taskp[1] = 5, 502
                 else:
                     break
         finally:
             free(ubak)
         if last_x is not None:
             last = (last_x, last_value, last_grad, last_logdet)
-        return log, (int(taskv[0]), int(taskv[1])), last, exhausted
+        return log, (int(taskp[0]), int(taskp[1])), last, exhausted
 
     def beta_covariance(self, const double[::1] theta, double[:, ::1] schur,
                         double[:, ::1] vcov):
@@ -2491,7 +2621,7 @@ cdef class PirlsKernel:
         if self.R.nterm != 1 or not self.has_x:
             raise ValueError("beta_covariance: one random-effects term, and a kernel bound "
                              "to X")
-        p = self.xmat.shape[1]
+        p = self.p
         k = self.kk[0]
         if (schur.shape[0] != p or schur.shape[1] != p or vcov.shape[0] != p
                 or vcov.shape[1] != p):
@@ -2500,7 +2630,7 @@ cdef class PirlsKernel:
         ot.n, ot.nlev, ot.p, ot.zstride, ot.k = self.R.n, self.nlev[0], p, self.R.ncol, <int> k
         ot.codes = self.R.codes
         ot.z = self.R.zcat + self.zoff[0]
-        ot.x = &self.xmat[0, 0] if p > 0 else NULL
+        ot.x = self.xmat if p > 0 else NULL
         ot.wrkwt = self.R.wrkwt
         ot.wrkresid = ot.mu = NULL
         ot.logit = False
@@ -2727,8 +2857,8 @@ cdef class PirlsKernel:
         # unew <- P' L'⁻¹ (L⁻¹ P Λ'Z'W r): the column the factorization left in rzxy
         cdef Py_ssize_t m, q = self.q
         for m in range(q):
-            self.ubuf[m, 0] = self.rzxy[m, 0]
-        tf_backward(self.tf, self.ubuf_arr, &self.ubuf[0, 0])
+            self.ubuf[m] = self.rzxy[m]
+        tf_backward(self.tf, self.ubuf_arr, self.ubuf)
         for m in range(q):
-            unew[m] = self.ubuf[m, 0]
+            unew[m] = self.ubuf[m]
         return 0
