@@ -442,14 +442,23 @@ class LinearMixedModel(MixedModelSpec):
         ``kernel``: the fit's compiled_objective, which computes them in one call."""
         theta = np.asarray(theta, dtype=float)
         if kernel is not None:
-            sol = kernel.solution(theta)
-            beta_w, pwrss, fixed = sol["beta_w"], sol["pwrss"], self.fixed
+            fixed = self.fixed
+            rows = (type(self)._fixed_part is LinearMixedModel._fixed_part
+                    and fixed.Rinv.flags.c_contiguous and self.X.flags.c_contiguous)
+            # β, its covariance's factor and X̃β̃ from the same call where the model has
+            # its rows (an out-of-core one has none)
+            sol = kernel.solution(theta, fixed.Rinv, self.X) if rows else kernel.solution(theta)
+            beta_w, pwrss = sol["beta_w"], sol["pwrss"]
             sigma = math.sqrt(pwrss / self._dfr)
+            if rows:
+                coef, cross, xbeta = sol["coef"], sol["coef_crossprod"], sol["xbeta"]
+            else:
+                coef = fixed.from_working(beta_w)
+                cross = fixed.vcov_from_working(sol["rx_inverse_crossprod"])
+                xbeta = self._fixed_part(beta_w)
             return dict(theta=theta, objective=float(sol["objective"]),
-                        logdet=2.0 * sol["logdet"], pwrss=pwrss,
-                        coef=fixed.from_working(beta_w), sigma=sigma,
-                        vcov=sigma ** 2 * fixed.vcov_from_working(sol["rx_inverse_crossprod"]),
-                        u=sol["u"], b=sol["b"], xbeta=self._fixed_part(beta_w))
+                        logdet=2.0 * sol["logdet"], pwrss=pwrss, coef=coef, sigma=sigma,
+                        vcov=sigma ** 2 * cross, u=sol["u"], b=sol["b"], xbeta=xbeta)
         last = self._last_evaluated
         if (last is not None and last[2] is not None and np.array_equal(last[0], theta)
                 and last[2] == getattr(self.workspace, "nfactorized", None)):

@@ -829,12 +829,15 @@ cdef class LmmObjective:
             raise ValueError(f"theta has {t.shape[0]} entries, not {self.ntheta}")
         return self.value(&t[0] if self.ntheta else NULL)
 
-    def solution(self, theta):
+    def solution(self, theta, cnp.ndarray basis_rinv=None, cnp.ndarray x=None):
         """The numbers of the fit at θ, in the working basis of X: a dict of ``objective``,
         ``logdet`` (log det L), ``pwrss``, ``beta_w`` (β̃), ``rx_inverse_crossprod``
-        ((RX'RX)⁻¹), ``u`` (the spherical modes) and ``b`` (Λu). Raises LinAlgError
-        where the system is singular. NumPy twin: ``LinearMixedModel._optimum``'s path
-        through ``_evaluate``."""
+        ((RX'RX)⁻¹), ``u`` (the spherical modes) and ``b`` (Λu). Given the basis's R̃⁻¹
+        (``basis_rinv``, p-square) and X̃ (``x``, n by p), both C-ordered float64, also ``coef``
+        (β = R̃⁻¹β̃), ``coef_crossprod`` (R̃⁻¹ (RX'RX)⁻¹ R̃⁻ᵀ) and ``xbeta`` (X̃β̃), which
+        NumPy's products would give to rounding (on a small model three cold starts of
+        their own). Raises LinAlgError where the system is singular. NumPy twin:
+        ``LinearMixedModel._optimum``'s path through ``_evaluate``."""
         cdef const double[::1] t = np.ascontiguousarray(theta, dtype=np.float64)
         cdef int status = -1
         cdef TfArrays a
@@ -878,8 +881,67 @@ cdef class LmmObjective:
         val = profiled_objective(logdet, a.r, m, self.dfr, self.logw, self.reml,
                                  self.logabsdet)
         pwrss = a.r[m * m - 1] * a.r[m * m - 1]
-        return dict(objective=val if pwrss > 0.0 else -INFINITY, logdet=logdet,
-                    pwrss=pwrss, beta_w=beta, rx_inverse_crossprod=rxinv, u=u[:, 0], b=b)
+        out = dict(objective=val if pwrss > 0.0 else -INFINITY, logdet=logdet,
+                   pwrss=pwrss, beta_w=beta, rx_inverse_crossprod=rxinv, u=u[:, 0], b=b)
+        if basis_rinv is not None and x is not None:
+            out.update(_in_original_basis(basis_rinv, x, beta, rxinv))
+        return out
+
+
+def _in_original_basis(cnp.ndarray rinv, cnp.ndarray x, cnp.ndarray beta,
+                       cnp.ndarray rxinv):
+    """``coef`` = R̃⁻¹β̃, ``coef_crossprod`` = R̃⁻¹ (RX'RX)⁻¹ R̃⁻ᵀ and ``xbeta`` = X̃β̃ (see
+    ``LmmObjective.solution``)."""
+    cdef Py_ssize_t p = cnp.PyArray_DIM(beta, 0), n, i, j, l
+    for a, name, rows in ((rinv, "rinv", p), (x, "x", -1)):
+        if (cnp.PyArray_TYPE(a) != cnp.NPY_DOUBLE or cnp.PyArray_NDIM(a) != 2
+                or not cnp.PyArray_IS_C_CONTIGUOUS(a) or cnp.PyArray_DIM(a, 1) != p
+                or (rows >= 0 and cnp.PyArray_DIM(a, 0) != rows)):
+            raise ValueError(f"{name} must be a C-ordered float64 array with {p} columns")
+    n = cnp.PyArray_DIM(x, 0)
+    cdef cnp.npy_intp dims[2]
+    dims[0] = p
+    dims[1] = p
+    cdef cnp.ndarray coef = cnp.PyArray_EMPTY(1, dims, cnp.NPY_DOUBLE, 0)
+    cdef cnp.ndarray cross = cnp.PyArray_EMPTY(2, dims, cnp.NPY_DOUBLE, 0)
+    dims[0] = n
+    cdef cnp.ndarray xbeta = cnp.PyArray_EMPTY(1, dims, cnp.NPY_DOUBLE, 0)
+    cdef const double *r = <const double *> cnp.PyArray_DATA(rinv)
+    cdef const double *xv = <const double *> cnp.PyArray_DATA(x)
+    cdef const double *bv = <const double *> cnp.PyArray_DATA(beta)
+    cdef const double *v = <const double *> cnp.PyArray_DATA(rxinv)
+    cdef double *c = <double *> cnp.PyArray_DATA(coef)
+    cdef double *w = <double *> cnp.PyArray_DATA(cross)
+    cdef double *xb = <double *> cnp.PyArray_DATA(xbeta)
+    cdef double *t = <double *> malloc(max(p * p, 1) * sizeof(double))
+    cdef double s
+    if t == NULL:
+        raise MemoryError()
+    with nogil:
+        for i in range(p):
+            s = 0.0
+            for j in range(p):
+                s += r[i * p + j] * bv[j]
+            c[i] = s
+        for i in range(p):                      # t = R̃⁻¹ V
+            for j in range(p):
+                s = 0.0
+                for l in range(p):
+                    s += r[i * p + l] * v[l * p + j]
+                t[i * p + j] = s
+        for i in range(p):                      # w = t R̃⁻ᵀ
+            for j in range(p):
+                s = 0.0
+                for l in range(p):
+                    s += t[i * p + l] * r[j * p + l]
+                w[i * p + j] = s
+        for i in range(n):
+            s = 0.0
+            for j in range(p):
+                s += xv[i * p + j] * bv[j]
+            xb[i] = s
+    free(t)
+    return dict(coef=coef, coef_crossprod=cross, xbeta=xbeta)
 
 
 cdef class OneTermGradient(LmmObjective):
