@@ -420,3 +420,19 @@ def test_record_is_frozen_and_pickles():
         assert type(getattr(back, name)) is np.ndarray
         assert np.array_equal(getattr(back, name), getattr(rec, name))
     assert "failed to converge" in repr(rec)
+
+
+def test_a_record_from_derivatives_has_every_field_and_pickles():
+    import dataclasses
+    rec = ConvergenceCheck.from_derivatives([1e-3, -2e-3], [[2.0, 0.1], [0.1, 1.0]],
+                                            nfeval=5, stencil="forward", point=[1.0, 2.0],
+                                            step=[1e-4, 1e-4])
+    assert set(vars(rec)) == {f.name for f in dataclasses.fields(ConvergenceCheck)}
+    # the same record as the dataclass's own constructor makes
+    built = ConvergenceCheck(**{f.name: getattr(rec, f.name)
+                                for f in dataclasses.fields(ConvergenceCheck)})
+    for f in dataclasses.fields(ConvergenceCheck):
+        np.testing.assert_array_equal(getattr(pickle.loads(pickle.dumps(rec)), f.name),
+                                      getattr(built, f.name))
+    with pytest.raises(FrozenInstanceError):
+        rec.nfeval = 1

@@ -607,10 +607,14 @@ class ConvergenceCheck:
         g = np.array(gradient, dtype=float).reshape(-1)
         H = np.array(hessian, dtype=float)
         scaled, messages = _check(g, H, boundary, grad_tol, hess_tol)
-        return cls(gradient=g, hessian=H, scaled_gradient=scaled,
-                   messages=tuple(messages), nfeval=int(nfeval), stencil=stencil,
-                   point=None if point is None else np.array(point, dtype=float),
-                   step=None if step is None else np.array(step, dtype=float))
+        # every field given: set at once, without the frozen __init__'s setattr per field
+        record = object.__new__(cls)
+        record.__dict__.update(
+            gradient=g, hessian=H, scaled_gradient=scaled, messages=tuple(messages),
+            nfeval=int(nfeval), stencil=stencil,
+            point=None if point is None else np.array(point, dtype=float),
+            step=None if step is None else np.array(step, dtype=float))
+        return record
 
     def __repr__(self):
         status = "converged" if self.converged else "; ".join(self.messages)
