@@ -271,11 +271,13 @@ class LinearMixedModel(MixedModelSpec):
             raise ValueError("this model has no cheap exact gradient over θ "
                              "(see mixedmodels._lmm_gradient); use optimizer='bobyqa'")
         theta0, step = self.starting_theta() if self._moment_start_pays() else (
-            self.layout.initial(), np.full(self.layout.ntheta, 0.75))
+            self.layout.initial(), np.array([0.75] * self.layout.ntheta))
         if initial is not None:
             theta0, step = self._check_theta(initial), np.full(self.layout.ntheta, 0.75)
         optsum = OptSummary(initial=theta0, lowerbd=self.layout.lower, initial_step=step)
-        bounded = np.flatnonzero(np.isfinite(self.layout.lower))
+        # (a few parameters: Python floats, not three NumPy calls)
+        bounded = np.array([i for i, v in enumerate(self.layout.lower.tolist())
+                            if math.isfinite(v)], dtype=np.intp)
         kernel = compiled_objective(self)
         value_and_grad = LastValueAndGradient(
             lambda theta: self._value_and_gradient_safe(theta, kernel))
