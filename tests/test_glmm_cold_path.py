@@ -9,13 +9,21 @@ held to their NumPy twins bit for bit.
 - the forward-difference Hessian of ``gradient_hessian`` in Python floats (twin: the
   NumPy loop, written out here);
 - ``hessian_steps`` in Python floats (twin: its NumPy formula, written out here);
-- ``_newton_polish`` told the Hessian is symmetric (twin: symmetrizing it again).
+- ``_newton_polish`` told the Hessian is symmetric (twin: symmetrizing it again);
+- ``glm_irls``, ``response_check``, ``loglik`` and PirlsKernel's ``pirls``, ``laplace``,
+  ``lbfgsb``, ``evaluate`` and ``beta_covariance`` bound by the NumPy C API too: the same
+  refusals as their typed memoryviews, the same numbers;
+- ``_glm.add_reduce`` (numpy's pairwise summation, twin: ``np.add.reduce``) and
+  ``_glm.saturated_loglik`` (twin: ``Family.loglik`` and two ``np.add.reduce``), bit for
+  bit;
+- ``PirlsState``'s arrays in one call, ``work1`` made on first use.
 """
 import numpy as np
 import pytest
 
 import mixedmodels as mm
-from mixedmodels import _glmm_search
+from mixedmodels import _glmm_search, _pirls
+from mixedmodels import families as F
 from mixedmodels import _optimize
 from mixedmodels._kernels import _glm
 from mixedmodels._optimize import (OptSummary, gradient_hessian, hessian_steps,
@@ -239,3 +247,179 @@ def test_fit_is_the_fit_with_the_numpy_check(make, monkeypatch):
     assert a.optsum.final.tobytes() == b.optsum.final.tobytes()
     assert a.objective == b.objective
     assert a.vcov.tobytes() == b.vcov.tobytes()
+
+
+# -- the module functions and methods bound without memoryviews -----------------------------
+
+def _readonly(a):
+    a = np.array(a)
+    a.flags.writeable = False
+    return a
+
+
+def test_glm_irls_binds_what_a_memoryview_would_and_refuses_the_rest():
+    model = _cbpp()
+    fam, n, p = model.family, model.n, model.p
+    eta0 = fam.link.link(fam.starting_mu(model.y, model.prior_w))
+
+    def run(**over):
+        outs = dict(eta=eta0.copy(), mu=np.empty(n), mu_eta=np.empty(n), wrkwt=np.empty(n),
+                    wrkresid=np.empty(n), devresid=np.empty(n), beta=np.empty(p))
+        a = dict(x=model.X, y=model.y, prior_w=model.prior_w, offset=np.empty(0), **outs)
+        a.update(over)
+        solves = _glm.glm_irls(fam.code, fam.link.code, fam.param, a["x"], a["y"],
+                               a["prior_w"], a["offset"], a["eta"], a["mu"], a["mu_eta"],
+                               a["wrkwt"], a["wrkresid"], a["devresid"], a["beta"])
+        return solves, a
+    solves, a = run()
+    # read-only inputs are fine; the result is the model's GLM start
+    solves_ro, b = run(x=_readonly(model.X), y=_readonly(model.y),
+                       prior_w=_readonly(model.prior_w))
+    assert solves == solves_ro > 0
+    assert a["beta"].tobytes() == b["beta"].tobytes() == model.beta0.tobytes()
+    bad = {"x": np.asfortranarray(model.X), "y": model.y.astype(np.float32),
+           "prior_w": list(model.prior_w), "mu": np.empty(2 * n)[::2],
+           "beta": np.empty((p, 1)), "offset": np.zeros(n + 1)}
+    for name, value in bad.items():
+        with pytest.raises((ValueError, TypeError)):
+            run(**{name: value})
+    with pytest.raises(ValueError, match="writable"):
+        run(devresid=_readonly(np.empty(n)))
+
+
+def test_response_check_and_loglik_bind_as_memoryviews_did():
+    model = _cbpp()
+    fam, y, w = model.family, model.y, model.prior_w
+    assert _glm.response_check(fam.code, _readonly(y), _readonly(w))[0]
+    with pytest.raises(TypeError):
+        _glm.response_check(fam.code, list(y), w)
+    with pytest.raises(ValueError):
+        _glm.response_check(fam.code, y.astype(np.float32), w)
+    mu = np.full(model.n, 0.3)
+    out = np.empty(model.n)
+    total = _glm.loglik(fam.code, y, mu, w, 1.0, out, fam.param)
+    assert total == pytest.approx(out.sum(), rel=1e-14)
+    with pytest.raises(ValueError, match="writable"):
+        _glm.loglik(fam.code, y, mu, w, 1.0, _readonly(out), fam.param)
+    with pytest.raises(ValueError):
+        _glm.loglik(fam.code, y, mu, w, 1.0, out, fam.param, fam.link.code,
+                    np.zeros(2 * model.n)[::2])
+
+
+def test_kernel_methods_refuse_what_memoryviews_would():
+    model = _cbpp()
+    model.fit()
+    kernel = _pirls.row_kernel(model)
+    fam, p, q = model.family, model.p, model.workspace.q
+    theta, beta = np.array([0.6]), model.beta0.copy()
+    u = np.zeros(q)
+    grad = np.empty(p + 1)
+    value = kernel.laplace(fam.code, fam.link.code, fam.param, model.prior_w, theta, beta,
+                           u, grad)[0]
+    u2 = np.zeros(q)
+    again = kernel.laplace(fam.code, fam.link.code, fam.param, _readonly(model.prior_w),
+                           _readonly(theta), _readonly(beta), u2, grad)[0]
+    assert value == again and u.tobytes() == u2.tobytes()
+    for args in [(model.prior_w, theta, beta, _readonly(u), grad),
+                 (model.prior_w, theta, beta, u, _readonly(grad)),
+                 (model.prior_w, [0.6], beta, u, grad),
+                 (model.prior_w, theta, beta.astype(np.float32), u, grad),
+                 (np.ones(model.n + 1), theta, beta, u, grad),
+                 (model.prior_w, np.array([0.6, 0.1]), beta, u, grad)]:
+        with pytest.raises((ValueError, TypeError)):
+            kernel.laplace(fam.code, fam.link.code, fam.param, *args)
+    with pytest.raises((ValueError, TypeError)):
+        kernel.pirls(fam.code, fam.link.code, fam.param, model.prior_w, theta,
+                     np.zeros(q + 1), beta=beta)
+    with pytest.raises(ValueError, match="writable"):
+        kernel.pirls(fam.code, fam.link.code, fam.param, model.prior_w, theta,
+                     _readonly(np.zeros(q)), beta=beta)
+    with pytest.raises(ValueError, match="theta"):
+        kernel.evaluate(fam.code, fam.link.code, fam.param, model.prior_w, np.ones(2), u)
+
+
+def test_beta_covariance_makes_its_arrays_or_fills_those_given():
+    model = _cbpp()
+    fit = model.fit()
+    p = model.p
+    kernel = _pirls.row_kernel(model)
+    theta = np.asarray(fit.theta, dtype=float)
+    model._u = None
+    model._value(theta, fit.beta_w)
+    schur, vcov = kernel.beta_covariance(theta)
+    given = np.empty((p, p)), np.empty((p, p))
+    assert kernel.beta_covariance(theta, *given)[0] is given[0]
+    assert schur.tobytes() == given[0].tobytes() and vcov.tobytes() == given[1].tobytes()
+    np.testing.assert_allclose(vcov @ schur, np.eye(p), atol=1e-10)
+    with pytest.raises(ValueError):
+        kernel.beta_covariance(theta, np.empty((p, p + 1)), np.empty((p, p)))
+    with pytest.raises(ValueError, match="writable"):
+        kernel.beta_covariance(theta, _readonly(np.empty((p, p))), np.empty((p, p)))
+
+
+# -- numpy's summation, and the saturated log-likelihood --------------------------------------
+
+@pytest.mark.parametrize("n", list(range(0, 40)) + [63, 64, 65, 127, 128, 129, 255, 256,
+                                                     257, 1000, 1031, 4097, 10007])
+def test_add_reduce_is_numpy_add_reduce_bit_for_bit(n):
+    rng = np.random.default_rng(n)
+    for scale in (rng.choice([1.0, 1e-9, 1e9], n), np.full(n, 1.0)):
+        a = rng.standard_normal(n) * scale
+        want = float(np.add.reduce(a))
+        got = _glm.add_reduce(a)
+        assert type(got) is float and repr(got) == repr(want)
+    assert repr(_glm.add_reduce(np.full(n, -0.0))) == repr(float(np.add.reduce(np.full(n, -0.0))))
+
+
+def _saturated_numpy(fam, y, mu, w, eta, devresid):
+    return float(np.add.reduce(fam.loglik(y, mu, w, 1.0, eta=eta))
+                 + 0.5 * np.add.reduce(devresid))
+
+
+@pytest.mark.parametrize("fam", [F.Binomial(), F.Bernoulli(), F.Poisson(),
+                                 F.Bernoulli(F.ProbitLink()), F.Binomial(F.CloglogLink()),
+                                 F.Poisson(F.IdentityLink())])
+def test_saturated_loglik_is_its_numpy_twin(fam):
+    rng = np.random.default_rng(7)
+    for n in (1, 7, 56, 130, 563):
+        eta = rng.normal(0.0, 2.0, n)
+        if fam.link.name == "identity":
+            eta = np.abs(eta) + 0.1
+        mu = fam.link.inverse(eta)
+        if fam.name == "Poisson":
+            y = rng.poisson(3.0, n).astype(float)
+            w = np.empty(0)
+        elif fam.name == "Bernoulli":
+            y = (rng.random(n) < 0.4).astype(float)
+            w = np.empty(0)
+        else:
+            w = rng.integers(1, 30, n).astype(float)
+            w[::5] = 0.0                            # rows of weight zero add nothing
+            y = rng.binomial(w.astype(int), 0.3) / np.maximum(w, 1.0)
+        devresid = rng.random(n)
+        want = _saturated_numpy(fam, y, mu, None if w.size == 0 else w, eta, devresid)
+        got = _glm.saturated_loglik(fam.code, fam.link.code, fam.param, y, mu, w, eta,
+                                    devresid)
+        assert repr(got) == repr(want)
+    with pytest.raises(ValueError):
+        _glm.saturated_loglik(fam.code, fam.link.code, fam.param, y, mu[:-1], w, eta,
+                              devresid)
+
+
+def test_fit_objective_is_the_numpy_saturated_part():
+    fit = _cbpp().fit()
+    model = fit.model
+    saturated = _saturated_numpy(model.family, model.y, np.asarray(fit.mu), model.prior_w,
+                                 np.asarray(fit.eta), np.asarray(fit.devresid))
+    assert fit.objective == -2.0 * (-0.5 * fit.deviance + saturated)
+
+
+def test_pirls_state_arrays_are_distinct_zeros_and_work1_is_made_on_use():
+    st = _pirls.PirlsState(5)
+    arrays = [st.eta, st.mu, st.mu_eta, st.wrkwt, st.wrkresid, st.devresid, st.fixed]
+    assert len({id(a) for a in arrays}) == 7
+    for a in arrays:
+        assert a.shape == (5,) and a.dtype == np.float64 and a.flags.c_contiguous
+        assert a.flags.owndata and not a.any()
+    assert st._work1 is None
+    assert st.work1.shape == (5, 1) and not st.work1.any() and st.work1 is st.work1

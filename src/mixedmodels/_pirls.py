@@ -44,7 +44,7 @@ import warnings
 import numpy as np
 
 from ._kernels import _glm
-from ._linalg._blocked import matvec, upper_solve
+from ._linalg._blocked import matvec, upper_solve, zero_vectors
 
 
 _EMPTY = np.empty(0)    # the kernels read an empty weight array as unit weights
@@ -62,16 +62,22 @@ class PirlsState:
     """Per-observation arrays of the response side, allocated once per model."""
 
     def __init__(self, n):
-        self.eta = np.zeros(n)
-        self.mu = np.zeros(n)
-        self.mu_eta = np.zeros(n)
-        self.wrkwt = np.zeros(n)
-        self.wrkresid = np.zeros(n)
-        self.devresid = np.zeros(n)
-        self.fixed = np.zeros(n)            # X β + offset
-        self.work1 = np.zeros((n, 1))       # the working response, u-only Python loop
+        # seven np.zeros(n) in one call (each NumPy call is a cold C path on a small fit)
+        (self.eta, self.mu, self.mu_eta, self.wrkwt, self.wrkresid, self.devresid,
+         self.fixed) = zero_vectors(n, n, n, n, n, n, n)     # fixed: X β + offset
+        self.n = n
+        self._work1 = None
         self.workx = None                   # [X, working response], PIRLS over β and u
         self.kernel = None                  # the compiled PIRLS bound to these arrays
+
+    @property
+    def work1(self):
+        """The working response (n x 1) of the u-only Python loop and the dispersion
+        families' observed-information factorization; made on first use (the compiled
+        PIRLS does not need it)."""
+        if self._work1 is None:
+            self._work1 = np.zeros((self.n, 1))
+        return self._work1
 
     def evaluate(self, family, y, prior_w, eta):
         if eta is not self.eta:

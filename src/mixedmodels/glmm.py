@@ -681,9 +681,8 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         st, X, off = self.state, self.X, self.offset_or_zero
         p = X.shape[1]
         if one_term:
-            schur, vcov = np.empty((p, p)), np.empty((p, p))
-            row_kernel(self).beta_covariance(np.ascontiguousarray(theta, dtype=float),
-                                             schur, vcov)
+            schur, vcov = row_kernel(self).beta_covariance(
+                np.ascontiguousarray(theta, dtype=float))
             return vcov, schur
         ws = self.workspace
         st.evaluate(fam, self.y, pw, st.eta)
@@ -708,9 +707,12 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
             objective = value
             deviance = value
         else:
-            ll_obs = fam.loglik(self.y, mu, self.prior_w, 1.0, eta=eta)
-            # the saturated part, constant in μ: lme4's logLik is the full family log density
-            saturated = float(np.add.reduce(ll_obs) + 0.5 * np.add.reduce(devresid))
+            # the saturated part, constant in μ: lme4's logLik is the full family log
+            # density. One compiled call, bit for bit its twin (tests/test_glmm_cold_path):
+            #   float(np.add.reduce(fam.loglik(self.y, mu, self.prior_w, 1.0, eta=eta))
+            #         + 0.5 * np.add.reduce(devresid))
+            saturated = _glm.saturated_loglik(fam.code, fam.link.code, fam.param, self.y, mu,
+                                              self.prior_w, eta, devresid)
             deviance = value
             objective = -2.0 * (-0.5 * value + saturated)
         vcov_w = self._vcov_working(theta, beta_w, phi, fam, at_modes=True)

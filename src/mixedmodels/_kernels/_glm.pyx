@@ -1197,11 +1197,8 @@ cdef int _householder_least_squares(Py_ssize_t n, Py_ssize_t p, double *a, doubl
     return 0
 
 
-def glm_irls(int family, int link, double param, const double[:, ::1] x,
-             const double[::1] y, const double[::1] prior_w, const double[::1] offset,
-             double[::1] eta, double[::1] mu, double[::1] mu_eta, double[::1] wrkwt,
-             double[::1] wrkresid, double[::1] devresid, double[::1] beta,
-             int maxiter=50, double tol=1e-10):
+def glm_irls(int family, int link, double param, x, y, prior_w, offset, eta, mu, mu_eta,
+             wrkwt, wrkresid, devresid, beta, int maxiter=50, double tol=1e-10):
     """IRLS for the GLM without random effects (the loop of glmm.py's ``_glm_start``).
 
     From ``eta`` (the link of the starting means), up to ``maxiter`` times: the family's
@@ -1212,13 +1209,18 @@ def glm_irls(int family, int link, double param, const double[:, ::1] x,
     ``beta`` the last solution (zero if none was taken). ``offset`` and ``prior_w`` may
     be empty (zero, unit).
 
+    The arrays are NumPy arrays of float64, C-contiguous (x n-by-p; the rest vectors),
+    the outputs (eta ... devresid, beta) writable: what typed memoryviews would take,
+    bound through the NumPy C API instead (see ``_data_of``).
+
     Returns the number of least-squares solves, or -1 where a weighted X was
     (numerically) of lower rank or a value not finite: the caller then runs its NumPy
     loop, whose dgelsd takes the minimum-norm solution. NumPy twin: that loop
     (``_glm_start(compiled=False)``).
     """
-    cdef Py_ssize_t n = y.shape[0], p = x.shape[1], i, j
-    cdef bint weighted = prior_w.shape[0] > 0, has_off = offset.shape[0] > 0
+    cdef Py_ssize_t n, p, i, j, nx, ne, nmu, nme, nwt, nwr, ndr, npw, noff, nb
+    cdef cnp.npy_intp d[2]
+    cdef bint weighted, has_off
     cdef double dev, dev_old = INFINITY, s, sw
     cdef int it, solves = 0, bad = 0
     cdef double *a
@@ -1226,14 +1228,28 @@ def glm_irls(int family, int link, double param, const double[:, ::1] x,
     cdef double *diag
     cdef double *newbeta
     cdef double *neweta
+    cdef const double *xp = <const double *> _data_of(x, _F64, 2, False, False, "glm_irls",
+                                                      "x", d)
+    cdef const double *yp = _vec(y, False, "glm_irls", "y", &n)
+    cdef const double *pwp = _vec(prior_w, False, "glm_irls", "prior_w", &npw)
+    cdef const double *offp = _vec(offset, False, "glm_irls", "offset", &noff)
+    cdef double *etap = _vec(eta, True, "glm_irls", "eta", &ne)
+    cdef double *mup = _vec(mu, True, "glm_irls", "mu", &nmu)
+    cdef double *mep = _vec(mu_eta, True, "glm_irls", "mu_eta", &nme)
+    cdef double *wtp = _vec(wrkwt, True, "glm_irls", "wrkwt", &nwt)
+    cdef double *wrp = _vec(wrkresid, True, "glm_irls", "wrkresid", &nwr)
+    cdef double *drp = _vec(devresid, True, "glm_irls", "devresid", &ndr)
+    cdef double *bp = _vec(beta, True, "glm_irls", "beta", &nb)
+    nx, p = d[0], d[1]
+    weighted, has_off = npw > 0, noff > 0
     _check_codes(family, link, param)
-    if (x.shape[0] != n or eta.shape[0] != n or mu.shape[0] != n or mu_eta.shape[0] != n
-            or wrkwt.shape[0] != n or wrkresid.shape[0] != n or devresid.shape[0] != n
-            or (weighted and prior_w.shape[0] != n) or (has_off and offset.shape[0] != n)
-            or beta.shape[0] != p):
+    if (nx != n or ne != n or nmu != n or nme != n or nwt != n or nwr != n or ndr != n
+            or (weighted and npw != n) or (has_off and noff != n) or nb != p):
         raise ValueError("glm_irls: the arrays differ in length")
     if n == 0 or p == 0:
         return -1
+    if not weighted:
+        pwp = NULL
     a = <double *> malloc((n * p + 2 * n + 2 * p) * sizeof(double))
     if a == NULL:
         raise MemoryError()
@@ -1243,14 +1259,13 @@ def glm_irls(int family, int link, double param, const double[:, ::1] x,
     newbeta = diag + p
     with nogil:
         for j in range(p):
-            beta[j] = 0.0
+            bp[j] = 0.0
         for it in range(maxiter):
             if it > 0:
                 for i in range(n):
-                    eta[i] = neweta[i]
-            dev = _update_dispatch(family, link, param, n, &eta[0], &y[0],
-                                   &prior_w[0] if weighted else NULL, &mu[0], &mu_eta[0],
-                                   &wrkwt[0], &wrkresid[0], &devresid[0])
+                    etap[i] = neweta[i]
+            dev = _update_dispatch(family, link, param, n, etap, yp, pwp, mup, mep, wtp, wrp,
+                                   drp)
             if fabs(dev_old - dev) <= tol * (fabs(dev) + tol):
                 break
             if not isfinite(dev):
@@ -1258,27 +1273,27 @@ def glm_irls(int family, int link, double param, const double[:, ::1] x,
                 break
             dev_old = dev
             for i in range(n):
-                sw = sqrt(wrkwt[i])
+                sw = sqrt(wtp[i])
                 for j in range(p):
-                    a[j * n + i] = x[i, j] * sw
-                s = (eta[i] - offset[i]) + wrkresid[i] if has_off else eta[i] + wrkresid[i]
+                    a[j * n + i] = xp[i * p + j] * sw
+                s = (etap[i] - offp[i]) + wrp[i] if has_off else etap[i] + wrp[i]
                 b[i] = s * sw
             if _householder_least_squares(n, p, a, b, diag, newbeta):
                 bad = 1
                 break
             solves += 1
             for j in range(p):
-                beta[j] = newbeta[j]
+                bp[j] = newbeta[j]
             for i in range(n):
                 s = 0.0
                 for j in range(p):
-                    s += x[i, j] * newbeta[j]
-                neweta[i] = s + offset[i] if has_off else s
+                    s += xp[i * p + j] * newbeta[j]
+                neweta[i] = s + offp[i] if has_off else s
     free(a)
     return -1 if bad else solves
 
 
-def response_check(int family, const double[::1] y, const double[::1] prior_w):
+def response_check(int family, y, prior_w):
     """One pass over a response and its prior weights: whether families.py's
     ``Family.validate`` would pass them without an error or a warning, and the range of
     y over the rows of positive weight.
@@ -1290,19 +1305,22 @@ def response_check(int family, const double[::1] y, const double[::1] prior_w):
 
     Returns (clean, lo, hi), lo and hi NaN when no row has a positive weight. Where it
     is not clean the caller runs the NumPy checks, which say what is wrong (their
-    messages are those of the twin: ``Family.validate``).
+    messages are those of the twin: ``Family.validate``). y and prior_w: C-contiguous
+    float64 NumPy arrays (bound as in ``glm_irls``).
     """
-    cdef Py_ssize_t n = y.shape[0], i
-    cdef bint weighted = prior_w.shape[0] > 0, clean = True, seen = False
+    cdef Py_ssize_t n, npw, i
+    cdef const double *yp = _vec(y, False, "response_check", "y", &n)
+    cdef const double *pwp = _vec(prior_w, False, "response_check", "prior_w", &npw)
+    cdef bint weighted = npw > 0, clean = True, seen = False
     cdef double yi, wi, k, lo = NAN, hi = NAN
-    if weighted and prior_w.shape[0] != n:
+    if weighted and npw != n:
         return False, NAN, NAN
     if family < 0 or family >= N_FAMILIES:
         return False, NAN, NAN
     with nogil:
         for i in range(n):
-            yi = y[i]
-            wi = prior_w[i] if weighted else 1.0
+            yi = yp[i]
+            wi = pwp[i] if weighted else 1.0
             if not (isfinite(yi) and isfinite(wi) and wi >= 0.0):
                 clean = False
                 break
@@ -1344,10 +1362,12 @@ cdef inline double _binary_logdens_eta(int family, int link, double y, double w,
             - _binary_nlogp(link, k, w - k, eta, m, aux))
 
 
-def loglik(int family, const double[::1] y, const double[::1] mu,
-           const double[::1] prior_w, double phi, double[::1] out, double param=NAN,
-           int link=-1, const double[::1] eta=None):
+def loglik(int family, y, mu, prior_w, double phi, out, double param=NAN, int link=-1,
+           eta=None):
     """Per-observation log densities at mean mu and dispersion phi.
+
+    The arrays are C-contiguous float64 NumPy arrays (``out`` writable), bound as in
+    ``glm_irls``.
 
     Parameters
     ----------
@@ -1383,14 +1403,20 @@ def loglik(int family, const double[::1] y, const double[::1] mu,
     An observation with weight 0 contributes 0. See ``Family.loglik`` for the
     densities; NumPy in ``_glm_numpy.loglik``.
     """
-    cdef Py_ssize_t n = y.shape[0], i
-    cdef bint weighted = prior_w.shape[0] > 0
+    cdef Py_ssize_t n, nmu, npw, nout, neta, i
+    cdef const double *yp = _vec(y, False, "loglik", "y", &n)
+    cdef const double *mup = _vec(mu, False, "loglik", "mu", &nmu)
+    cdef const double *pwp = _vec(prior_w, False, "loglik", "prior_w", &npw)
+    cdef double *outp = _vec(out, True, "loglik", "out", &nout)
+    cdef const double *etap = NULL
+    cdef bint weighted = npw > 0
     cdef bint from_eta = False
     cdef double wi, v, c, total = 0.0
     _check_codes(family, 0, param)
     if eta is not None:
+        etap = _vec(eta, False, "loglik", "eta", &neta)
         _check_codes(family, link, param)
-        if eta.shape[0] != n:
+        if neta != n:
             raise ValueError("loglik: eta must have the length of y")
         from_eta = ((family == FAM_BERNOULLI or family == FAM_BINOMIAL)
                     and _tail_link(link))
@@ -1398,22 +1424,108 @@ def loglik(int family, const double[::1] y, const double[::1] mu,
             and family != FAM_NEGATIVE_BINOMIAL):
         if not phi > 0.0:
             raise ValueError(f"dispersion phi must be positive, got {phi}")
-    if mu.shape[0] != n or out.shape[0] != n or (weighted and prior_w.shape[0] != n):
+    if nmu != n or nout != n or (weighted and npw != n):
         raise ValueError("loglik: all arrays must have the length of y "
                          "(prior_w may be empty for unit weights)")
     with nogil:
         c = _logdens_const(family, phi, param)
         for i in range(n):
-            wi = prior_w[i] if weighted else 1.0
+            wi = pwp[i] if weighted else 1.0
             if wi == 0.0:
                 v = 0.0
             elif from_eta:
-                v = _binary_logdens_eta(family, link, y[i], wi, eta[i])
+                v = _binary_logdens_eta(family, link, yp[i], wi, etap[i])
             else:
-                v = _logdens(family, y[i], mu[i], wi, phi, param, c)
-            out[i] = v
+                v = _logdens(family, yp[i], mup[i], wi, phi, param, c)
+            outp[i] = v
             total += v
     return total
+
+
+cdef double _pairwise_sum(const double *a, Py_ssize_t n) noexcept nogil:
+    # numpy's pairwise summation of a contiguous float64 vector (loops_utils.h.src,
+    # ``pairwise_sum``): eight running sums over blocks of up to 128, halves above
+    cdef Py_ssize_t i, n2
+    cdef double r0, r1, r2, r3, r4, r5, r6, r7, res
+    if n < 8:
+        res = -0.0
+        for i in range(n):
+            res += a[i]
+        return res
+    if n <= 128:
+        r0, r1, r2, r3, r4, r5, r6, r7 = a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]
+        i = 8
+        while i < n - (n % 8):
+            r0 += a[i]
+            r1 += a[i + 1]
+            r2 += a[i + 2]
+            r3 += a[i + 3]
+            r4 += a[i + 4]
+            r5 += a[i + 5]
+            r6 += a[i + 6]
+            r7 += a[i + 7]
+            i += 8
+        res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+        while i < n:
+            res += a[i]
+            i += 1
+        return res
+    n2 = n // 2
+    n2 -= n2 % 8
+    return _pairwise_sum(a, n2) + _pairwise_sum(a + n2, n - n2)
+
+
+def add_reduce(a):
+    """np.add.reduce of a contiguous float64 vector, bit for bit (its twin; the
+    tests hold it to it), as a Python float."""
+    cdef Py_ssize_t n
+    cdef const double *ap = _vec(a, False, "add_reduce", "a", &n)
+    return 0.0 + _pairwise_sum(ap, n)
+
+
+def saturated_loglik(int family, int link, double param, y, mu, prior_w, eta, devresid):
+    """Σ ℓ_i(y_i; μ_i) + ½ Σ devresid_i, the saturated part of the log-likelihood at
+    φ = 1, as glmm.py's ``_optimum`` formed it in NumPy (its twin)::
+
+        float(np.add.reduce(family.loglik(y, mu, prior_w, 1.0, eta=eta))
+              + 0.5 * np.add.reduce(devresid))
+
+    bit for bit: the log densities of :func:`loglik` (from ``eta`` where it takes
+    them from η) and numpy's pairwise summation. One call where the NumPy form made
+    seven (the family's conversions and two reductions). The arrays: C-contiguous
+    float64 NumPy arrays of one length (``prior_w`` may be empty)."""
+    cdef Py_ssize_t n, nmu, npw, neta, ndr, i
+    cdef const double *yp = _vec(y, False, "saturated_loglik", "y", &n)
+    cdef const double *mup = _vec(mu, False, "saturated_loglik", "mu", &nmu)
+    cdef const double *pwp = _vec(prior_w, False, "saturated_loglik", "prior_w", &npw)
+    cdef const double *etap = _vec(eta, False, "saturated_loglik", "eta", &neta)
+    cdef const double *drp = _vec(devresid, False, "saturated_loglik", "devresid", &ndr)
+    cdef bint weighted = npw > 0, from_eta
+    cdef double wi, c, ll, dev
+    cdef double *out
+    _check_codes(family, 0, param)
+    _check_codes(family, link, param)
+    if nmu != n or neta != n or ndr != n or (weighted and npw != n):
+        raise ValueError("saturated_loglik: all arrays must have the length of y "
+                         "(prior_w may be empty for unit weights)")
+    from_eta = (family == FAM_BERNOULLI or family == FAM_BINOMIAL) and _tail_link(link)
+    out = <double *> malloc((n if n > 0 else 1) * sizeof(double))
+    if out == NULL:
+        raise MemoryError()
+    with nogil:
+        c = _logdens_const(family, 1.0, param)
+        for i in range(n):
+            wi = pwp[i] if weighted else 1.0
+            if wi == 0.0:
+                out[i] = 0.0
+            elif from_eta:
+                out[i] = _binary_logdens_eta(family, link, yp[i], wi, etap[i])
+            else:
+                out[i] = _logdens(family, yp[i], mup[i], wi, 1.0, param, c)
+        ll = 0.0 + _pairwise_sum(out, n)
+        dev = 0.0 + _pairwise_sum(drp, n)
+    free(out)
+    return ll + 0.5 * dev
 
 
 def agq_deviance(int family, int link, const double[::1] fixed, const double[::1] zlam,
@@ -1996,15 +2108,17 @@ cdef enum:
     _I64 = 2
 
 
-cdef void *_data(object a, int kind, int ndim, bint fortran, bint writable, str name,
-                 cnp.npy_intp *dims) except? NULL:
-    # the data of a NumPy array the kernel binds, checked as a typed memoryview of its
+cdef void *_data_of(object a, int kind, int ndim, bint fortran, bint writable, str who,
+                    str name, cnp.npy_intp *dims) except? NULL:
+    # the data of a NumPy array a kernel binds, checked as a typed memoryview of its
     # kind would be (float64, or a signed integer of 4 or 8 bytes; C order, or Fortran
-    # with ``fortran``; writable where written), and its shape into dims
+    # with ``fortran``; writable where written), and its shape into dims. (Acquiring a
+    # memoryview goes through the buffer protocol and makes a Cython memoryview object:
+    # a C path of its own, paid cold on every small fit while any argument still takes it.)
     cdef cnp.ndarray arr
     cdef bint ok
     if not cnp.PyArray_Check(a):
-        raise TypeError(f"PirlsKernel: {name} must be a NumPy array")
+        raise TypeError(f"{who}: {name} must be a NumPy array")
     arr = <cnp.ndarray> a
     if kind == _F64:
         ok = cnp.PyArray_TYPE(arr) == cnp.NPY_DOUBLE
@@ -2013,16 +2127,33 @@ cdef void *_data(object a, int kind, int ndim, bint fortran, bint writable, str 
               and cnp.PyArray_ITEMSIZE(arr) == (4 if kind == _I32 else 8))
     if not (ok and cnp.PyArray_NDIM(arr) == ndim and cnp.PyArray_ISNOTSWAPPED(arr)
             and cnp.PyArray_ISALIGNED(arr)):
-        raise ValueError(f"PirlsKernel: {name} must be a {ndim}-d array of "
+        raise ValueError(f"{who}: {name} must be a {ndim}-d array of "
                          f"{('float64', 'int32', 'int64')[kind]}")
     if not (cnp.PyArray_IS_F_CONTIGUOUS(arr) if fortran else cnp.PyArray_IS_C_CONTIGUOUS(arr)):
-        raise ValueError(f"PirlsKernel: {name} must be contiguous")
+        raise ValueError(f"{who}: {name} must be contiguous")
     if writable and not cnp.PyArray_ISWRITEABLE(arr):
-        raise ValueError(f"PirlsKernel: {name} must be writable")
+        raise ValueError(f"{who}: {name} must be writable")
     dims[0] = cnp.PyArray_DIM(arr, 0)
     if ndim == 2:
         dims[1] = cnp.PyArray_DIM(arr, 1)
     return cnp.PyArray_DATA(arr)
+
+
+cdef void *_data(object a, int kind, int ndim, bint fortran, bint writable, str name,
+                 cnp.npy_intp *dims) except? NULL:
+    return _data_of(a, kind, ndim, fortran, writable, "PirlsKernel", name, dims)
+
+
+cdef inline double *_vec(object a, bint writable, str who, str name,
+                        Py_ssize_t *n) except? NULL:
+    # a float64 vector bound as ``const double[::1]`` (``double[::1]``: writable) would
+    # be, its length into n
+    cdef cnp.npy_intp d[2]
+    cdef void *data
+    n[0] = 0
+    data = _data_of(a, _F64, 1, False, writable, who, name, d)
+    n[0] = d[0]
+    return <double *> data
 
 
 cdef object _zeros(Py_ssize_t n, int typenum):
@@ -2218,7 +2349,8 @@ cdef class PirlsKernel:
         # releasing the GIL costs ~0.1 µs (a mutex each way), a tenth of a pass over 50
         # rows: only where the passes are long enough for other threads to gain from it
         self.release_gil = n >= RELEASE_GIL_ROWS
-        self.ubuf_arr = np.zeros((q, 1), order="F")
+        d[0], d[1] = q, 1
+        self.ubuf_arr = cnp.PyArray_ZEROS(2, d, cnp.NPY_DOUBLE, 1)     # q x 1, Fortran
         self.ubuf = <double *> cnp.PyArray_DATA(<cnp.ndarray> self.ubuf_arr)
         # unew, uold, Λu (the 3q + 1 it always had), then Fisher scoring's last step
         self.buf = <double *> malloc((4 * q + 1) * sizeof(double))
@@ -2294,13 +2426,33 @@ cdef class PirlsKernel:
                        self.nlev, self.R.nterm, u, b)
         return _rows_pass(family, link, param, &self.R, b, accumulate)
 
-    cdef int _bind_weights(self, const double[::1] prior_w) except -1:
-        if prior_w.shape[0] != 0 and prior_w.shape[0] != self.R.n:
+    cdef const double *_weights(self, object prior_w) except? NULL:
+        # the prior weights' data, NULL for unit weights (an empty array)
+        cdef Py_ssize_t npw
+        cdef const double *pw = _vec(prior_w, False, "PirlsKernel", "prior_w", &npw)
+        if npw != 0 and npw != self.R.n:
             raise ValueError("PirlsKernel: prior_w must have one weight per row (or none)")
-        self.R.pw = &prior_w[0] if prior_w.shape[0] > 0 else NULL
+        return pw if npw > 0 else NULL
+
+    cdef int _set_theta(self, object theta) except -1:
+        # θ into the factorizer's templates: through the kernel's own lam_index where it
+        # has one (layout.index, the factorizer's too), else the factorizer's setter
+        cdef Py_ssize_t nt
+        cdef const double *t
+        if not self.has_lam_index:
+            return tf_set_theta(self.tf, theta)
+        t = _vec(theta, False, "PirlsKernel", "theta", &nt)
+        return self._theta_at(t, nt)
+
+    cdef int _theta_at(self, const double *theta, Py_ssize_t nt) except -1:
+        cdef Py_ssize_t i
+        if nt != self.nth:
+            raise ValueError("theta has the wrong length")
+        for i in range(nt):
+            self.lam[self.lam_index[i]] = theta[i]
         return 0
 
-    cdef int _set_fixed(self, const double[::1] beta) except -1:
+    cdef int _set_fixed(self, const double *beta, Py_ssize_t nbeta) except -1:
         # fixed <- offset + Xβ (_matvec_rows)
         cdef Py_ssize_t n = self.R.n, p
         cdef const double *x
@@ -2310,12 +2462,12 @@ cdef class PirlsKernel:
         if not self.has_x:
             raise ValueError("PirlsKernel: bound without X; set fixed = Xβ + offset instead")
         p = self.p
-        if beta.shape[0] != p:
-            raise ValueError(f"beta has {beta.shape[0]} entries; X has {p} columns")
+        if nbeta != p:
+            raise ValueError(f"beta has {nbeta} entries; X has {p} columns")
         off = self.offset
         out = self.fixed
         x = self.xmat if p > 0 else NULL
-        b = &beta[0] if p > 0 else NULL
+        b = beta if p > 0 else NULL
         if self.release_gil:
             with nogil:
                 _matvec_rows(n, p, x, b, off, out)
@@ -2323,26 +2475,27 @@ cdef class PirlsKernel:
             _matvec_rows(n, p, x, b, off, out)
         return 0
 
-    def evaluate(self, int family, int link, double param, const double[::1] prior_w,
-                 const double[::1] theta, const double[::1] u, bint accumulate=True):
+    def evaluate(self, int family, int link, double param, prior_w, theta, u,
+                 bint accumulate=True):
         """One fused pass at θ and u: η = fixed + ZΛu into eta, the family's update into
         mu ... devresid, and (accumulate) the cross-products Z'WZ, Z'Wr, r'Wr at the new
         weights into the workspace's avals, ztxy and xtxy. Returns the deviance.
         NumPy: system.linear_predictor, families.Family.update, system.set_products."""
-        _check_codes(family, link, param)
-        if u.shape[0] != self.q:
-            raise ValueError(f"u has {u.shape[0]} entries; the model has {self.q}")
-        tf_set_theta(self.tf, theta)
-        self._bind_weights(prior_w)
+        cdef Py_ssize_t nu
+        cdef const double *up = _vec(u, False, "PirlsKernel", "u", &nu)
         cdef double dev
+        _check_codes(family, link, param)
+        if nu != self.q:
+            raise ValueError(f"u has {nu} entries; the model has {self.q}")
+        self._set_theta(theta)
+        self.R.pw = self._weights(prior_w)
         with nogil:
-            dev = self._evaluate(family, link, param, &u[0], accumulate)
+            dev = self._evaluate(family, link, param, up, accumulate)
         self.R.pw = NULL
         return dev
 
-    def pirls(self, int family, int link, double param, const double[::1] prior_w,
-              const double[::1] theta, double[::1] u, double tol=1e-13, int maxiter=100,
-              int max_halving=30, double step_tol=1e-9, const double[::1] beta=None,
+    def pirls(self, int family, int link, double param, prior_w, theta, u, double tol=1e-13,
+              int maxiter=100, int max_halving=30, double step_tol=1e-9, beta=None,
               double mode_tol=1e-12):
         """PIRLS over u from u (overwritten by the modes), as mixedmodels._pirls.pirls
         with ``vary_beta=False``; ``fixed`` must hold Xβ + offset, or ``beta`` be given
@@ -2358,18 +2511,16 @@ cdef class PirlsKernel:
         the modes returned), not those of the last factorization (one step before).
         """
         cdef double out[5]
-        self._prepare(family, link, param, prior_w, theta, u, beta)
+        cdef double *up = self._prepare(family, link, param, prior_w, theta, u, beta)
         try:
-            self._pirls(family, link, param, &u[0], tol, maxiter, max_halving, step_tol,
+            self._pirls(family, link, param, up, tol, maxiter, max_halving, step_tol,
                         mode_tol, out)
         finally:
             self.R.pw = NULL
         return out[0], out[1], int(out[2]), bool(out[3]), bool(out[4])
 
-    def laplace(self, int family, int link, double param, const double[::1] prior_w,
-                const double[::1] theta, const double[::1] beta, double[::1] u,
-                double[::1] grad, double tol=1e-13, int maxiter=100, int max_halving=30,
-                double step_tol=1e-9):
+    def laplace(self, int family, int link, double param, prior_w, theta, beta, u, grad,
+                double tol=1e-13, int maxiter=100, int max_halving=30, double step_tol=1e-9):
         """The Laplace deviance of a one-term GLMM with a canonical link and its gradient
         over (β, θ): fixed = Xβ + offset, PIRLS from u (overwritten by the modes), and
         at the modes _gradient.pyx's ``blockdiag_laplace_gradient_c`` into ``grad``
@@ -2382,7 +2533,12 @@ cdef class PirlsKernel:
         _gradient._gradient_at_modes_numpy.
         """
         cdef double out[6]
-        cdef Py_ssize_t p, nth
+        cdef Py_ssize_t p, nth, ng, nt, nb, nu
+        cdef const double *pw
+        cdef const double *tp
+        cdef const double *bp
+        cdef double *up
+        cdef double *gp
         if not ((family == FAM_BERNOULLI or family == FAM_BINOMIAL) and link == LNK_LOGIT
                 or family == FAM_POISSON and link == LNK_LOG):
             raise ValueError("laplace: Bernoulli or Binomial with the logit link, or Poisson "
@@ -2392,19 +2548,25 @@ cdef class PirlsKernel:
                              "the offset and the theta indices")
         p = self.p
         nth = self.nth
-        if grad.shape[0] != p + nth:
-            raise ValueError(f"grad has {grad.shape[0]} entries; the model has {p + nth}")
-        self._laplace_at(family, link, param, prior_w, theta, beta, u, grad, tol, maxiter,
+        pw = self._weights(prior_w)
+        tp = _vec(theta, False, "PirlsKernel", "theta", &nt)
+        bp = _vec(beta, False, "PirlsKernel", "beta", &nb)
+        up = _vec(u, True, "PirlsKernel", "u", &nu)
+        gp = _vec(grad, True, "PirlsKernel", "grad", &ng)
+        if ng != p + nth:
+            raise ValueError(f"grad has {ng} entries; the model has {p + nth}")
+        self._laplace_at(family, link, param, pw, tp, nt, bp, nb, up, nu, gp, tol, maxiter,
                          max_halving, step_tol, out)
         return out[0], out[1], out[2], int(out[3]), bool(out[4]), bool(out[5])
 
-    cdef int _laplace_at(self, int family, int link, double param,
-                         const double[::1] prior_w, const double[::1] theta,
-                         const double[::1] beta, double[::1] u, double[::1] grad,
+    cdef int _laplace_at(self, int family, int link, double param, const double *pw,
+                         const double *theta, Py_ssize_t ntheta, const double *beta,
+                         Py_ssize_t nbeta, double *u, Py_ssize_t nu, double *grad,
                          double tol, int maxiter, int max_halving, double step_tol,
                          double *result) except -1:
-        # the work of ``laplace`` (its checks made by the caller); result <- (value,
-        # logdet, deviance, iterations, converged, exhausted)
+        # the work of ``laplace`` (its checks made by the caller; pw: the prior weights,
+        # NULL for unit ones; grad: p + ntheta entries); result <- (value, logdet,
+        # deviance, iterations, converged, exhausted)
         cdef double out[5]
         cdef double usq = 0.0
         cdef Py_ssize_t p = self.p, m, j, k = self.kk[0]
@@ -2417,13 +2579,13 @@ cdef class PirlsKernel:
                 self.R.n, self.nlev[0], <int> k)) * sizeof(double))
             if self.gwork == NULL:
                 raise MemoryError()
-        self._prepare(family, link, param, prior_w, theta, u, beta)
+        self._prepare_at(family, link, param, pw, theta, ntheta, beta, nbeta, nu)
         if self.pred_ok and self.pred_pw == self.R.pw:
-            self._predict_modes(&u[0], theta[0])
+            self._predict_modes(u, theta[0])
         self.pred_ok = False
         try:
             # (the canonical pairs only: Newton's rule, mode_tol unused)
-            self._pirls(family, link, param, &u[0], tol, maxiter, max_halving, step_tol,
+            self._pirls(family, link, param, u, tol, maxiter, max_halving, step_tol,
                         1e-12, out)
         finally:
             self.R.pw = NULL
@@ -2439,31 +2601,27 @@ cdef class PirlsKernel:
         if self.release_gil:
             with nogil:
                 bad = blockdiag_laplace_gradient_c(&ot, self.lam + self.lam_off[0],
-                                                   self.avals, &u[0],
-                                                   &grad[0] if p > 0 else NULL, gt,
-                                                   self.gwork + k * k)
+                                                   self.avals, u, grad if p > 0 else NULL,
+                                                   gt, self.gwork + k * k)
         else:
             bad = blockdiag_laplace_gradient_c(&ot, self.lam + self.lam_off[0],
-                                               self.avals, &u[0],
-                                               &grad[0] if p > 0 else NULL, gt,
-                                               self.gwork + k * k)
+                                               self.avals, u, grad if p > 0 else NULL,
+                                               gt, self.gwork + k * k)
         if not bad:
             for j in range(nth):
                 grad[p + j] = gt[self.lam_index[j] - self.lam_off[0]]
         if bad:
             raise np.linalg.LinAlgError("random-effects block not positive definite")
         if k == 1 and out[3] and not out[4]:
-            self._save_sensitivity(&u[0], theta[0], self.gwork + 1,
-                                   &prior_w[0] if prior_w.shape[0] > 0 else NULL)
+            self._save_sensitivity(u, theta[0], self.gwork + 1, pw)
         result[0] = out[1] + usq + 2.0 * out[0]
         for j in range(5):
             result[j + 1] = out[j]
         return 0
 
-    def lbfgsb(self, setulb, int family, int link, double param, const double[::1] prior_w,
-               const double[::1] x0, const double[::1] lower, double[::1] u, int maxfun,
-               double ftol, double gtol, int maxcor=10, int maxls=20, double tol=1e-13,
-               int maxiter=100, int max_halving=30, double step_tol=1e-9):
+    def lbfgsb(self, setulb, int family, int link, double param, prior_w, x0, lower, u,
+               int maxfun, double ftol, double gtol, int maxcor=10, int maxls=20,
+               double tol=1e-13, int maxiter=100, int max_halving=30, double step_tol=1e-9):
         """L-BFGS-B over x = [β, θ] of :meth:`laplace`'s deviance: scipy's compiled
         routine (``setulb``, handed in: ``scipy.optimize._lbfgsb.setulb``) driven step by
         step as mixedmodels._optimize.lbfgsb drives it, with the evaluations made here.
@@ -2487,11 +2645,14 @@ cdef class PirlsKernel:
         before any evaluation). Twin: ``_optimize.minimize_with_gradient`` over
         ``GeneralizedLinearMixedModel._joint_value_and_grad`` (tests/test_glmm_search.py).
         """
-        cdef Py_ssize_t p, nth, n, q = self.q, i
+        cdef Py_ssize_t p, nth, n, nlow, nu, q = self.q, i
         cdef double out[6]
         cdef double value, lo
         cdef int nfev = 0, niter = 0, t0
-        cdef double[::1] xv, gradv
+        cdef const double *pw
+        cdef const double *x0p
+        cdef const double *lowerp
+        cdef double *up
         cdef double *xp
         cdef double *gp
         cdef double *fp
@@ -2510,11 +2671,14 @@ cdef class PirlsKernel:
                              "the offset and the theta indices")
         p = self.p
         nth = self.nth
-        n = x0.shape[0]
-        if n != p + nth or lower.shape[0] != n:
+        pw = self._weights(prior_w)
+        x0p = _vec(x0, False, "PirlsKernel", "x0", &n)
+        lowerp = _vec(lower, False, "PirlsKernel", "lower", &nlow)
+        up = _vec(u, True, "PirlsKernel", "u", &nu)
+        if n != p + nth or nlow != n:
             raise ValueError(f"lbfgsb: x0 and lower must have {p + nth} entries")
-        if u.shape[0] != q:
-            raise ValueError(f"u has {u.shape[0]} entries; the model has {q}")
+        if nu != q:
+            raise ValueError(f"u has {nu} entries; the model has {q}")
         # setulb_arrays': x (x0 moved onto its bounds), the bounds and their kinds
         # (1: a lower bound only; 0: none), f (0-d), g, the work arrays, the task
         x = _zeros(n, cnp.NPY_DOUBLE)
@@ -2541,15 +2705,14 @@ cdef class PirlsKernel:
         lastgp = <double *> cnp.PyArray_DATA(<cnp.ndarray> last_grad)
         taskp = <int *> cnp.PyArray_DATA(<cnp.ndarray> task)
         for i in range(n):
-            if isfinite(lower[i]):
-                lo = lower[i]
+            if isfinite(lowerp[i]):
+                lo = lowerp[i]
                 (<double *> cnp.PyArray_DATA(<cnp.ndarray> low))[i] = lo
                 (<int *> cnp.PyArray_DATA(<cnp.ndarray> nbd))[i] = 1
                 # np.maximum(x0, low): x0 where x0 >= low or x0 is NaN
-                xp[i] = x0[i] if (x0[i] >= lo or x0[i] != x0[i]) else lo
+                xp[i] = x0p[i] if (x0p[i] >= lo or x0p[i] != x0p[i]) else lo
             else:
-                xp[i] = x0[i]
-        xv, gradv = x, grad
+                xp[i] = x0p[i]
         log, exhausted = [], []
         last = last_x = None
         last_value = last_logdet = NAN
@@ -2569,13 +2732,13 @@ cdef class PirlsKernel:
                     return None
                 t0 = taskp[0]
                 if t0 == 3:                 # f and g wanted at x
-                    memcpy(ubak, &u[0], q * sizeof(double))
+                    memcpy(ubak, up, q * sizeof(double))
                     try:
-                        self._laplace_at(family, link, param, prior_w, xv[p:], xv[:p], u,
-                                         gradv, tol, maxiter, max_halving, step_tol, out)
+                        self._laplace_at(family, link, param, pw, xp + p, nth, xp, p, up, q,
+                                         gradp, tol, maxiter, max_halving, step_tol, out)
                         ok = True
                     except np.linalg.LinAlgError:
-                        memcpy(&u[0], ubak, q * sizeof(double))
+                        memcpy(up, ubak, q * sizeof(double))
                         ok = False
                     nfev += 1
                     xcopy = cnp.PyArray_NewCopy(<cnp.ndarray> x, cnp.NPY_CORDER)
@@ -2606,27 +2769,37 @@ cdef class PirlsKernel:
             last = (last_x, last_value, last_grad, last_logdet)
         return log, (int(taskp[0]), int(taskp[1])), last, exhausted
 
-    def beta_covariance(self, const double[::1] theta, double[:, ::1] schur,
-                        double[:, ::1] vcov):
+    def beta_covariance(self, theta, schur=None, vcov=None):
         """One term: the Schur complement S = X'WX - X'WZΛ M⁻¹ Λ'Z'WX at the working
         weights the state holds (the modes, after :meth:`pirls` or :meth:`laplace` at
         this θ) into ``schur``, and S⁻¹, the covariance of β̃ given θ, into ``vcov``
-        (both p-by-p). _gradient.pyx's ``blockdiag_beta_covariance_c``; NumPy: glmm's
-        ``_vcov_working`` on the workspace. Sets the factorizer's template to θ; raises
-        numpy.linalg.LinAlgError where M_l or S is not positive definite."""
+        (both p-by-p, C order; None: new arrays, made here). _gradient.pyx's
+        ``blockdiag_beta_covariance_c``; NumPy: glmm's ``_vcov_working`` on the
+        workspace. Sets the factorizer's template to θ; raises numpy.linalg.LinAlgError
+        where M_l or S is not positive definite. Returns (schur, vcov)."""
         cdef Py_ssize_t p, k
         cdef OneTerm ot
         cdef int status
         cdef double *work
+        cdef cnp.npy_intp ds[2]
+        cdef cnp.npy_intp dv[2]
+        cdef double *sp
+        cdef double *vp
         if self.R.nterm != 1 or not self.has_x:
             raise ValueError("beta_covariance: one random-effects term, and a kernel bound "
                              "to X")
         p = self.p
         k = self.kk[0]
-        if (schur.shape[0] != p or schur.shape[1] != p or vcov.shape[0] != p
-                or vcov.shape[1] != p):
+        ds[0] = ds[1] = p
+        if schur is None:
+            schur = cnp.PyArray_EMPTY(2, ds, cnp.NPY_DOUBLE, 0)
+        if vcov is None:
+            vcov = cnp.PyArray_EMPTY(2, ds, cnp.NPY_DOUBLE, 0)
+        sp = <double *> _data(schur, _F64, 2, False, True, "schur", ds)
+        vp = <double *> _data(vcov, _F64, 2, False, True, "vcov", dv)
+        if ds[0] != p or ds[1] != p or dv[0] != p or dv[1] != p:
             raise ValueError(f"beta_covariance: schur and vcov must be {p}-by-{p}")
-        tf_set_theta(self.tf, theta)
+        self._set_theta(theta)
         ot.n, ot.nlev, ot.p, ot.zstride, ot.k = self.R.n, self.nlev[0], p, self.R.ncol, <int> k
         ot.codes = self.R.codes
         ot.z = self.R.zcat + self.zoff[0]
@@ -2640,10 +2813,11 @@ cdef class PirlsKernel:
             raise MemoryError()
         with nogil:
             status = blockdiag_beta_covariance_c(&ot, self.lam + self.lam_off[0],
-                                                 &schur[0, 0] if p > 0 else NULL,
-                                                 &vcov[0, 0] if p > 0 else NULL, work)
+                                                 sp if p > 0 else NULL,
+                                                 vp if p > 0 else NULL, work)
         free(work)
         raise_covariance_status(status)
+        return schur, vcov
 
     # -- the warm start of laplace: the modes moved to first order ----------------------
     #
@@ -2729,17 +2903,32 @@ cdef class PirlsKernel:
             for l in range(nlev):
                 u[l] += du[l]
 
-    cdef int _prepare(self, int family, int link, double param, const double[::1] prior_w,
-                      const double[::1] theta, double[::1] u, const double[::1] beta) except -1:
+    cdef double *_prepare(self, int family, int link, double param, object prior_w,
+                          object theta, object u, object beta) except NULL:
         # the checks and settings of a PIRLS call: codes, u's length, θ into the
-        # templates, fixed from β (when given), the prior weights (reset by the caller)
+        # templates, fixed from β (when given), the prior weights (reset by the caller);
+        # returns u's data
+        cdef Py_ssize_t nu, nb
+        cdef double *up = _vec(u, True, "PirlsKernel", "u", &nu)
         _check_codes(family, link, param)
-        if u.shape[0] != self.q:
-            raise ValueError(f"u has {u.shape[0]} entries; the model has {self.q}")
-        tf_set_theta(self.tf, theta)
+        if nu != self.q:
+            raise ValueError(f"u has {nu} entries; the model has {self.q}")
+        self._set_theta(theta)
         if beta is not None:
-            self._set_fixed(beta)
-        self._bind_weights(prior_w)
+            self._set_fixed(_vec(beta, False, "PirlsKernel", "beta", &nb), nb)
+        self.R.pw = self._weights(prior_w)
+        return up
+
+    cdef int _prepare_at(self, int family, int link, double param, const double *pw,
+                         const double *theta, Py_ssize_t ntheta, const double *beta,
+                         Py_ssize_t nbeta, Py_ssize_t nu) except -1:
+        # _prepare from C arrays (a kernel with lam_index; β given)
+        _check_codes(family, link, param)
+        if nu != self.q:
+            raise ValueError(f"u has {nu} entries; the model has {self.q}")
+        self._theta_at(theta, ntheta)
+        self._set_fixed(beta, nbeta)
+        self.R.pw = pw
         return 0
 
     cdef int _pirls(self, int family, int link, double param, double *u, double tol,
