@@ -156,48 +156,41 @@ class _OneTermPattern(BlockPattern):
     """The :class:`BlockPattern` of one term, whose term-pair and per-block arrays and row
     offsets are made on first use: the workspace factors such a model level by level from
     ``avals`` and finds a row's block from its code (ThetaFactorizer.accumulate), so a
-    model that is only built and fitted never reads them. Its sizes are plain values."""
+    model that is only built and fitted never reads them. Its sizes are plain values.
+    (Made by ``__getattr__``, which runs only for a missing attribute, rather than by
+    ``functools.cached_property``, whose lock costs more than a GLMM's three arrays.)"""
 
     nterm = 1
     blockdiagonal = True
 
-    @functools.cached_property
-    def q(self):        # set when the pattern is made; for a copy made without it
-        return int(self.kk[0]) * int(self.nlev[0])
+    def __getattr__(self, name):
+        make = _ONE_TERM_LAZY.get(name)
+        if make is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        value = self.__dict__[name] = make(self)
+        return value
 
-    @functools.cached_property
-    def pair_tr(self):
-        return np.zeros(1, np.int32)
 
-    @functools.cached_property
-    def pair_tc(self):
-        return np.zeros(1, np.int32)
+def _one_term_rowoff(pat):
+    # offset = k * k * level
+    size = int(pat.kk[0]) ** 2
+    rowoff = pat.codes.astype(np.int64)
+    if size != 1:
+        rowoff *= size
+    return rowoff
 
-    @functools.cached_property
-    def rowoff(self):
-        # offset = k * k * level
-        size = int(self.kk[0]) ** 2
-        rowoff = self.codes.astype(np.int64)
-        if size != 1:
-            rowoff *= size
-        return rowoff
 
-    @functools.cached_property
-    def blk_off(self):
-        size = int(self.kk[0]) ** 2
-        return np.arange(0, self.nvals, size, dtype=np.int64)
-
-    @functools.cached_property
-    def blk_tr(self):
-        return np.zeros(int(self.nlev[0]), np.int32)
-
-    @functools.cached_property
-    def blk_tc(self):
-        return np.zeros(int(self.nlev[0]), np.int32)
-
-    @functools.cached_property
-    def blk_diag(self):
-        return np.ones(int(self.nlev[0]), np.int8)
+_ONE_TERM_LAZY = {
+    # set when the pattern is made; for a copy made without it
+    "q": lambda pat: int(pat.kk[0]) * int(pat.nlev[0]),
+    "pair_tr": lambda pat: np.zeros(1, np.int32),
+    "pair_tc": lambda pat: np.zeros(1, np.int32),
+    "rowoff": _one_term_rowoff,
+    "blk_off": lambda pat: np.arange(0, pat.nvals, int(pat.kk[0]) ** 2, dtype=np.int64),
+    "blk_tr": lambda pat: np.zeros(int(pat.nlev[0]), np.int32),
+    "blk_tc": lambda pat: np.zeros(int(pat.nlev[0]), np.int32),
+    "blk_diag": lambda pat: np.ones(int(pat.nlev[0]), np.int8),
+}
 
 
 def _new_pattern(fields):
