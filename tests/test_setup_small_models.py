@@ -177,6 +177,15 @@ def test_small_upper_inverse_is_upper_solve(p, seed):
     assert np.allclose(Rinv, inverse, rtol=1e-14, atol=0.0)
 
 
+@pytest.mark.parametrize("p", range(1, 10))
+@pytest.mark.parametrize("seed", range(4))
+def test_upper_inverse_in_floats_is_upper_solve_bit_for_bit(p, seed):
+    # up to _FLOAT_BASIS_MAX columns the Python floats, beyond it upper_solve itself
+    rng = np.random.default_rng(100 + seed)
+    R = np.triu(rng.standard_normal((p, p)) * 10.0 ** rng.integers(-6, 6, (p, p)))
+    assert _same(_upper_inverse(R.tolist(), R), _upper_solve_inverse(R))
+
+
 def test_upper_inverse_with_a_zero_diagonal_is_upper_solve():
     R = np.array([[2.0, 1.0], [0.0, 0.0]])
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -190,26 +190,36 @@ def _rows_far_from_aliased(rl, ad):
     return True
 
 
+# Up to this many columns the basis's p-by-p arithmetic runs in Python floats: on a cold
+# start (every small fit in the benchmark) a few hundred float operations cost less than
+# the NumPy calls they stand for
+_FLOAT_BASIS_MAX = 8
+
+
 def _upper_inverse(Rl, R):
     """R⁻¹ of an upper-triangular R (also given as rows of Python floats, ``Rl``), as
     ``_blocked.upper_solve`` gives it column by column.
 
-    Up to 2-by-2 with a nonzero diagonal, the solves are written out in Python floats:
-    the same IEEE operations in the same order (none that a multiply-add could fuse
-    differently), at a fraction of the cost of the calls.
+    Up to ``_FLOAT_BASIS_MAX`` columns with a nonzero diagonal, the solves run in Python
+    floats: the same IEEE operations in the same order, at a fraction of the calls' cost.
     """
     p = len(Rl)
-    if p == 1 and Rl[0][0] != 0.0:
-        return np.array([[1.0 / Rl[0][0]]])
-    if p == 2 and Rl[0][0] != 0.0 and Rl[1][1] != 0.0:
-        (r00, r01), (_, r11) = Rl
-        # b = R⁻¹ e_0, then c = R⁻¹ e_1, each from the last row up
-        b1 = 0.0 / r11
-        b0 = (1.0 - r01 * b1) / r00
-        c1 = 1.0 / r11
-        c0 = (0.0 - r01 * c1) / r00
-        return np.array([[b0, c0], [b1, c1]])
-    return _upper_solve_inverse(R)
+    if p > _FLOAT_BASIS_MAX or any(Rl[i][i] == 0.0 for i in range(p)):
+        return _upper_solve_inverse(R)
+    # column j = R⁻¹ e_j from the last row up, as upper_solve's loops (built without
+    # FMA, so no product is fused with its subtraction there either)
+    cols = []
+    for j in range(p):
+        b = [0.0] * p
+        b[j] = 1.0
+        for i in range(p - 1, -1, -1):
+            s = b[i]
+            row = Rl[i]
+            for k in range(i + 1, p):
+                s -= row[k] * b[k]
+            b[i] = s / row[i]
+        cols.append(b)
+    return np.array([[cols[j][i] for j in range(p)] for i in range(p)])
 
 
 def _upper_solve_inverse(R):
@@ -285,12 +295,12 @@ class FixedEffectsBasis:
             # same order, as the NumPy expressions they stand for (see below)
             rl = r.tolist()
             signs = [-1.0 if rl[i][i] < 0 else 1.0 for i in range(p)]
-            if p <= 2:
+            if p <= _FLOAT_BASIS_MAX:
                 # R = (r * signs[:, None]) / scale
                 Rl = [[(v * s) / scale for v in row] for row, s in zip(rl, signs)]
                 self.R = np.array(Rl)
             else:
-                # that expression itself: from 3-by-3 on, fewer calls than the floats
+                # that expression itself: on a larger R, fewer calls than the floats
                 self.R = r * np.array(signs)[:, None]
                 self.R /= scale
                 Rl = self.R.tolist()
