@@ -337,14 +337,19 @@ cdef int _check_float64(cnp.ndarray arr, int ndim, str name) except -1:
     return 0
 
 
+cdef Py_ssize_t _square(cnp.ndarray a) except -1:
+    """The order of a square float64 matrix (TypeError or ValueError otherwise)."""
+    _check_float64(a, 2, "a")
+    if cnp.PyArray_DIM(a, 1) != cnp.PyArray_DIM(a, 0):
+        raise ValueError("a must be square")
+    return cnp.PyArray_DIM(a, 0)
+
+
 def cholesky_lower(cnp.ndarray a not None):
     """The lower Cholesky factor of a square float64 matrix (its lower triangle read),
     zeros above the diagonal, Fortran-ordered as LAPACK's dpotrf leaves it; None where
     the matrix is not positive definite (a nan pivot included)."""
-    _check_float64(a, 2, "a")
-    cdef Py_ssize_t n = cnp.PyArray_DIM(a, 0), i, j
-    if cnp.PyArray_DIM(a, 1) != n:
-        raise ValueError("a must be square")
+    cdef Py_ssize_t n = _square(a), i, j
     cdef Py_ssize_t s0 = cnp.PyArray_STRIDE(a, 0), s1 = cnp.PyArray_STRIDE(a, 1)
     cdef const char *ap = <const char *> cnp.PyArray_DATA(a)
     cdef double *buf = <double *> malloc((n * n + 1) * sizeof(double))
@@ -416,10 +421,7 @@ def cholesky_solve(cnp.ndarray a not None, cnp.ndarray b not None):
 def symmetric_eigenvalues(cnp.ndarray a not None):
     """The eigenvalues of a symmetric float64 matrix (both triangles read: symmetrize
     first), ascending, by cyclic Jacobi rotations; LinAlgError if they do not converge."""
-    _check_float64(a, 2, "a")
-    cdef Py_ssize_t n = cnp.PyArray_DIM(a, 0), i, j
-    if cnp.PyArray_DIM(a, 1) != n:
-        raise ValueError("a must be square")
+    cdef Py_ssize_t n = _square(a), i, j
     cdef Py_ssize_t s0 = cnp.PyArray_STRIDE(a, 0), s1 = cnp.PyArray_STRIDE(a, 1)
     cdef const char *ap = <const char *> cnp.PyArray_DATA(a)
     cdef double *buf = <double *> malloc((n * n + n + 1) * sizeof(double))
