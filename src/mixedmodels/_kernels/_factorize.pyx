@@ -8,7 +8,7 @@ a small model's set-up. Here the rows' bytes are hashed and compared in place, t
 distinct values sorted by their UTF-8 bytes (the order of their code points, which is
 Python's order of the strings), and Python strings made only for the levels.
 
-NumPy twin: ``formula._columns._sorted_string_codes`` (tests/test_factorize_strings.py).
+NumPy twin: ``formula._columns._sorted_string_codes_python`` (tests/test_factorize_strings.py).
 """
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdlib cimport malloc, free
@@ -38,25 +38,12 @@ cdef inline int _compare(const unsigned char *a, Py_ssize_t na, const unsigned c
     return (na > nb) - (na < nb)
 
 
-def sorted_string_codes(const long long[::1] starts, const long long[::1] ends,
-                        const unsigned char[::1] data):
-    """(codes, levels): row i is the UTF-8 bytes data[starts[i]:ends[i]]; levels the
-    distinct values as str, sorted; codes (int32) each row's place among them."""
-    cdef Py_ssize_t n = starts.shape[0], i
-    if ends.shape[0] != n:
-        raise ValueError("starts and ends must have the same length")
-    for i in range(n):
-        if not 0 <= starts[i] <= ends[i] <= data.shape[0]:
-            raise ValueError(f"row {i} lies outside the data: [{starts[i]}, {ends[i]})")
-    return _codes(&starts[0] if n else NULL, &ends[0] if n else NULL, n,
-                  &data[0] if data.shape[0] else NULL)
-
-
 def arrow_string_codes(size_t offsets_address, Py_ssize_t offsets_size,
                        size_t data_address, Py_ssize_t data_size, Py_ssize_t offset,
                        Py_ssize_t length, bint wide):
-    """:func:`sorted_string_codes` of ``length`` rows of an Arrow string array from
-    ``offset`` on, given its buffers' addresses and sizes in bytes (``pyarrow.Buffer``'s
+    """(codes, levels) of ``length`` rows of an Arrow string array from ``offset`` on:
+    levels the distinct values as str, sorted; codes (int32) each row's place among them.
+    Given the array's buffers' addresses and sizes in bytes (``pyarrow.Buffer``'s
     ``address`` and ``size``): the offsets (int64 where ``wide``, a large_string, else
     int32) and the UTF-8 data. Reading the buffers in place spares NumPy views of them,
     a cold start of their own on a small model's set-up. Raises ValueError where the
