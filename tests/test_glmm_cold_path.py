@@ -3,15 +3,14 @@ held to their NumPy twins bit for bit.
 
 - ``PirlsKernel`` bound by the arrays' data (the NumPy C API) instead of typed
   memoryviews: the same refusals of arrays it cannot bind;
-- ``PirlsKernel.lbfgsb`` making scipy's work arrays itself (twin: ``setulb_arrays``, as
-  ``_optimize.lbfgsb`` drives it): the same log from a start off its bounds, which the
-  arrays move onto them;
+- ``PirlsKernel.trust_region`` from a start off its bounds, which it moves onto them as
+  its twin (``trust_region_search``) does: the same log;
 - the forward-difference Hessian of ``gradient_hessian`` in Python floats (twin: the
   NumPy loop, written out here);
 - ``hessian_steps`` in Python floats (twin: its NumPy formula, written out here);
 - ``_newton_polish`` told the Hessian is symmetric (twin: symmetrizing it again);
 - ``glm_irls``, ``response_check``, ``loglik`` and PirlsKernel's ``pirls``, ``laplace``,
-  ``lbfgsb``, ``evaluate`` and ``beta_covariance`` bound by the NumPy C API too: the same
+  ``trust_region``, ``evaluate`` and ``beta_covariance`` bound by the NumPy C API too: the same
   refusals as their typed memoryviews, the same numbers;
 - ``_glm.add_reduce`` (numpy's pairwise summation, twin: ``np.add.reduce``) and
   ``_glm.saturated_loglik`` (twin: ``Family.loglik`` and two ``np.add.reduce``), bit for
@@ -92,9 +91,9 @@ def test_kernel_binds_what_a_memoryview_would_and_refuses_the_rest():
 # -- the search's work arrays -------------------------------------------------------------
 
 @pytest.mark.parametrize("make", [_cbpp, _ticks])
-def test_search_from_a_start_below_its_bound_is_minimize_with_gradient(make):
-    # θ starts below its bound: setulb_arrays moves it onto it, as the kernel must (β
-    # away from the GLM's, whose gradient at θ = 0 is zero)
+def test_search_from_a_start_below_its_bound_is_its_twin(make):
+    # θ starts below its bound: both searches move it onto it (β away from the GLM's,
+    # whose gradient at θ = 0 is zero)
     model = make()
     lower = np.concatenate([np.full(model.p, -np.inf), model.layout.lower])
     x0 = np.concatenate([model.beta0 + 0.25, model.layout.initial() - 1.3])
@@ -103,14 +102,12 @@ def test_search_from_a_start_below_its_bound_is_minimize_with_gradient(make):
     for compiled in (True, False):
         m = make()
         opt = OptSummary(initial=x0.copy(), lowerbd=lower.copy())
-        if compiled:
-            assert _glmm_search.minimize_one_term(m, opt) is opt
-        else:
-            minimize_with_gradient(m._joint_value_and_grad, opt)
+        assert _glmm_search.minimize_one_term(m, opt, compiled=compiled) is opt
         runs.append(opt)
     oc, op = runs
     assert oc.feval == op.feval > 3 and oc.returnvalue == op.returnvalue
     np.testing.assert_array_equal(oc.fitlog[0][0][model.p:], lower[model.p:])
+    np.testing.assert_array_equal(oc.fitlog[0][0][:model.p], x0[:model.p])
     for (xc, vc), (xp, vp) in zip(oc.fitlog, op.fitlog):
         assert xc.tobytes() == xp.tobytes() and vc == vp
     assert oc.final.tobytes() == op.final.tobytes()

@@ -1,8 +1,9 @@
 """The compiled pieces of a small GLMM's fit against their twins.
 
-- ``PirlsKernel.lbfgsb`` (the L-BFGS-B loop with the one-term Laplace evaluations in it)
-  against ``minimize_with_gradient`` over ``model._joint_value_and_grad``: the same log,
-  bit for bit, and the model left in the same state;
+- ``PirlsKernel.trust_region`` (the compiled trust-region search with the one-term
+  Laplace evaluations in it) against its twin, ``trust_region_search`` over
+  ``model._joint_value_and_grad``: the same log, bit for bit, and the model left in the
+  same state;
 - ``PirlsKernel.beta_covariance`` (the Schur complement of one term, level by level)
   against the workspace's factorization with the columns [X̃, working response];
 - ``_glm.glm_irls`` (the GLM start, Householder QR) against the NumPy loop with LAPACK's
@@ -51,76 +52,109 @@ def _start(model):
 # -- the search -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", list(ONE_TERM))
-def test_compiled_search_is_minimize_with_gradient_bit_for_bit(name):
+def test_compiled_search_is_its_twin_bit_for_bit(name):
     x0, lower = _start(ONE_TERM[name]())
     runs = []
     for compiled in (True, False):
         model = ONE_TERM[name]()
         assert model._one_term_laplace()
         opt = OptSummary(initial=x0.copy(), lowerbd=lower.copy())
-        if compiled:
-            assert _glmm_search.minimize_one_term(model, opt) is opt
-        else:
-            minimize_with_gradient(model._joint_value_and_grad, opt)
+        assert _glmm_search.minimize_one_term(model, opt, compiled=compiled) is opt
         runs.append((model, opt))
     (mc, oc), (mp, op) = runs
     assert oc.returnvalue == op.returnvalue == "SUCCESS"
-    assert oc.optimizer == op.optimizer and oc.feval == op.feval > 5
+    assert oc.optimizer == op.optimizer == "TRUST_REGION_BFGS" and oc.feval == op.feval > 5
     for (xc, vc), (xp, vp) in zip(oc.fitlog, op.fitlog):
         np.testing.assert_array_equal(xc, xp)
         assert vc == vp
     np.testing.assert_array_equal(oc.final, op.final)
-    assert oc.fmin == op.fmin
-    # the model as the evaluations leave it: the modes, the log-determinant, the record
-    # of the last evaluation the check starts from
+    assert oc.fmin == op.fmin == min(v for _, v in oc.fitlog)
+    # the model as the best evaluation left it: the modes, the log-determinant, the
+    # record of that evaluation the check starts from
     np.testing.assert_array_equal(mc._u, mp._u)
     assert mc._last_logdet == mp._last_logdet
     lc, lp = mc._last_evaluation, mp._last_evaluation
+    np.testing.assert_array_equal(lc[0], oc.final)
     np.testing.assert_array_equal(lc[0], lp[0])
-    assert lc[1] == lp[1]
+    assert lc[1] == lp[1] == oc.fmin
     np.testing.assert_array_equal(lc[2], lp[2])
     assert lc[3] is mc._u
 
 
-def test_compiled_search_with_an_infeasible_block_backs_off_as_the_python_one(monkeypatch):
-    """Where an evaluation fails (a block not positive definite), both routes hand the
-    optimizer 1e300 and keep the modes of before."""
-    x0, lower = _start(ONE_TERM["cbpp"]())
+def test_the_best_evaluation_is_the_models_state():
+    """The modes, log-determinant and gradient the search leaves are those of a fresh
+    evaluation at its best point (to PIRLS's tolerance: that one starts from other
+    modes)."""
     model = ONE_TERM["cbpp"]()
-    kernel = row_kernel(model)
-    fam = model.family
+    x0, lower = _start(model)
+    opt = OptSummary(initial=x0, lowerbd=lower)
+    _glmm_search.minimize_one_term(model, opt)
+    x, value, grad, modes = model._last_evaluation
+    fresh = ONE_TERM["cbpp"]()
+    fresh._u = np.zeros(len(modes))
+    v2, g2 = fresh._joint_value_and_grad(np.array(x))
+    assert value == pytest.approx(v2, rel=1e-12)
+    np.testing.assert_allclose(grad, g2, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(modes, fresh._u, rtol=1e-8, atol=1e-10)
+    assert model._last_logdet == pytest.approx(fresh._last_logdet, rel=1e-10)
+
+
+def test_compiled_search_with_an_infeasible_block_stops_as_the_python_one():
+    """Where the first evaluation fails (a block not positive definite) both routes stop
+    with an infinite value and keep the modes of before."""
+    x0, lower = _start(ONE_TERM["cbpp"]())
     bad = x0.copy()
     bad[-1] = np.nan                          # θ = NaN: the level blocks are not PD
-    for route in ("compiled", "python"):
-        model._u = None
+    for compiled in (True, False):
+        model = ONE_TERM["cbpp"]()
+        model._u = np.zeros(model.workspace.q)
         opt = OptSummary(initial=bad, lowerbd=lower)
-        if route == "compiled":
-            log, task, last, exhausted = kernel.lbfgsb(
-                _glm_setulb(), fam.code, fam.link.code, fam.param, model.prior_w, bad, lower,
-                np.zeros(model.workspace.q), 10, 1e-14, 1e-7)
-            assert last is None and not exhausted
-            values = [v for _, v in log]
-        else:
-            minimize_with_gradient(model._joint_value_and_grad, opt)
-            values = [v for _, v in opt.fitlog]
-        assert values and all(v == 1e300 for v in values)
-
-
-def _glm_setulb():
-    from scipy.optimize import _lbfgsb
-    return _lbfgsb.setulb
+        _glmm_search.minimize_one_term(model, opt, compiled=compiled)
+        assert [v for _, v in opt.fitlog] == [np.inf]
+        assert opt.fmin == np.inf and opt.returnvalue != "SUCCESS"
+        np.testing.assert_array_equal(model._u, 0.0)
 
 
 @pytest.mark.parametrize("name", ["cbpp", "contra"])
 def test_fits_through_either_route_agree(name, monkeypatch):
     got = ONE_TERM[name]().fit()
-    monkeypatch.setattr("mixedmodels.glmm.minimize_one_term", lambda model, opt: None)
+    monkeypatch.setattr("mixedmodels.glmm.minimize_one_term",
+                        lambda model, opt: _glmm_search.minimize_one_term(model, opt, False))
     want = ONE_TERM[name]().fit()
     assert got.objective == want.objective
     np.testing.assert_array_equal(got.theta, want.theta)
     np.testing.assert_array_equal(got.coef, want.coef)
     np.testing.assert_allclose(got.stderror, want.stderror, rtol=1e-13)
     assert got.optsum.feval == want.optsum.feval
+
+
+# a response simulated from the contra fit (1 + urban | dist), packed bits of its 1934 rows
+_SADDLE_Y = (
+    "YIx8j6hHHGQhAVSBwJ8VQgidSthmeUgI/1CJNRtioom5VCLPgIAQXCKiFBg3D6/3ycxJs8n8Sy5QiWDf"
+    "gmtI3wQk0iJSkSJaJB7tkdsrViCgEA+34iBQFAHllCATPgTgevC7xAOEFypw8JAcgjDAgYdaKllCvKES"
+    "ABADRkXTMoEhAKBbEYODhBWiojPFJTeJZtroUw0NvkqjfyJUIgpa78n3PIuCwS0Hc+EvFSXLflXr+kod"
+    "isXBSREFJQEEQIAAkeG4qC0mpJA7AwIwYLyENIALtGLDGDW6SkM+ZnyIkDdAwApz8ygmhj4AEahozrEA"
+    "4AA=")
+
+
+def test_the_search_does_not_end_on_a_saddle_of_a_vector_term():
+    """On this simulated response L-BFGS-B (the one-term search before the trust region)
+    ended with θ₁ = 0 at 2585.66, a saddle where the check found a negative eigenvalue
+    and warned; the optimum, which BOBYQA finds, is 2568.31."""
+    import base64
+    bits = np.frombuffer(base64.b64decode("".join(_SADDLE_Y)), dtype=np.uint8)
+    y = np.unpackbits(bits)[:1934].astype(float)
+    data = mm.dataset("contra").assign(use=y)
+    formula = "use ~ 1 + age + urban + (1 + urban | dist)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit = mm.GeneralizedLinearMixedModel(formula, data, mm.Bernoulli()).fit()
+    bobyqa = mm.GeneralizedLinearMixedModel(formula, data, mm.Bernoulli()).fit(
+        optimizer="bobyqa")
+    assert fit.optsum.optimizer == "TRUST_REGION_BFGS" and fit.optsum.derivs.converged
+    assert fit.objective <= bobyqa.objective + 1e-9
+    assert fit.objective < 2570.0 and fit.theta[0] > 0.01
+    np.testing.assert_allclose(fit.theta, bobyqa.theta, rtol=1e-4, atol=1e-6)
 
 
 def test_models_the_compiled_search_does_not_cover_take_the_python_one():

@@ -313,8 +313,7 @@ def scipy_setulb():
 
 def setulb_arrays(x0, lower, maxcor, ftol):
     """What scipy's L-BFGS-B routine (``scipy.optimize._lbfgsb.setulb``) works in, for a
-    start x0 and lower bounds (-inf: none), as :func:`lbfgsb` and the compiled one-term
-    GLMM search (``PirlsKernel.lbfgsb``) drive it: x (x0 moved onto its bounds), the
+    start x0 and lower bounds (-inf: none), as :func:`lbfgsb` drives it: x (x0 moved onto its bounds), the
     bounds and their kinds, f (one element; setulb reads its 0-d view ``f0``), g, the
     work arrays, the task and factr."""
     n = len(x0)

@@ -37,7 +37,7 @@ cross-products the next factorization needs, and an iteration makes no Python ca
 its own. The Python loop remains for PIRLS over β and u (the ``fast`` stage) and as the
 compiled loop's twin in the tests (``compiled=False``). (The one-term Laplace value and
 gradient call the kernel directly: _gradient._one_term_value_and_gradient; and the
-one-term search runs its L-BFGS-B loop in the kernel: ``PirlsKernel.lbfgsb``.)
+one-term search runs in the kernel: ``PirlsKernel.trust_region``.)
 """
 import warnings
 

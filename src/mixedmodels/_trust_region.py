@@ -35,13 +35,16 @@ def trust_region_search(value_and_grad, x0, lower, radius=TRUST_RADIUS, ftol=TRU
     the objective is lower there or falls away from the bound, the search restarts
     there with a fresh B: a stop beside the bound can be a saddle); twice at most.
 
+    The start is moved onto any bound it is below.
+
     Returns
     -------
     xs, fs, code : every point evaluated, their values, TR_CONVERGED or TR_MAXEVAL
     """
     lower = [float(v) for v in lower]
     n = len(lower)
-    x = [float(v) for v in x0]
+    # a start below a bound moves onto it (NaN stays)
+    x = [lo if v < lo else v for v, lo in zip((float(v) for v in x0), lower)]
     xs, fs = [], []
 
     def evaluate(point):

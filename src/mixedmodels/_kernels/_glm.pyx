@@ -106,9 +106,10 @@ The rest of a small GLMM's fit. ``glm_irls`` is the GLM start (IRLS with a House
 QR per step; twin: glmm.py's NumPy loop), ``response_check`` one pass over a response
 for the families' checks (twin: ``Family.validate``'s NumPy checks), and, on a
 ``PirlsKernel`` of one term, ``beta_covariance`` the covariance of β given θ at the
-modes (twin: the workspace's factorization) and ``lbfgsb`` the whole exact-gradient
-search, scipy's L-BFGS-B driven with the evaluations of ``laplace`` in it (twin:
-``_optimize.minimize_with_gradient``; tests/test_glmm_search.py holds all four).
+modes (twin: the workspace's factorization) and ``trust_region`` the whole
+exact-gradient search, _search.pyx's trust region with the evaluations of ``laplace`` in
+it (twin: ``_trust_region.trust_region_search``; tests/test_glmm_search.py holds all
+four).
 
 The NumPy twin of every kernel is in ``_glm_numpy.py``; tests/test_families.py holds the
 two together at 1e-10 for every family x link pair, and
@@ -132,6 +133,7 @@ from mixedmodels._linalg._blocked cimport (i64, blockdiag_factor_c, blockdiag_so
                                            lambda_times_c, tf_set_theta, tf_lam,
                                            tf_lam_size, tf_factor, tf_has_small,
                                            tf_backward)
+from mixedmodels._kernels._search cimport trust_region_c
 from mixedmodels._kernels._gradient cimport (OneTerm, blockdiag_work_size,
                                             blockdiag_laplace_gradient_c,
                                             blockdiag_covariance_work_size,
@@ -2172,6 +2174,61 @@ cdef void *_rows(object a, bint writable, str name, Py_ssize_t n) except? NULL:
     return data
 
 
+cdef struct LaplaceSearch:
+    # what ``PirlsKernel.trust_region``'s evaluations share: the kernel (borrowed), the
+    # family, the modes and their copy, PIRLS's settings, and the best evaluation so far
+    void *kernel
+    int family, link, maxiter, max_halving
+    double param, tol, step_tol
+    const double *pw
+    Py_ssize_t p, nth, q
+    double *u
+    double *ubak
+    void *exhausted             # a list (borrowed): the θ at which PIRLS ran out
+    bint found
+    double best_value, best_logdet
+    double *best_x
+    double *best_grad
+    double *best_u
+
+
+cdef int _laplace_search_step(void *context, const double *x, double *f,
+                              double *g) except -1:
+    # the Laplace deviance and its gradient at x = [β, θ] from the modes in u; where a
+    # random-effects block is not positive definite, u is left as it was and f = inf
+    cdef LaplaceSearch *ls = <LaplaceSearch *> context
+    cdef double out[6]
+    cdef Py_ssize_t n = ls.p + ls.nth
+    memcpy(ls.ubak, ls.u, ls.q * sizeof(double))
+    try:
+        (<PirlsKernel> ls.kernel)._laplace_at(ls.family, ls.link, ls.param, ls.pw,
+                                              x + ls.p, ls.nth, x, ls.p, ls.u, ls.q, g,
+                                              ls.tol, ls.maxiter, ls.max_halving,
+                                              ls.step_tol, out)
+    except np.linalg.LinAlgError:
+        memcpy(ls.u, ls.ubak, ls.q * sizeof(double))
+        memset(g, 0, n * sizeof(double))
+        f[0] = INFINITY
+        return 0
+    f[0] = out[0]
+    if out[5]:
+        (<list> ls.exhausted).append(_copy_of(x + ls.p, ls.nth))
+    if isfinite(out[0]) and (not ls.found or out[0] < ls.best_value):
+        ls.found = True
+        ls.best_value, ls.best_logdet = out[0], out[1]
+        memcpy(ls.best_x, x, n * sizeof(double))
+        memcpy(ls.best_grad, g, n * sizeof(double))
+        memcpy(ls.best_u, ls.u, ls.q * sizeof(double))
+    return 0
+
+
+cdef object _copy_of(const double *v, Py_ssize_t n):
+    cdef object a = _zeros(n, cnp.NPY_DOUBLE)
+    if n:
+        memcpy(cnp.PyArray_DATA(<cnp.ndarray> a), v, n * sizeof(double))
+    return a
+
+
 cdef class PirlsKernel:
     """PIRLS over u (β fixed) for any blocked system, in compiled code.
 
@@ -2619,155 +2676,73 @@ cdef class PirlsKernel:
             result[j + 1] = out[j]
         return 0
 
-    def lbfgsb(self, setulb, int family, int link, double param, prior_w, x0, lower, u,
-               int maxfun, double ftol, double gtol, int maxcor=10, int maxls=20,
-               double tol=1e-13, int maxiter=100, int max_halving=30, double step_tol=1e-9):
-        """L-BFGS-B over x = [β, θ] of :meth:`laplace`'s deviance: scipy's compiled
-        routine (``setulb``, handed in: ``scipy.optimize._lbfgsb.setulb``) driven step by
-        step as mixedmodels._optimize.lbfgsb drives it, with the evaluations made here.
+    def trust_region(self, int family, int link, double param, prior_w, x0, lower, u,
+                     double radius, double ftol, int maxeval, double tol=1e-13,
+                     int maxiter=100, int max_halving=30, double step_tol=1e-9):
+        """The trust-region quasi-Newton search (``_search.trust_region_c``; its twin
+        ``_trust_region.trust_region_search``) over x = [β, θ] of :meth:`laplace`'s
+        deviance and gradient, from x0 within ``lower`` (-inf: none).
 
-        The routine's arrays are those of ``_optimize.setulb_arrays`` (their twin), made
-        here by the C API: that function's NumPy calls on 5-element arrays (np.where,
-        np.maximum, np.isfinite, astype, reshape: distinct C paths) cost ~30 µs of a
-        cold 56-row fit.
+        Each evaluation is :meth:`laplace` at x from the modes ``u``; where a
+        random-effects block is not positive definite u is left as it was and the value
+        is infinite (the search then shrinks its step). At the end ``u`` holds the modes
+        of the best evaluation (the lowest value, the first of equal ones).
 
-        Each evaluation is :meth:`laplace` at x from the modes ``u`` (overwritten by the
-        new modes where it succeeds; where a random-effects block is not positive
-        definite ``u`` is left as it was, and the value is infinite). What the routine is
-        handed is what ``minimize_with_gradient`` hands it: a value that is not finite
-        becomes 1e300 with a zero gradient.
-
-        Returns (log, task, last, exhausted): the evaluations as (x, value) pairs with
-        the values the routine saw; ``task``, its two status codes at the end; ``last``,
-        (x, value, gradient, logdet) of the last evaluation that succeeded (the modes of
-        which are in ``u``), or None; ``exhausted``, the θ at which PIRLS ran out of
-        iterations. None where ``setulb``'s interface is another (it raised TypeError
-        before any evaluation). Twin: ``_optimize.minimize_with_gradient`` over
-        ``GeneralizedLinearMixedModel._joint_value_and_grad`` (tests/test_glmm_search.py).
+        Returns (xs, fs, code, best, exhausted): every point evaluated and its value, in
+        order; TR_CONVERGED (0) or TR_MAXEVAL (1); ``best``, (x, value, gradient,
+        logdet) of the best evaluation, or None where none had a finite value;
+        ``exhausted``, the θ at which PIRLS ran out of iterations. Twin:
+        ``trust_region_search(model._joint_value_and_grad, ...)``
+        (tests/test_glmm_search.py).
         """
-        cdef Py_ssize_t p, nth, n, nlow, nu, q = self.q, i
-        cdef double out[6]
-        cdef double value, lo
-        cdef int nfev = 0, niter = 0, t0
-        cdef const double *pw
+        cdef Py_ssize_t n, nlow, nu, i
         cdef const double *x0p
         cdef const double *lowerp
-        cdef double *up
-        cdef double *xp
-        cdef double *gp
-        cdef double *fp
-        cdef double *gradp
-        cdef double *lastgp
-        cdef int *taskp
-        cdef double last_value, last_logdet
-        cdef double *ubak
-        cdef bint ok
+        cdef LaplaceSearch ls
+        cdef double *work
         if not ((family == FAM_BERNOULLI or family == FAM_BINOMIAL) and link == LNK_LOGIT
                 or family == FAM_POISSON and link == LNK_LOG):
-            raise ValueError("lbfgsb: Bernoulli or Binomial with the logit link, or Poisson "
-                             "with the log link")
+            raise ValueError("trust_region: Bernoulli or Binomial with the logit link, or "
+                             "Poisson with the log link")
         if self.R.nterm != 1 or not self.has_x or not self.has_lam_index:
-            raise ValueError("lbfgsb: one random-effects term, and a kernel bound to X, "
-                             "the offset and the theta indices")
-        p = self.p
-        nth = self.nth
-        pw = self._weights(prior_w)
+            raise ValueError("trust_region: one random-effects term, and a kernel bound to "
+                             "X, the offset and the theta indices")
+        ls.p = self.p
+        ls.nth = self.nth
+        ls.q = self.q
+        ls.pw = self._weights(prior_w)
         x0p = _vec(x0, False, "PirlsKernel", "x0", &n)
         lowerp = _vec(lower, False, "PirlsKernel", "lower", &nlow)
-        up = _vec(u, True, "PirlsKernel", "u", &nu)
-        if n != p + nth or nlow != n:
-            raise ValueError(f"lbfgsb: x0 and lower must have {p + nth} entries")
-        if nu != q:
-            raise ValueError(f"u has {nu} entries; the model has {q}")
-        # setulb_arrays': x (x0 moved onto its bounds), the bounds and their kinds
-        # (1: a lower bound only; 0: none), f (0-d), g, the work arrays, the task
-        x = _zeros(n, cnp.NPY_DOUBLE)
-        low = _zeros(n, cnp.NPY_DOUBLE)
-        upp = _zeros(n, cnp.NPY_DOUBLE)
-        nbd = _zeros(n, cnp.NPY_INT32)
-        f0 = _zeros(-1, cnp.NPY_DOUBLE)
-        g = _zeros(n, cnp.NPY_DOUBLE)
-        wa = _zeros(2 * maxcor * n + 5 * n + 11 * maxcor * maxcor + 8 * maxcor,
-                    cnp.NPY_DOUBLE)
-        iwa = _zeros(3 * n, cnp.NPY_INT32)
-        task = _zeros(2, cnp.NPY_INT32)
-        ln_task = _zeros(2, cnp.NPY_INT32)
-        lsave = _zeros(4, cnp.NPY_INT32)
-        isave = _zeros(44, cnp.NPY_INT32)
-        dsave = _zeros(29, cnp.NPY_DOUBLE)
-        factr = ftol / DBL_EPSILON
-        grad = _zeros(n, cnp.NPY_DOUBLE)
-        last_grad = _zeros(n, cnp.NPY_DOUBLE)
-        xp = <double *> cnp.PyArray_DATA(<cnp.ndarray> x)
-        gp = <double *> cnp.PyArray_DATA(<cnp.ndarray> g)
-        fp = <double *> cnp.PyArray_DATA(<cnp.ndarray> f0)
-        gradp = <double *> cnp.PyArray_DATA(<cnp.ndarray> grad)
-        lastgp = <double *> cnp.PyArray_DATA(<cnp.ndarray> last_grad)
-        taskp = <int *> cnp.PyArray_DATA(<cnp.ndarray> task)
-        for i in range(n):
-            if isfinite(lowerp[i]):
-                lo = lowerp[i]
-                (<double *> cnp.PyArray_DATA(<cnp.ndarray> low))[i] = lo
-                (<int *> cnp.PyArray_DATA(<cnp.ndarray> nbd))[i] = 1
-                # np.maximum(x0, low): x0 where x0 >= low or x0 is NaN
-                xp[i] = x0p[i] if (x0p[i] >= lo or x0p[i] != x0p[i]) else lo
-            else:
-                xp[i] = x0p[i]
-        log, exhausted = [], []
-        last = last_x = None
-        last_value = last_logdet = NAN
-        ubak = <double *> malloc(q * sizeof(double))
-        if ubak == NULL:
+        ls.u = _vec(u, True, "PirlsKernel", "u", &nu)
+        if n != ls.p + ls.nth or nlow != n:
+            raise ValueError(f"trust_region: x0 and lower must have {ls.p + ls.nth} entries")
+        if nu != ls.q:
+            raise ValueError(f"u has {nu} entries; the model has {ls.q}")
+        ls.kernel = <void *> self
+        ls.family, ls.link, ls.param = family, link, param
+        ls.tol, ls.maxiter, ls.max_halving, ls.step_tol = tol, maxiter, max_halving, step_tol
+        exhausted = []
+        ls.exhausted = <void *> exhausted
+        ls.found = False
+        # x (the start, overwritten), then the best x and gradient, the modes' copy and
+        # the best modes
+        work = <double *> malloc((3 * n + 2 * ls.q + 1) * sizeof(double))
+        if work == NULL:
             raise MemoryError()
         try:
-            while True:
-                try:
-                    setulb(maxcor, x, low, upp, nbd, f0, g, factr, gtol, wa, iwa, task,
-                           lsave, isave, dsave, maxls, ln_task)
-                except TypeError:
-                    # another interface of the private routine: before any evaluation,
-                    # the caller takes scipy's public route
-                    if nfev:
-                        raise
-                    return None
-                t0 = taskp[0]
-                if t0 == 3:                 # f and g wanted at x
-                    memcpy(ubak, up, q * sizeof(double))
-                    try:
-                        self._laplace_at(family, link, param, pw, xp + p, nth, xp, p, up, q,
-                                         gradp, tol, maxiter, max_halving, step_tol, out)
-                        ok = True
-                    except np.linalg.LinAlgError:
-                        memcpy(up, ubak, q * sizeof(double))
-                        ok = False
-                    nfev += 1
-                    xcopy = cnp.PyArray_NewCopy(<cnp.ndarray> x, cnp.NPY_CORDER)
-                    if ok:
-                        value = out[0]
-                        last_x, last_value, last_logdet = xcopy, value, out[1]
-                        memcpy(lastgp, gradp, n * sizeof(double))
-                        if out[5]:
-                            exhausted.append(x[p:].copy())
-                    else:
-                        value = INFINITY
-                    if isfinite(value):
-                        memcpy(gp, gradp, n * sizeof(double))
-                    else:
-                        value = 1e300
-                        memset(gp, 0, n * sizeof(double))
-                    fp[0] = value
-                    log.append((xcopy, value))
-                elif t0 == 1:               # a new iterate
-                    niter += 1
-                    if niter >= maxfun or nfev > maxfun:
-                        taskp[0], taskp[1] = 5, 502
-                else:
-                    break
+            memcpy(work, x0p, n * sizeof(double))
+            ls.best_x, ls.best_grad = work + n, work + 2 * n
+            ls.ubak, ls.best_u = work + 3 * n, work + 3 * n + ls.q
+            xs, fs, code = trust_region_c(_laplace_search_step, &ls, n, work, lowerp,
+                                          radius, ftol, maxeval)
+            best = None
+            if ls.found:
+                memcpy(ls.u, ls.best_u, ls.q * sizeof(double))
+                best = (_copy_of(ls.best_x, n), ls.best_value, _copy_of(ls.best_grad, n),
+                        ls.best_logdet)
         finally:
-            free(ubak)
-        if last_x is not None:
-            last = (last_x, last_value, last_grad, last_logdet)
-        return log, (int(taskp[0]), int(taskp[1])), last, exhausted
+            free(work)
+        return xs, fs, code, best, exhausted
 
     def beta_covariance(self, theta, schur=None, vcov=None):
         """One term: the Schur complement S = X'WX - X'WZΛ M⁻¹ Λ'Z'WX at the working

@@ -380,6 +380,11 @@ cdef double _scaled_identity(Py_ssize_t n, const double *g, double radius, doubl
     return gmax
 
 
+cdef int _lmm_value_gradient(void *objective, const double *x, double *f,
+                             double *g) except -1:
+    return (<LmmObjective> objective).value_gradient(x, f, g)
+
+
 def trust_region(LmmObjective objective, x0, lower, double radius, double ftol, int maxeval):
     """The trust-region search of ``_trust_region.trust_region_search`` (its twin) over a compiled
     objective with the exact gradient.
@@ -395,11 +400,22 @@ def trust_region(LmmObjective objective, x0, lower, double radius, double ftol, 
     """
     if not objective.has_gradient:
         raise ValueError("the objective has no gradient")
-    cdef Py_ssize_t n = objective.ntheta, i, j
+    cdef Py_ssize_t n = objective.ntheta
     cdef double[::1] x = np.array(x0, dtype=np.float64)
     cdef const double[::1] lower_ = np.ascontiguousarray(lower, dtype=np.float64)
     if x.shape[0] != n or lower_.shape[0] != n or n == 0:
         raise ValueError(f"x0 and lower must have {n} > 0 entries")
+    return trust_region_c(_lmm_value_gradient, <void *> objective, n, &x[0], &lower_[0],
+                          radius, ftol, maxeval)
+
+
+cdef object trust_region_c(value_gradient_t value_gradient, void *context, Py_ssize_t n,
+                           double *x, const double *lower_, double radius, double ftol,
+                           int maxeval):
+    """``trust_region`` over any compiled value and gradient: ``value_gradient(context,
+    x, &f, g)`` (an infinite f where the point has no value); x (n entries, the start)
+    is overwritten. Returns (xs, fs, code) as ``trust_region``."""
+    cdef Py_ssize_t i, j
     cdef TrState st
     st.n, st.count, st.capacity = n, 0, 32
     st.xs = <double *> malloc(32 * n * sizeof(double))
@@ -437,8 +453,10 @@ def trust_region(LmmObjective objective, x0, lower, double radius, double ftol, 
         B, L, bs = buf + 11 * n, buf + 11 * n + n * n, buf + 11 * n + 2 * n * n
         for i in range(n):
             held[i] = 0
-        objective.value_gradient(&x[0], &f, g)
-        _tr_log(&st, &x[0], f)
+            if x[i] < lower_[i]:        # a start below its bound moves onto it
+                x[i] = lower_[i]
+        value_gradient(context, x, &f, g)
+        _tr_log(&st, x, f)
         if not isfinite(f):
             return _tr_result(&st, TR_MAXEVAL)
         _scaled_identity(n, g, radius, B)
@@ -460,7 +478,7 @@ def trust_region(LmmObjective objective, x0, lower, double radius, double ftol, 
             else:
                 for i in range(n):
                     xn[i] = max(x[i] + s[i], lower_[i])
-                objective.value_gradient(xn, &fn, gn)
+                value_gradient(context, xn, &fn, gn)
                 _tr_log(&st, xn, fn)
                 if not isfinite(fn):
                     delta = 0.25 * snorm
@@ -519,7 +537,7 @@ def trust_region(LmmObjective objective, x0, lower, double radius, double ftol, 
             if any_strict:
                 for i in range(n):
                     xn[i] = lower_[i] if (near[i] and x[i] > lower_[i]) else x[i]
-                objective.value_gradient(xn, &fn, gn)
+                value_gradient(context, xn, &fn, gn)
                 _tr_log(&st, xn, fn)
                 if fn <= f:
                     for i in range(n):
@@ -533,7 +551,7 @@ def trust_region(LmmObjective objective, x0, lower, double radius, double ftol, 
             if any_near:
                 for i in range(n):
                     xn[i] = lower_[i] + 0.01 if near[i] else x[i]
-                objective.value_gradient(xn, &fn, gn)
+                value_gradient(context, xn, &fn, gn)
                 _tr_log(&st, xn, fn)
                 down = fn < f
                 for i in range(n):
