@@ -311,3 +311,39 @@ def test_degenerate_response_refused_as_before(family):
                 with pytest.raises(ValueError, match=expected):
                     mixedmodels.GeneralizedLinearMixedModel("yy ~ 1 + (1 | herd)", data, fam,
                                                             weights="ww")
+
+
+# -- reductions in Python floats on a small fit's path ----------------------------------
+
+@pytest.mark.parametrize("p", range(1, 12))
+def test_basis_log_determinant_is_numpy_add_reduce(p):
+    """FixedEffectsBasis sums log|R̃_ii| in Python floats up to 7 columns, in
+    np.add.reduce's order: the same bits."""
+    rng = np.random.default_rng(p)
+    for _ in range(20):
+        X = rng.normal(size=(40, p)) * np.exp(rng.normal(scale=3, size=p))
+        basis = FixedEffectsBasis(X, [f"x{j}" for j in range(p)])
+        want = float(np.add.reduce(np.log(np.abs(np.diag(basis.R)))))
+        assert basis.logabsdet == want
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 180, 1000, 1001, 5000])
+def test_nonfinite_rows_as_numpy_finds_them(n):
+    """_nonfinite's sum, in Python floats up to 1,000 rows, decides as NumPy's does:
+    None where every value is finite, else the rows that are not."""
+    rng = np.random.default_rng(n)
+    values = rng.normal(size=n) * 1e300
+    for bad in (None, np.nan, np.inf, -np.inf):
+        v = values.copy()
+        if bad is not None:
+            v[n // 2] = bad
+        got = _columns._nonfinite(v)
+        if bad is None and np.isfinite(np.add.reduce(v)):
+            assert got is None
+        else:
+            want = ~np.isfinite(v)
+            np.testing.assert_array_equal(got, want)
+    # an overflowing sum of finite values: rows flagged by neither (every value finite)
+    big = np.full(n, 1e308)
+    got = _columns._nonfinite(big)
+    assert got is None if n == 1 else not got.any()

@@ -79,8 +79,9 @@ class LinearMixedModel(MixedModelSpec):
     def _response_changed(self):
         d = self.design
         self.y_fit = d.y if d.offset is None else d.y - d.offset
-        y = self.y_fit
-        if y.max() - y.min() == 0:     # numpy.ptp, without its dispatch
+        values = self.y_fit.tolist()
+        # (in Python floats: the NumPy reductions would be the only ones of a small fit)
+        if max(values) - min(values) == 0:
             what = "response" if d.offset is None else "response less its offset"
             raise ValueError(f"{what} '{d.response_name}' is constant ({self.y_fit[0]:g}): "
                              "there is no variance to partition")
@@ -384,10 +385,11 @@ class LinearMixedModel(MixedModelSpec):
         optsum.optimizer = "TRUST_REGION_BFGS"
         optsum.ftol_rel = TRUST_FTOL
         optsum.returnvalue = "FTOL_REACHED" if code == TR_CONVERGED else "MAXEVAL_REACHED"
-        optsum.fitlog.extend(zip(xs, fs.tolist()))
-        if len(fs) and fs.min() < math.inf:
-            best = int(np.argmin(fs))
-            optsum.fmin, optsum.final = float(fs[best]), xs[best].copy()
+        values = fs.tolist()
+        optsum.fitlog.extend(zip(xs, values))
+        if values and min(values) < math.inf:
+            best = values.index(min(values))      # the first of equal values
+            optsum.fmin, optsum.final = values[best], xs[best].copy()
         else:
             optsum.fmin, optsum.final = math.inf, x0.copy()
         optsum.feval = len(optsum.fitlog)

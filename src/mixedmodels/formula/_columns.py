@@ -228,9 +228,15 @@ def _numeric_missing(series):
 def _nonfinite(values):
     """Rows of a float array that are not finite; None when all are."""
     # a finite sum means every value is finite: one read-only pass in the common case
-    if math.isfinite(np.add.reduce(values)):
+    # (a small column's in Python floats: NumPy's reduction machinery, cold, costs a
+    # small fit more than the sum)
+    total = sum(values.tolist()) if len(values) <= _PYTHON_SUM_MAX else np.add.reduce(values)
+    if math.isfinite(total):
         return None
     return ~np.isfinite(values)
+
+
+_PYTHON_SUM_MAX = 1000
 
 
 def _values_missing(values):

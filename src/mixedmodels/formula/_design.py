@@ -79,6 +79,7 @@ from .._fixed import householder_qr as _householder_qr
 from ._fast import FastMatrix, fast_plan, fast_terms, term_columns
 from ._parse import ParsedFormula, parse_formula
 from ._rsyntax import canonical, single_name, to_python
+from ._simple import simple_design
 from ._rsyntax import display as _display
 
 __all__ = ["Design", "ReTerm", "build_design", "abs2"]
@@ -1272,7 +1273,7 @@ class _Plan:
     """
 
     __slots__ = ("parsed", "resp_col", "fixed", "offsets", "random", "parts", "matrix_cols",
-                 "group_cols", "locs", "resp_used", "checked", "expressions")
+                 "group_cols", "locs", "resp_used", "checked", "expressions", "simple")
 
     def __init__(self, formula, columns, fast):
         parsed = self.parsed = _parse(formula)
@@ -1298,6 +1299,8 @@ class _Plan:
         self.locs = {}
         counted = [single_name(arg) for arg in parsed.counts or ()]
         self.add_locs([self.resp_col, *counted, *self.matrix_cols, *self.group_cols], columns)
+        # whether _simple.simple_design can build it (found on its first build)
+        self.simple = None
 
     def add_locs(self, names, columns):
         """Remember where these columns sit (a position is a property of the Index)."""
@@ -1355,6 +1358,11 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
     columns = data.columns
     # Which columns each part reads; unknown names fail here, before any work.
     plan = _plan(formula, columns, fast)
+    if (fast and contrasts is None and weights is None and offset is None
+            and type(data) is pd.DataFrame):
+        design = simple_design(formula, data, plan, [] if qr_out is None else qr_out)
+        if design is not None:
+            return design
     parsed = plan.fresh_parsed()
     if parsed.counts is not None and weights is not None:
         raise ValueError(f"weights cannot be given with the response {parsed.response!r}: "
