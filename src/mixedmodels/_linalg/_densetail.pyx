@@ -159,6 +159,59 @@ cdef inline int _panel_width(int n) noexcept nogil:
     return 48 if n <= 2500 else 96
 
 
+# A tail this small runs plain loops, not BLAS and LAPACK: on penicillin's (r = 6) the
+# OpenBLAS calls of an evaluation (a dozen distinct kernels behind each call's dispatch)
+# cost more than their flops, warm and most of all cold.
+cdef enum:
+    _SMALL_TAIL = 32
+
+
+cdef int _small_cholesky(double *a, int n, int lda) noexcept nogil:
+    """``_blocked_cholesky`` of a small a: a column at a time (left-looking). Returns 0, or
+    j > 0 when the leading j-by-j block is not positive definite."""
+    cdef int i, j, k
+    cdef double v, d
+    for j in range(n):
+        v = a[j + <Py_ssize_t> j * lda]
+        for k in range(j):
+            v -= a[j + <Py_ssize_t> k * lda] * a[j + <Py_ssize_t> k * lda]
+        if not v > 0.0:
+            return j + 1
+        d = sqrt(v)
+        a[j + <Py_ssize_t> j * lda] = d
+        for i in range(j + 1, n):
+            v = a[i + <Py_ssize_t> j * lda]
+            for k in range(j):
+                v -= a[i + <Py_ssize_t> k * lda] * a[j + <Py_ssize_t> k * lda]
+            a[i + <Py_ssize_t> j * lda] = v / d
+    return 0
+
+
+cdef int _small_tail_inverse(double *a, int n) noexcept nogil:
+    """``_tail_inverse_c`` of a small L_S: X = L_S⁻¹ in place a column at a time (the
+    columns after it still hold L_S), then the lower triangle of X'X, entry (i, j) from
+    rows i.. of columns i and j (column j's rows above i no longer needed)."""
+    cdef int i, j, k
+    cdef double v
+    for j in range(n):
+        if a[j + j * n] == 0.0:
+            return j + 1
+    for j in range(n):
+        a[j + j * n] = 1.0 / a[j + j * n]
+        for i in range(j + 1, n):
+            v = 0.0
+            for k in range(j, i):
+                v += a[i + k * n] * a[k + j * n]
+            a[i + j * n] = -v / a[i + i * n]
+    for j in range(n):
+        for i in range(j, n):
+            v = 0.0
+            for k in range(i, n):
+                v += a[k + i * n] * a[k + j * n]
+            a[i + j * n] = v
+    return 0
+
+
 cdef int _blocked_cholesky(double *a, int n, int lda, int nb) noexcept nogil:
     """In place: a (column-major n-by-n, leading dimension lda) <- its lower Cholesky factor,
     right-looking by panels of nb columns: dpotrf on the panel's diagonal block, dtrsm for
@@ -172,6 +225,8 @@ cdef int _blocked_cholesky(double *a, int n, int lda, int nb) noexcept nogil:
     cdef int k = 0, kb, below, info = 0
     cdef double one = 1.0, minus_one = -1.0
     cdef double *diag
+    if n <= _SMALL_TAIL:
+        return _small_cholesky(a, n, lda)
     while k < n:
         kb = min(nb, n - k)
         diag = a + k + <Py_ssize_t> k * lda
@@ -258,6 +313,8 @@ cdef int _tail_inverse_c(double *a, int n) noexcept nogil:
     lower triangle of S⁻¹ = L_S⁻ᵀL_S⁻¹ (what LAPACK's dpotri does, with the inverse of L_S
     by panels). Returns 0, or nonzero when L_S is singular."""
     cdef int info = 0
+    if n <= _SMALL_TAIL:
+        return _small_tail_inverse(a, n)
     if _blocked_triangular_inverse(a, n, n, _INVERSE_PANEL):
         return 1
     dlauum(b"L", &n, a, &n, &info)
@@ -286,9 +343,26 @@ cdef void _tail_solve(const double *l, int n, double *b, int ldb, int m,
 
     OpenBLAS's one dtrsm over the whole L took 0.9 ms on insteval's tail (r = 1,142) with
     the three columns of [X y], these panels 0.3 (the work is one pass over L's 5 MB)."""
-    cdef int k, kb, rest, nb = 64
-    cdef double one = 1.0, minus_one = -1.0
+    cdef int k, kb, rest, nb = 64, i, c
+    cdef double one = 1.0, minus_one = -1.0, v
     cdef double *diag
+    cdef double *x
+    if n <= _SMALL_TAIL:                # substitution, a column of b at a time
+        for c in range(m):
+            x = b + <Py_ssize_t> c * ldb
+            if transpose:
+                for i in range(n - 1, -1, -1):
+                    v = x[i]
+                    for k in range(i + 1, n):
+                        v -= l[k + i * n] * x[k]
+                    x[i] = v / l[i + i * n]
+            else:
+                for i in range(n):
+                    v = x[i]
+                    for k in range(i):
+                        v -= l[i + k * n] * x[k]
+                    x[i] = v / l[i + i * n]
+        return
     if transpose:
         k = ((n - 1) // nb) * nb
         while k >= 0:
@@ -589,7 +663,7 @@ cdef class DenseTailFactor:
             nr = ip[lev * k0 + 1] - base
             for t in range(nr):                 # R as tail indices
                 rows[t] = ix[base + t] - q0
-            if nr > 0 and rows[nr - 1] - rows[0] == nr - 1:
+            if nr > 0 and rows[nr - 1] - rows[0] == nr - 1 and r > _SMALL_TAIL:
                 # R a run of the tail (verbagg: every subject meets every item): BLAS
                 nri = <int> nr
                 for c in range(k0):
