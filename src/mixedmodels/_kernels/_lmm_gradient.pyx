@@ -30,12 +30,12 @@ took 8 instead of 21 ms. Only S⁻¹'s lower triangle is read.
 Blocks are column-major, as in _blocked.pyx: entry (e, a) of a k-by-k block at e + a·k;
 θ's templates T_t sit at ``lam[lam_off[t]:]`` that way, and so do the sums written here.
 """
-from libc.math cimport log, isfinite, INFINITY, NAN, M_PI
+from libc.math cimport log, sqrt, isfinite, INFINITY, NAN, M_PI
 from libc.stdlib cimport malloc, realloc, free
 
 from cpython.pycapsule cimport PyCapsule_GetPointer
 
-from mixedmodels._linalg._blocked cimport (chol_inplace, blockdiag_solve_c, tf_factor_at,
+from mixedmodels._linalg._blocked cimport (blockdiag_solve_c, tf_factor_at,
                                           tf_arrays, TfArrays, inverse_from_lower,
                                           tf_backward, tf_lambda_times, ExternalFactor)
 
@@ -45,6 +45,11 @@ cimport numpy as cnp
 cnp.import_array()
 
 ctypedef long long i64
+
+cdef enum:
+    # up to this many tail rows S⁻¹ (32 KB) stays in L1, and reading it level by level
+    # costs no more than by rows (_scalar_term0_traces)
+    _LEVEL_MAJOR_ROWS = 64
 
 
 cdef inline int _term_of(const i64[::1] uoff, int nterm, Py_ssize_t x) noexcept nogil:
@@ -106,6 +111,7 @@ cdef class DenseTailGradient:
     cdef double[:, ::1] sums
     cdef object sums_array
     cdef int k0, nterm, maxnr
+    cdef bint level_major       # Y_l made level by level (_scalar_term0_traces)
     cdef Py_ssize_t q, q0, rdim, nslot, m
     cdef double *l0             # L_l per level of term 0, column-major k0-by-k0
     cdef double *w              # W_l = L_l⁻¹B_l', at term 0's tail slots
@@ -172,6 +178,8 @@ cdef class DenseTailGradient:
         for lev in range(self.q0 // self.k0):
             self.maxnr = max(self.maxnr, <int> (self.indptr[lev * self.k0 + 1]
                                                  - self.indptr[lev * self.k0] - self.k0))
+        # a tail whose S⁻¹ sits in L1 need not be swept by rows (_sweep_tail)
+        self.level_major = self.k0 == 1 and self.rdim <= _LEVEL_MAJOR_ROWS
         self.sums_array = np.zeros((3, self.lam.shape[0]))
         self.sums = self.sums_array
         self.l0 = <double *> malloc(max(self.q0 * self.k0, 1) * sizeof(double))
@@ -289,7 +297,7 @@ cdef class DenseTailGradient:
         self._forward(m if reml else 1)
         self._sweep_tail(sinv, m if reml else 1)
         self._backward(m if reml else 1)
-        self._term0_traces()
+        self._term0_traces(sinv)
         self._tail_traces(sinv)
         self._residual_sums(reml)
         scale = dfr / (self.r[m - 1, m - 1] * self.r[m - 1, m - 1])
@@ -300,12 +308,24 @@ cdef class DenseTailGradient:
         return 0
 
     cdef int _levels(self) noexcept nogil:
-        """L_l (A_l = L_l L_l', A_l from M's values) and W_l = L_l⁻¹B_l' per level of term 0."""
-        cdef int k0 = self.k0, a, c, e
+        """L_l (A_l = L_l L_l', A_l from M's values) and W_l = L_l⁻¹B_l' per level of term 0:
+        the factor's own arithmetic, so the same bits, without chol_inplace's log per
+        diagonal entry (on penicillin 24 logs, a fifth of this pass)."""
+        cdef int k0 = self.k0, a, c, d, e
         cdef Py_ssize_t lev, j0, nr, t, base
         cdef double *lo
         cdef double v
-        cdef double logdet_unused = 0.0     # chol_inplace also sums log diag
+        if k0 == 1:
+            for lev in range(self.q0):
+                base = self.indptr[lev]
+                v = self.mx[base]
+                if v <= 0.0:
+                    return 1
+                v = sqrt(v)
+                self.l0[lev] = v
+                for t in range(base + 1, self.indptr[lev + 1]):
+                    self.w[t] = self.mx[t] / v
+            return 0
         for lev in range(self.q0 // k0):
             j0 = lev * k0
             nr = self.indptr[j0 + 1] - self.indptr[j0] - k0
@@ -316,8 +336,18 @@ cdef class DenseTailGradient:
                     lo[a + c * k0] = 0.0
                 for a in range(c, k0):
                     lo[a + c * k0] = self.mx[base + a - c]
-            if chol_inplace(lo, k0, &logdet_unused):
-                return 1
+            for d in range(k0):               # chol_inplace's loops
+                v = lo[d + d * k0]
+                for e in range(d):
+                    v -= lo[d + e * k0] * lo[d + e * k0]
+                if v <= 0.0:
+                    return 1
+                v = sqrt(v)
+                lo[d + d * k0] = v
+                for a in range(d + 1, k0):
+                    for e in range(d):
+                        lo[a + d * k0] -= lo[a + e * k0] * lo[d + e * k0]
+                    lo[a + d * k0] /= v
             for t in range(nr):               # column c of the level holds row c of B_l'
                 for c in range(k0):
                     base = self.indptr[j0 + c] + k0 - c + t
@@ -408,7 +438,8 @@ cdef class DenseTailGradient:
         layout, more traffic than the product for a few columns), and ys = Y_l =
         W_l S⁻¹[R_l, R_l] for every level l of term 0. The column of tail row x, in cache
         from the product, serves every level that meets x, where level by level Y would
-        take n_l scattered reads per row from all of S⁻¹."""
+        take n_l scattered reads per row from all of S⁻¹. (With ``level_major`` Y is
+        left to _scalar_term0_traces.)"""
         cdef int k0 = self.k0, c
         cdef Py_ssize_t q0 = self.q0, q = self.q, rd = self.rdim, x, i, j, slot, j0
         cdef Py_ssize_t first, t, t2, nr, base
@@ -419,8 +450,9 @@ cdef class DenseTailGradient:
         cdef const int *rows
         cdef double *w = self.w
         cdef double *ys = self.ys
-        for i in range(self.nslot):
-            ys[i] = 0.0
+        if not self.level_major:
+            for i in range(self.nslot):
+                ys[i] = 0.0
         for x in range(rd * ncol):
             self.tmp[x] = 0.0
         for x in range(rd):
@@ -434,6 +466,8 @@ cdef class DenseTailGradient:
                     out[i] += col[i] * bx
                     v += col[i] * b[i]
                 out[x] += v
+            if self.level_major:
+                continue
             for i in range(self.by_row_ptr[x], self.by_row_ptr[x + 1]):
                 slot = self.by_row[i]
                 j0 = self.by_row_lev[i] * k0
@@ -460,7 +494,7 @@ cdef class DenseTailGradient:
                         ys[base + t2] += wt * sv
                     ys[base + t] += v
 
-    cdef void _term0_traces(self) noexcept nogil:
+    cdef void _term0_traces(self, const double *sinv) noexcept nogil:
         """Adds to sums[0] the K_mm of term 0's levels and the tail's share of K_ii from C's
         blocks between them."""
         cdef int nterm = self.nterm, k0 = self.k0, s, ks, a, b, bb, c, e
@@ -477,7 +511,7 @@ cdef class DenseTailGradient:
         cdef const double *t0 = &self.lam[self.lam_off[0]]
         cdef const double *ts
         if k0 == 1:
-            self._scalar_term0_traces()
+            self._scalar_term0_traces(sinv)
             return
         for lev in range(q0 // k0):
             j0 = lev * k0
@@ -538,43 +572,76 @@ cdef class DenseTailGradient:
                             v -= t0[c + e * k0] * yb[e + (t - b + a) * k0]
                         kt[self.lam_off[s] + b + a * ks] += cval * v
 
-    cdef void _scalar_term0_traces(self) noexcept nogil:
+    cdef void _scalar_term0_traces(self, const double *sinv) noexcept nogil:
         """_term0_traces for a scalar term 0 (k₀ = 1: L_l, W̃_l and Ỹ_l are numbers per
-        slot), the loops above without their k₀-sized inner ones."""
+        slot), the loops above without their k₀-sized inner ones. With ``level_major``
+        Y_l is made here, level by level, where _sweep_tail would make it row by row:
+        the same sums in the same order (row x = R_l[t] adds to Y_l[t] last), so the same
+        bits, without the sweep's bookkeeping per (row, level) or a pass through ys."""
         cdef int nterm = self.nterm, s, ks, b, bb, a
-        cdef Py_ssize_t lev, first, nr, t, rho
-        cdef double lo, minv, v, y, cval, k_own = 0.0
+        cdef Py_ssize_t lev, first, nr, t, t2, rho, bound, q0 = self.q0, rd = self.rdim
+        cdef double lo, minv, v, y, cval, acc, wt, sv, k_own = 0.0
         cdef double *kt = &self.sums[0, 0]
         cdef const int *rows
         cdef double t0 = self.lam[self.lam_off[0]]
         cdef const double *ts
+        cdef const double *col
+        cdef const double *w
+        cdef double *ys
         for lev in range(self.q0):
             first = self.indptr[lev] + 1
             nr = self.indptr[lev + 1] - first
             rows = &self.indices[first]
             lo = self.l0[lev]
+            w = &self.w[first]
             minv = 1.0                        # L_l²(M⁻¹)_ll = 1 + Y_l W_l'
-            for t in range(nr):
-                minv += self.ys[first + t] * self.w[first + t]
+            if self.level_major:
+                ys = self.scratch
+                for t in range(nr):
+                    ys[t] = 0.0
+                for t in range(nr):           # _sweep_tail's loop at row R_l[t]
+                    col = &sinv[(rows[t] - q0) * rd]
+                    wt = w[t]
+                    v = wt * col[rows[t] - q0]
+                    for t2 in range(t + 1, nr):
+                        sv = col[rows[t2] - q0]
+                        v += w[t2] * sv
+                        ys[t2] += wt * sv
+                    ys[t] += v
+                    minv += ys[t] * wt
+            else:
+                ys = &self.ys[first]
+                for t in range(nr):
+                    minv += ys[t] * w[t]
             v = self.avals[self.aval_at[first - 1]] * t0 * minv / (lo * lo)
-            for t in range(nr):               # (M⁻¹)[(s,i,b), l] = -Ỹ_l[t] = -Y_l[t] / L_l
+            t = 0
+            while t < nr:                     # (M⁻¹)[(s,i,b), l] = -Ỹ_l[t] = -Y_l[t] / L_l
                 rho = rows[t]
                 s = _term_of(self.uoff, nterm, rho)
                 ks = self.kk[s]
                 ts = &self.lam[self.lam_off[s]]
-                cval = self.avals[self.aval_at[first + t]] / lo
                 if ks == 1:
-                    y = self.ys[first + t]
-                    v -= cval * ts[0] * y
-                    kt[self.lam_off[s]] -= cval * t0 * y
+                    # the run of term s's rows, its K sum in a register: through memory
+                    # each slot waited on the last one's store; same order, same bits
+                    bound = self.uoff[s + 1] if s + 1 < nterm else self.q
+                    acc = kt[self.lam_off[s]]
+                    while t < nr and rows[t] < bound:
+                        cval = self.avals[self.aval_at[first + t]] / lo
+                        y = ys[t]
+                        v -= cval * ts[0] * y
+                        acc -= cval * t0 * y
+                        t += 1
+                    kt[self.lam_off[s]] = acc
                     continue
+                cval = self.avals[self.aval_at[first + t]] / lo
                 b = <int> ((rho - self.uoff[s]) % ks)
                 y = 0.0
                 for bb in range(b + 1):
-                    y += ts[b + bb * ks] * self.ys[first + t - b + bb]
+                    y += ts[b + bb * ks] * ys[t - b + bb]
                 v -= cval * y
                 for a in range(ks):
-                    kt[self.lam_off[s] + b + a * ks] -= cval * t0 * self.ys[first + t - b + a]
+                    kt[self.lam_off[s] + b + a * ks] -= cval * t0 * ys[t - b + a]
+                t += 1
             k_own += v
         kt[self.lam_off[0]] += k_own
 
@@ -621,8 +688,10 @@ cdef class DenseTailGradient:
         cdef Py_ssize_t q = self.q, p = self.m - 1, ncol = self.m if reml else 1
         cdef Py_ssize_t uc = p if reml else 0         # û's column in xh and cxh
         cdef Py_ssize_t i, j, x, slot, rho, base, end
-        cdef double v, cval
+        cdef double v, cval, xj, acc, acc2
         cdef const double *tt
+        cdef double *xi
+        cdef double *ci
         cdef double *xb = self.xb
         cdef double *xh = self.xh
         cdef double *cxh = self.cxh
@@ -649,14 +718,23 @@ cdef class DenseTailGradient:
                     x += k
         for x in range(q * ncol):
             cxh[x] = 0.0
-        for j in range(q):                    # cxh = C xh, C from its lower triangle
-            for slot in range(self.indptr[j], self.indptr[j + 1]):
-                rho = self.indices[slot]
-                cval = self.avals[self.aval_at[slot]]
-                for i in range(ncol):
-                    cxh[rho + i * q] += cval * xh[j + i * q]
-                    if rho != j:
-                        cxh[j + i * q] += cval * xh[rho + i * q]
+        for i in range(ncol):                 # cxh = C xh, C from its lower triangle
+            xi = &xh[i * q]
+            ci = &cxh[i * q]
+            for j in range(q):
+                # row j's sum in a register: through memory, each slot waited on the
+                # last one's store (a fifth of this pass on penicillin); same order, bits
+                xj = xi[j]
+                acc = ci[j]
+                for slot in range(self.indptr[j], self.indptr[j + 1]):
+                    rho = self.indices[slot]
+                    cval = self.avals[self.aval_at[slot]]
+                    if rho == j:
+                        acc += cval * xj
+                    else:
+                        ci[rho] += cval * xj
+                        acc += cval * xi[rho]
+                ci[j] = acc
         for x in range(q):                    # cxh[:, uc] <- Z'Wε; REML: cxh[:, :p] <- Wₓ
             v = self.ztxy[x, p] - cxh[x + uc * q]
             for j in range(p):
@@ -678,6 +756,19 @@ cdef class DenseTailGradient:
             k = self.kk[t]
             base = self.uoff[t]
             end = self.uoff[t + 1] if t + 1 < nterm else q
+            if k == 1:                        # the two sums in registers, as above
+                acc = self.sums[1, self.lam_off[t]]
+                acc2 = self.sums[2, self.lam_off[t]]
+                for x in range(base, end):
+                    acc += cxh[x + uc * q] * uu[x]
+                    if reml:
+                        v = 0.0
+                        for j in range(p):
+                            v += cxh[x + j * q] * xh[x + j * q]
+                        acc2 += v
+                self.sums[1, self.lam_off[t]] = acc
+                self.sums[2, self.lam_off[t]] = acc2
+                continue
             while base < end:
                 for a in range(k):
                     for e in range(k):
