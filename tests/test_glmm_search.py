@@ -440,3 +440,14 @@ def test_simd_binomial_logit_matches_the_scalar_loop(n):
     np.testing.assert_array_equal(mine[4][~fin], ref[4][~fin])
     np.testing.assert_array_less(np.abs(mine[4][fin] - ref[4][fin]),
                                  1e-13 * scale[keep][fin] + 1e-300)
+
+
+def test_lbfgs_asked_for_is_lbfgs_on_one_term():
+    """optimizer="lbfgs" runs L-BFGS-B where "auto" takes the trust region; both reach
+    the same optimum."""
+    auto = ONE_TERM["cbpp"]().fit()
+    lbfgs = ONE_TERM["cbpp"]().fit(optimizer="lbfgs")
+    assert auto.optsum.optimizer == "TRUST_REGION_BFGS"
+    assert lbfgs.optsum.optimizer == "L-BFGS-B"
+    assert auto.objective == pytest.approx(lbfgs.objective, abs=1e-9)
+    np.testing.assert_allclose(auto.theta, lbfgs.theta, rtol=1e-6)

@@ -480,13 +480,15 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
             it (n + 1 gradients); ``vcov_hessian`` takes the central one on first use.
             BOBYQA's Hessian (from values) also gives ``vcov_hessian``.
         optimizer : {"auto", "lbfgs", "bobyqa"}
-            The joint stage's search over (β, θ): L-BFGS-B with the exact gradient of
-            the Laplace deviance, or of the quadrature deviance of one scalar term
-            (``has_gradient``; "auto" takes it where available), or NLopt's
+            The joint stage's search over (β, θ): a quasi-Newton search with the exact
+            gradient of the Laplace deviance, or of the quadrature deviance of one
+            scalar term (``has_gradient``; "auto" takes it where available), or NLopt's
             derivative-free BOBYQA. With the gradient the search is one stage from
-            the GLM's β and Λ = I; BOBYQA first moves θ alone with β from PIRLS (the
-            ``fast`` fit, ``optsum_fast``), then β and θ together. ``optsum.optimizer``
-            records which ran.
+            the GLM's β and Λ = I: under "auto" the compiled trust region of the LMMs
+            for one term with nAGQ = 1 ("TRUST_REGION_BFGS"), else L-BFGS-B, which
+            "lbfgs" asks for everywhere. BOBYQA first moves θ alone with β from PIRLS
+            (the ``fast`` fit, ``optsum_fast``), then β and θ together.
+            ``optsum.optimizer`` records which ran.
 
         Returns
         -------
@@ -502,7 +504,8 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         layout, p, disp = self.layout, self.p, self.has_dispersion
         self._u = None
         if use_gradient and not fast:
-            fit = self._fit_with_gradient(progress, check_convergence)
+            fit = self._fit_with_gradient(progress, check_convergence,
+                                          trust_region=optimizer == "auto")
             if fit is not None:
                 return fit
             self._u = None
@@ -568,7 +571,7 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         return GeneralizedLinearMixedModelFit(self, self._optimum(theta, beta_w, phi, fam),
                                               opt2, fast=False, stage1=opt1)
 
-    def _fit_with_gradient(self, progress, check_convergence):
+    def _fit_with_gradient(self, progress, check_convergence, trust_region=True):
         """One stage: a quasi-Newton search over (β̃, θ) with the exact gradient (L-BFGS-B;
         for one term, see below, a trust region), from the GLM's β and
         Λ = I, as glmm does. Measured on verbagg, contra, cbpp and grouseticks: the same
@@ -578,9 +581,9 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         or θ by a difference of gradients, saved no evaluations.) None when the search
         does not report success (the caller falls back).
 
-        One term with nAGQ = 1 (the Laplace kernel in one compiled call) takes the
-        trust-region search of the LMMs instead (_glmm_search.py; stopping at a relative
-        change of 1e-12): on 200 simulated responses each of cbpp, contra's
+        One term with nAGQ = 1 (the Laplace kernel in one compiled call), unless
+        ``trust_region`` is False, takes the trust-region search of the LMMs instead
+        (_glmm_search.py; stopping at a relative change of 1e-12): on 200 simulated responses each of cbpp, contra's
         (1 | urban & dist) and (1 + urban | dist), and grouseticks' (1 | brood) and
         (1 | location), it ended every fit within 4e-10 of the best of all searches, in
         16.4, 22.8, 17.3, 12.3 and 14.0 evaluations on average; L-BFGS-B took 17.4,
@@ -597,7 +600,7 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
         opt = OptSummary(initial=np.array(self.beta0.tolist() + layout.initial().tolist(),
                                           dtype=float),
                          lowerbd=np.array(lower, dtype=float))
-        if progress or not self._one_term_laplace():
+        if progress or not trust_region or not self._one_term_laplace():
             minimize_with_gradient(self._joint_value_and_grad, opt, progress=progress,
                                    ftol=SEARCH_FTOL)
         else:
