@@ -66,7 +66,14 @@ def _same_design(got, want, newdata):
 
 def _sleep():
     d = mm.dataset("sleepstudy")
-    return d.assign(x=np.cos(np.arange(len(d))), n=np.arange(len(d)) % 7)
+    return d.assign(x=np.cos(np.arange(len(d))), n=np.arange(len(d)) % 7,
+                    x2=1.0 + np.sin(np.arange(len(d))) ** 2)
+
+
+def _sleep_g():
+    d = mm.dataset("sleepstudy")
+    return d.assign(g=pd.array(np.where(np.arange(len(d)) % 3 == 0, "b", "a"),
+                               dtype=d["subj"].dtype))
 
 
 SIMPLE = {
@@ -77,16 +84,24 @@ SIMPLE = {
     "powers_ints": ("reaction ~ 1 + abs2(days) + x + n + (1 + x | subj)", _sleep()),
     "no_intercept_x": ("reaction ~ 0 + days + x + (1 | subj)", _sleep()),
     "dyestuff": ("yield ~ 1 + (1 | batch)", mm.dataset("dyestuff")),
+    "cbpp": ("incid / hsz ~ 1 + period + (1 | herd)", mm.dataset("cbpp"), {"weights": "hsz"}),
+    "factor_and_number": ("reaction ~ 1 + days + g + (1 | subj)", _sleep_g()),
+    "expression": ("reaction / 10 ~ 1 + days + (1 | subj)", mm.dataset("sleepstudy")),
+    "factor_in_z": ("reaction ~ 1 + days + (1 + g | subj)", _sleep_g()),
+    "weights_and_log": ("log(reaction) ~ 1 + days + (1 | subj)", _sleep(), {"weights": "x2"}),
+    "zero_weights": ("reaction ~ 1 + days + (1 | subj)", mm.dataset("sleepstudy"),
+                     {"weights": "days"}),
 }
 
 
 @pytest.mark.parametrize("name", list(SIMPLE))
 def test_the_simple_design_is_the_general_one(name, monkeypatch):
-    formula, data = SIMPLE[name]
+    formula, data, *kw = SIMPLE[name]
+    weights = kw[0]["weights"] if kw else None
     plan = _design._plan(formula, data.columns, True)
-    assert _simple.simple_design(formula, data, plan, []) is not None
-    got, qr_got = _simple_path(formula, data, None, None, None, "drop")
-    want, qr_want = _general(monkeypatch, formula, data, None, None, None, "drop")
+    assert _simple.simple_design(formula, data, plan, [], weights) is not None
+    got, qr_got = _simple_path(formula, data, None, weights, None, "drop")
+    want, qr_want = _general(monkeypatch, formula, data, None, weights, None, "drop")
     _same_design(got, want, data.iloc[::3])
     assert len(qr_got) == len(qr_want)
     for a, b in zip(qr_got, qr_want):
@@ -123,8 +138,12 @@ def _declined():
         "object_group": ("reaction ~ 1 + days + (1 | subj)", obj, {}),
         "many_rows": ("reaction ~ 1 + days + (1 | subj)", long, {}),
         "aliased": ("reaction ~ 1 + days + d2 + (1 | subj)", aliased, {}),
-        "weights": ("reaction ~ 1 + days + (1 | subj)", sleep, {"weights": "days"}),
-        "expression": ("reaction / 10 ~ 1 + days + (1 | subj)", sleep, {}),
+        "not_clearly_full_rank": ("reaction ~ 1 + subj + (1 | subj)", sleep, {}),
+        "string_response": ("use ~ 1 + age + (1 | dist)", mm.dataset("contra").iloc[:400], {}),
+        "zero_division": ("reaction / (days - 3) ~ 1 + (1 | subj)", sleep, {}),
+        "negative_weights": ("reaction ~ 1 + days + (1 | subj)", sleep.assign(w=sleep["days"] - 1.0),
+                             {"weights": "w"}),
+        "weights_array": ("reaction ~ 1 + days + (1 | subj)", sleep, {"weights": np.ones(180)}),
         "nested": ("reaction ~ 1 + days + (1 | subj / days)", sleep, {}),
         "offset_term": ("reaction ~ 1 + offset(days) + (1 | subj)", sleep, {}),
         "numeric_group": ("reaction ~ 1 + (1 | days)", sleep, {}),
@@ -135,8 +154,9 @@ def _declined():
 def test_what_the_simple_design_declines_takes_the_general_path(name, monkeypatch):
     formula, data, kw = _declined()[name]
     plan = _design._plan(formula, data.columns, True)
-    if not kw:
-        assert _simple.simple_design(formula, data, plan, []) is None
+    weights = kw.get("weights")
+    if isinstance(weights, str) or weights is None:
+        assert _simple.simple_design(formula, data, plan, [], weights) is None
     outcomes = []
     for general in (False, True):
         with monkeypatch.context() as m:

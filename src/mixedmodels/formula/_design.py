@@ -1358,9 +1358,10 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
     columns = data.columns
     # Which columns each part reads; unknown names fail here, before any work.
     plan = _plan(formula, columns, fast)
-    if (fast and contrasts is None and weights is None and offset is None
-            and type(data) is pd.DataFrame):
-        design = simple_design(formula, data, plan, [] if qr_out is None else qr_out)
+    if (fast and contrasts is None and offset is None and type(data) is pd.DataFrame
+            and (weights is None or isinstance(weights, str))):
+        design = simple_design(formula, data, plan, [] if qr_out is None else qr_out,
+                               weights)
         if design is not None:
             return design
     parsed = plan.fresh_parsed()
