@@ -1358,10 +1358,12 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
     columns = data.columns
     # Which columns each part reads; unknown names fail here, before any work.
     plan = _plan(formula, columns, fast)
+    # a response expression the simple design evaluated: (values, columns read)
+    evaluated = {}
     if (fast and contrasts is None and offset is None and type(data) is pd.DataFrame
             and (weights is None or isinstance(weights, str))):
         design = simple_design(formula, data, plan, [] if qr_out is None else qr_out,
-                               weights)
+                               weights, evaluated)
         if design is not None:
             return design
     parsed = plan.fresh_parsed()
@@ -1382,8 +1384,13 @@ def _build_design(formula, data, contrasts=None, weights=None, offset=None,
             used.append(resp_col)
             resp_bad = cache.missing(resp_col)
         else:
-            resp_value = _evaluate_response(parsed.response, data, used, formula, cache,
-                                            plan)
+            if evaluated:
+                # once only: its warnings (0 / 0, say) are the user's to see once
+                resp_value, read = evaluated["response"]
+                used.extend(read)
+            else:
+                resp_value = _evaluate_response(parsed.response, data, used, formula, cache,
+                                                plan)
             if resp_value.dtype.kind in "iuf":
                 # numbers, as pandas would keep them: no Series needed
                 resp_bad = _values_missing(resp_value)

@@ -32,33 +32,35 @@ import numpy as np
 
 from . import _design
 from ._columns import (_PY_FACTORIZE_MAX_ROWS, ColumnCache, _arrow_strings_without_nulls,
-                       _sorted_string_codes, _values_missing, column_values)
+                       _sorted_string_codes, _values_missing)
 from ._fast import FastMatrix, fast_plan
 
 
-def simple_design(formula, data, plan, qr_out, weights=None):
+def simple_design(formula, data, plan, qr_out, weights=None, evaluated=None):
     """:func:`_design._build_design` of ``formula`` over ``data`` (a pandas DataFrame)
     with the formula's ``plan`` and ``weights`` (None or a column name), or None where
     the columns or the formula ask for more (see the module docstring); the QR of X its
-    rank test made is appended to ``qr_out``."""
+    rank test made is appended to ``qr_out``, and a response expression's values and
+    the columns it read to ``evaluated["response"]`` (for the general path to take)."""
     if not _plan_is_simple(plan):
         return None
     n = len(data)
     if not 1 < n <= _PY_FACTORIZE_MAX_ROWS:
         return None
-    locs = plan.locs
+    # every column read once (a frame's column is a cold path of its own in pandas)
+    cache = ColumnCache(data, plan.locs)
     resp_col = plan.resp_col
     if resp_col is not None:
-        y = _numbers(column_values(data, resp_col, locs.get(resp_col)))
+        y = _numbers(cache.values(resp_col))
     else:
-        y = _expression(formula, data, plan)
+        y = _expression(formula, data, plan, cache, {} if evaluated is None else evaluated)
     if y is None:
         return None
     # each column as the model matrices read it: numbers, or a string column's codes
     # with its levels as the spec
     specs, values, factors = {}, {}, {}
     for name in plan.matrix_cols:
-        column = column_values(data, name, locs.get(name))
+        column = cache.values(name)
         numbers = _numbers(column)
         if numbers is None:
             factor = factors[name] = _factor(column)
@@ -72,14 +74,15 @@ def simple_design(formula, data, plan, qr_out, weights=None):
         if factor is None:
             if name in specs:           # a numeric column as a grouping factor
                 return None
-            factor = factors[name] = _factor(column_values(data, name, locs.get(name)))
+            factor = factors[name] = _factor(cache.values(name))
             if factor is None:
                 return None
         if len(factor[1]) < 2:
             return None
     w = None
     if weights is not None:
-        w = _numbers(column_values(data, weights))
+        plan.add_locs([weights], data.columns)
+        w = _numbers(cache.values(weights))
         if w is None:
             return None
         w = np.array(w, dtype=np.float64)
@@ -151,17 +154,14 @@ def _factor(values):
     return None if strings is None else _sorted_string_codes(strings)
 
 
-def _expression(formula, data, plan):
+def _expression(formula, data, plan, cache, evaluated):
     """A response expression's values, where they and the columns it reads are numbers
-    with no NaN or infinity; None otherwise. An expression that cannot be evaluated
-    raises as on the general path, which would evaluate it first too. (Quietly: a
-    floating-point warning comes with a value that is not finite, which the general
-    path then evaluates again, and warns of, itself.)"""
-    cache = ColumnCache(data, plan.locs)
+    with no NaN or infinity; None otherwise. Either way the values and the columns read
+    go to ``evaluated["response"]``. An expression that cannot be evaluated raises as on
+    the general path, which would evaluate it first too."""
     used = []
-    with np.errstate(all="ignore"):
-        value = _design._evaluate_response(plan.parsed.response, data, used, formula, cache,
-                                           plan)
+    value = _design._evaluate_response(plan.parsed.response, data, used, formula, cache, plan)
+    evaluated["response"] = (value, used)
     if _numbers(value) is None:
         return None
     for name in used:
