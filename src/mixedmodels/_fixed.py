@@ -192,8 +192,12 @@ def _rows_far_from_aliased(rl, ad):
 
 # Up to this many columns the basis's p-by-p arithmetic runs in Python floats: on a cold
 # start (every small fit in the benchmark) a few hundred float operations cost less than
-# the NumPy calls they stand for
+# the NumPy calls they stand for; and those floats in one call of _dense.fixed_basis cost
+# less still (~250 interpreted lines for cbpp's four columns)
 _FLOAT_BASIS_MAX = 8
+
+# False: the Python floats (the twin of _dense.fixed_basis; for timing and tests)
+COMPILED_BASIS = True
 
 
 def _upper_inverse(Rl, R):
@@ -290,7 +294,15 @@ class FixedEffectsBasis:
         n, p = X.shape
         q, r = qr
         scale = math.sqrt(max(n, 1))
-        if r.shape[0] == p:
+        basis = (_dense.fixed_basis(r, q, scale, NEAR_ALIAS)
+                 if COMPILED_BASIS and _dense is not None and r.shape[0] == p
+                 and p <= _FLOAT_BASIS_MAX else None)
+        if basis is not None:
+            # the Python floats below in one compiled call, bit for bit (its twin); q is
+            # now X̃
+            self.R, self.Rinv, absdiag, far = basis
+            self.X = q
+        elif r.shape[0] == p:
             # the p-by-p arithmetic in Python floats: the same IEEE operations, in the
             # same order, as the NumPy expressions they stand for (see below)
             rl = r.tolist()

@@ -586,3 +586,223 @@ def convergence_numbers(cnp.ndarray g not None, cnp.ndarray H not None, boundary
     finally:
         free(index)
         free(buf)
+
+
+# -- the fixed-effects basis of a small X (its twin: _fixed.FixedEffectsBasis._from_qr's
+# Python-float path, with _fixed._upper_inverse and _fixed._rows_far_from_aliased) ---------
+
+# Up to this many columns, as the Python floats it stands for (_fixed._FLOAT_BASIS_MAX)
+cdef enum:
+    _BASIS_MAX = 8
+
+BASIS_MAX_COLUMNS = _BASIS_MAX
+
+
+def fixed_basis(cnp.ndarray r not None, cnp.ndarray q not None, double scale,
+                double near_alias):
+    """R̃, R̃⁻¹, |diag R̃| and the near-alias verdict of ``_fixed.FixedEffectsBasis`` from
+    X's QR, with q scaled to X̃ = √n Q in place: one call where the Python floats cost a
+    cold fit ~250 interpreted lines for four columns.
+
+    The same IEEE operations in the same order as the Python floats (this module is
+    built without FMA contraction), so the same numbers bit for bit, signed zeros
+    included: R̃ = (r · sign(r_ii)) / scale by rows; R̃⁻¹ column by column from the last
+    row up, as ``_blocked.upper_solve``; column j clearly far from aliased when
+    |R̃_jj| > (2 near_alias) √(Σ_{i≤j} R̃_ij²), the sum from i = 0.
+
+    Parameters
+    ----------
+    r : (p, p) float64 ndarray, 1 ≤ p ≤ BASIS_MAX_COLUMNS, any strides
+    q : (n, p) float64 ndarray, C-contiguous and writeable: overwritten by q · (signs ·
+        scale)
+    scale : √n
+    near_alias : ``_fixed.NEAR_ALIAS``
+
+    Returns
+    -------
+    (R, Rinv, absdiag, far) or None
+        None, with q untouched, where the arguments are not of that kind or R has a zero
+        on its diagonal (where the caller's solve raises).
+    """
+    if (cnp.PyArray_TYPE(r) != cnp.NPY_DOUBLE or cnp.PyArray_NDIM(r) != 2
+            or not cnp.PyArray_ISNOTSWAPPED(r)
+            or cnp.PyArray_TYPE(q) != cnp.NPY_DOUBLE or cnp.PyArray_NDIM(q) != 2
+            or not cnp.PyArray_ISNOTSWAPPED(q) or not cnp.PyArray_IS_C_CONTIGUOUS(q)
+            or not cnp.PyArray_ISWRITEABLE(q)):
+        return None
+    cdef Py_ssize_t p = cnp.PyArray_DIM(r, 0), n = cnp.PyArray_DIM(q, 0), i, j, k
+    if (cnp.PyArray_DIM(r, 1) != p or cnp.PyArray_DIM(q, 1) != p or p < 1
+            or p > _BASIS_MAX):
+        return None
+    cdef Py_ssize_t s0 = cnp.PyArray_STRIDE(r, 0), s1 = cnp.PyArray_STRIDE(r, 1)
+    cdef const char *rp = <const char *> cnp.PyArray_DATA(r)
+    cdef double signs[_BASIS_MAX]
+    cdef double colscale[_BASIS_MAX]
+    cdef double s, norm2, threshold = 2.0 * near_alias
+    for i in range(p):
+        s = _read2(rp, s0, s1, i, i)
+        signs[i] = -1.0 if s < 0 else 1.0
+        if (s * signs[i]) / scale == 0.0:
+            return None
+    cdef cnp.npy_intp dims[2]
+    dims[0] = p
+    dims[1] = p
+    cdef cnp.ndarray R = cnp.PyArray_EMPTY(2, dims, cnp.NPY_DOUBLE, 0)
+    cdef cnp.ndarray Rinv = cnp.PyArray_EMPTY(2, dims, cnp.NPY_DOUBLE, 0)
+    cdef cnp.ndarray absdiag = cnp.PyArray_EMPTY(1, dims, cnp.NPY_DOUBLE, 0)
+    cdef double *Rd = <double *> cnp.PyArray_DATA(R)
+    cdef double *Rid = <double *> cnp.PyArray_DATA(Rinv)
+    cdef double *ad = <double *> cnp.PyArray_DATA(absdiag)
+    cdef double *qd = <double *> cnp.PyArray_DATA(q)
+    cdef bint far = True
+    with nogil:
+        for i in range(p):
+            for j in range(p):
+                Rd[i * p + j] = (_read2(rp, s0, s1, i, j) * signs[i]) / scale
+            ad[i] = fabs(Rd[i * p + i])
+        # column j of R̃⁻¹ = R̃⁻¹ e_j, in place in its column of Rinv; every entry
+        # computed, the zeros below the diagonal too (their signs are the solve's)
+        for j in range(p):
+            for i in range(p):
+                Rid[i * p + j] = 0.0
+            Rid[j * p + j] = 1.0
+            for i in range(p - 1, -1, -1):
+                s = Rid[i * p + j]
+                for k in range(i + 1, p):
+                    s -= Rd[i * p + k] * Rid[k * p + j]
+                Rid[i * p + j] = s / Rd[i * p + i]
+        for j in range(p):
+            norm2 = 0.0
+            for i in range(j + 1):
+                norm2 += Rd[i * p + j] * Rd[i * p + j]
+            if not ad[j] > threshold * sqrt(norm2):
+                far = False
+                break
+        for j in range(p):
+            colscale[j] = signs[j] * scale
+        for i in range(n):
+            for j in range(p):
+                qd[i * p + j] *= colscale[j]
+    return R, Rinv, absdiag, far
+
+
+# -- the convergence check's arithmetic around its gradients (twins: _optimize's
+# _forward_hessian_floats and _hessian_steps_floats) ------------------------------------
+
+cdef inline double _as_double(object v) except? -1.0:
+    # float(v): a Python float read directly, anything else through float()
+    if type(v) is float:
+        return <double> v
+    return <double> float(v)
+
+
+cdef cnp.ndarray _float_vector(object v):
+    """v itself where it is a 1-d float64 ndarray in native order, else
+    np.asarray(v, dtype=float)."""
+    if (type(v) is np.ndarray and cnp.PyArray_TYPE(<cnp.ndarray> v) == cnp.NPY_DOUBLE
+            and cnp.PyArray_NDIM(<cnp.ndarray> v) == 1
+            and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray> v)):
+        return <cnp.ndarray> v
+    return np.asarray(v, dtype=float)
+
+
+cdef inline double _at(cnp.ndarray v, Py_ssize_t i) noexcept:
+    return (<const double *> (<const char *> cnp.PyArray_DATA(v)
+                              + i * cnp.PyArray_STRIDE(v, 0)))[0]
+
+
+def forward_hessian(value_and_grad, cnp.ndarray x not None, cnp.ndarray step not None,
+                    grad, Py_ssize_t k, known):
+    """``_optimize.gradient_hessian``'s forward stencil with g(x) known, in one call: its
+    twin ``_optimize._forward_hessian_floats`` (the same operations on the same numbers,
+    so the same Hessian bit for bit). ``value_and_grad`` is called at x + h_i e_i for
+    i ≥ k with a fresh float64 array, as the twin calls it.
+
+    Returns (Hessian, gradient evaluations spent), or None where a step is zero (or the
+    arguments are not 1-d float64 arrays of one length: the caller's path then).
+    """
+    if (cnp.PyArray_TYPE(x) != cnp.NPY_DOUBLE or cnp.PyArray_NDIM(x) != 1
+            or not cnp.PyArray_ISNOTSWAPPED(x)
+            or cnp.PyArray_TYPE(step) != cnp.NPY_DOUBLE or cnp.PyArray_NDIM(step) != 1
+            or not cnp.PyArray_ISNOTSWAPPED(step)):
+        return None
+    cdef Py_ssize_t n = cnp.PyArray_DIM(x, 0), i, r, c
+    if cnp.PyArray_DIM(step, 0) != n or k < 0:
+        return None
+    cdef cnp.ndarray g0 = _float_vector(grad)
+    if cnp.PyArray_NDIM(g0) != 1 or cnp.PyArray_DIM(g0, 0) < n:
+        return None
+    for i in range(k, n):
+        if _at(step, i) == 0.0:
+            return None
+    cdef cnp.npy_intp dims[2]
+    dims[0] = n
+    dims[1] = n
+    cdef cnp.ndarray out = cnp.PyArray_EMPTY(2, dims, cnp.NPY_DOUBLE, 0)
+    cdef double *hess = <double *> malloc((n * n + 1) * sizeof(double))
+    if hess == NULL:
+        raise MemoryError()
+    cdef cnp.ndarray point, gi
+    cdef double *pt
+    cdef double *hp = <double *> cnp.PyArray_DATA(out)
+    cdef double h
+    try:
+        for i in range(k, n):
+            point = cnp.PyArray_EMPTY(1, dims, cnp.NPY_DOUBLE, 0)
+            pt = <double *> cnp.PyArray_DATA(point)
+            # x + e: the entries off the stepped one are x + 0.0 (-0.0 becomes 0.0)
+            for r in range(n):
+                pt[r] = _at(x, r) + 0.0
+            pt[i] = _at(x, i) + _at(step, i)
+            gi = _float_vector(value_and_grad(point)[1])
+            if cnp.PyArray_NDIM(gi) != 1:
+                raise TypeError("the gradient must be a vector")
+            if cnp.PyArray_DIM(gi, 0) < n:
+                raise IndexError("list index out of range")
+            h = _at(step, i)
+            for r in range(n):
+                hess[r * n + i] = (_at(gi, r) - _at(g0, r)) / h
+        if k:
+            block = known[1]
+            if isinstance(block, np.ndarray):
+                block = block.tolist()
+            for r in range(k):
+                row = block[r]
+                for c in range(k):
+                    hess[r * n + c] = _as_double(row[c])
+            for r in range(k, n):
+                for c in range(k):
+                    hess[r * n + c] = hess[c * n + r]
+        for r in range(n):
+            for c in range(n):
+                hp[r * n + c] = 0.5 * (hess[r * n + c] + hess[c * n + r])
+        return out, n - k
+    finally:
+        free(hess)
+
+
+def hessian_steps(x, beta_se):
+    """``_optimize.hessian_steps`` in one call (its twin: ``_hessian_steps_floats``, the
+    same operations on the same numbers): 1e-3 · max(0.05, |x_i|), NaN kept, and
+    0.05 se_i where se_i (``beta_se``, a list or an array, or None) is finite and
+    positive."""
+    cdef cnp.ndarray xv = _float_vector(x)
+    if cnp.PyArray_NDIM(xv) != 1:
+        xv = xv.reshape(-1)
+    cdef Py_ssize_t n = cnp.PyArray_DIM(xv, 0), i, m
+    cdef cnp.npy_intp dim = n
+    cdef cnp.ndarray out = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_DOUBLE, 0)
+    cdef double *op = <double *> cnp.PyArray_DATA(out)
+    cdef double a, s
+    for i in range(n):
+        a = fabs(_at(xv, i))
+        op[i] = 1e-3 * (0.05 if 0.05 >= a else a)
+    if beta_se is not None:
+        se = beta_se if isinstance(beta_se, list) else \
+            np.asarray(beta_se, dtype=float).tolist()
+        m = len(se)
+        for i in range(m if m < n else n):
+            s = _as_double(se[i])
+            if isfinite(s) and s > 0:
+                op[i] = 0.05 * s
+    return out
