@@ -17,6 +17,7 @@ from scipy.linalg import lapack
 from ._derivs import ConvergenceCheck, assess_convergence, cholesky_lower
 from ._kernels import _search
 from ._kernels._check import check_and_polish
+from ._kernels import _dense
 from ._kernels._dense import cholesky_solve
 from ._kernels._lmm_gradient import LmmObjective
 
@@ -403,7 +404,10 @@ def gradient_hessian(value_and_grad, x, step, lower, stencil="central", grad=Non
     n = len(x)
     k = 0 if known is None else int(known[0])
     if stencil == "forward" and grad is not None:
-        small = _forward_hessian_floats(value_and_grad, x, step, grad, k, known)
+        small = (_dense.forward_hessian(value_and_grad, x, step, grad, k, known)
+                 if COMPILED_SMALL_LOOPS else None)
+        if small is None:
+            small = _forward_hessian_floats(value_and_grad, x, step, grad, k, known)
         if small is not None:
             return small
     hess = np.empty((n, n))
@@ -550,6 +554,11 @@ def rectify(objective, optsum, candidates, near=None):
     return optsum
 
 
+# False: the Python floats of _forward_hessian_floats and _hessian_steps_floats (the twins
+# of _dense.forward_hessian and _dense.hessian_steps; for timing and tests)
+COMPILED_SMALL_LOOPS = True
+
+
 def hessian_steps(x, beta_se=None):
     """Finite-difference steps: 1e-3 relative for variance parameters, and for working
     coefficients 5% of their conditional standard error.
@@ -563,9 +572,17 @@ def hessian_steps(x, beta_se=None):
     """
     # relative to the parameter itself (floored at 0.05): a small standard deviation
     # (0.0175 on a log scale) is curved on its own scale, and a step of 1e-3 there
-    # biased the gradient enough to raise a false convergence warning. In Python
-    # floats (a handful of them), as 1e-3 * np.maximum(0.05, np.abs(x)) and
-    # np.where(np.isfinite(se) & (se > 0), 0.05 * se, step) compute them, NaN included
+    # biased the gradient enough to raise a false convergence warning. One compiled call
+    # of the Python floats below: interpreted, they were ~40 lines of a cold GLMM fit
+    if COMPILED_SMALL_LOOPS:
+        return _dense.hessian_steps(x, beta_se)
+    return _hessian_steps_floats(x, beta_se)
+
+
+def _hessian_steps_floats(x, beta_se=None):
+    """:func:`hessian_steps` in Python floats (a handful of them), as
+    1e-3 * np.maximum(0.05, np.abs(x)) and
+    np.where(np.isfinite(se) & (se > 0), 0.05 * se, step) compute them, NaN included."""
     step = []
     for v in np.asarray(x, dtype=float).reshape(-1).tolist():
         a = abs(v)
@@ -680,18 +697,23 @@ def _refine(objective, optsum, record, boundary, lower, step):
 
 
 def check_with_exact_gradient(value_and_grad, optsum, warn=True, step=None, max_steps=3,
-                              kernel=None):
+                              kernel=None, known_grad=None):
     """lme4's check with an exact gradient that is cheap (a one-term LMM): the Hessian
     from forward differences of the gradient (n gradients; an O(h) error of ~1e-3
     relative, which neither the checks nor a Newton step notice), then
     :func:`polish_with_gradient` from the gradient already at hand. With ``kernel``, a
     compiled objective that has the gradient (_kernels/_lmm_gradient.pyx), both run in
-    compiled code (_kernels/_check.pyx; this function is its twin)."""
+    compiled code (_kernels/_check.pyx; this function is its twin). ``known_grad``: the
+    gradient at ``optsum.final`` where the search computed it there (its value is
+    ``optsum.fmin``), which is then not evaluated again."""
     x = np.asarray(optsum.final, dtype=float)
     if kernel is not None and kernel.has_gradient and step is None:
-        return _check_compiled(kernel, optsum, warn, max_steps)
+        return _check_compiled(kernel, optsum, warn, max_steps, known_grad)
     step = hessian_steps(x) if step is None else np.asarray(step, dtype=float)
-    val, grad = value_and_grad(x)
+    if known_grad is None:
+        val, grad = value_and_grad(x)
+    else:
+        val, grad = optsum.fmin, known_grad
     grad = np.asarray(grad, dtype=float)
     # upwards: always within a lower bound; column i from the step in θ_i
     shifted = [value_and_grad(xi)[1] for xi in x + np.diag(step)]
@@ -702,17 +724,18 @@ def check_with_exact_gradient(value_and_grad, optsum, warn=True, step=None, max_
                                 restore=False, hessian=(hess, len(x) + 1))
 
 
-def _check_compiled(kernel, optsum, warn, max_steps):
+def _check_compiled(kernel, optsum, warn, max_steps, known_grad=None):
     out = check_and_polish(kernel, np.asarray(optsum.final, dtype=float),
                            np.asarray(optsum.lowerbd, dtype=float), float(optsum.fmin),
-                           max_steps)
+                           max_steps, known_grad)
     trials = out["trials"]
     optsum.fitlog.extend(zip(trials, out["trial_values"].tolist()))
     optsum.feval = len(optsum.fitlog)
     if out["polished"]:
         optsum.final, optsum.fmin, optsum.polished = out["x"], out["fmin"], True
     record = ConvergenceCheck.from_derivatives(out["grad"], out["hessian"],
-                                               nfeval=len(out["x"]) + 1 + len(trials),
+                                               nfeval=len(out["x"]) + len(trials)
+                                               + (known_grad is None),
                                                boundary=out["boundary"], stencil="forward")
     optsum.derivs = record
     if warn:

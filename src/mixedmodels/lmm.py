@@ -276,6 +276,7 @@ class LinearMixedModel(MixedModelSpec):
         if initial is not None:
             theta0, step = self._check_theta(initial), np.full(self.layout.ntheta, 0.75)
         optsum = OptSummary(initial=theta0, lowerbd=self.layout.lower, initial_step=step)
+        end = None      # where the search ended and its gradient there
         # (a few parameters: Python floats, not three NumPy calls)
         bounded = np.array([i for i, v in enumerate(self.layout.lower.tolist())
                             if math.isfinite(v)], dtype=np.intp)
@@ -290,7 +291,7 @@ class LinearMixedModel(MixedModelSpec):
             leave_the_bound(value_and_grad, optsum, bounded, progress, ftol=1e-12)
         elif optimizer == "auto" and polish and kernel.has_gradient and \
                 not self._moment_start_pays():
-            self._trust_region(optsum, progress, kernel)
+            end = self._trust_region(optsum, progress, kernel)
         else:
             if polish:
                 optsum.ftol_rel = self.SEARCH_FTOL
@@ -309,8 +310,12 @@ class LinearMixedModel(MixedModelSpec):
                 self._continue_with_bobyqa(optsum, bounded, progress, start=probe,
                                            check=False, kernel=kernel)
         if check_convergence:
+            # the search's last gradient, where the check starts at that very point
+            known = (end[1] if end is not None and math.isfinite(optsum.fmin)
+                     and end[0].tobytes() == np.asarray(optsum.final, float).tobytes()
+                     else None)
             record = self._check_optimum(optsum, warn=False, value_and_grad=value_and_grad,
-                                         kernel=kernel)
+                                         kernel=kernel, known_grad=known)
             if polish and not (record.converged and _stationary(record)):
                 self._continue_with_bobyqa(optsum, bounded, progress, kernel=kernel)
             elif polish and self._rectify(optsum, bounded):
@@ -361,10 +366,13 @@ class LinearMixedModel(MixedModelSpec):
     def _trust_region(self, optsum, progress, kernel):
         """The trust-region search with the exact gradient (:func:`trust_region_search`),
         compiled (_kernels/_search.pyx) unless ``progress`` asks for Python's; fills
-        ``optsum`` as :func:`minimize` does (every value-and-gradient joins the fit log)."""
+        ``optsum`` as :func:`minimize` does (every value-and-gradient joins the fit log).
+        Returns the point the compiled search ended at and its gradient there (2 by n),
+        or None."""
         x0 = np.asarray(optsum.initial, dtype=float)
         lower = np.asarray(optsum.lowerbd, dtype=float)
         t0 = time.perf_counter()
+        end = None
         if progress:
             bar = _Progress(True)
             count = [0]
@@ -379,8 +387,9 @@ class LinearMixedModel(MixedModelSpec):
                                                maxeval=optsum.maxfeval)
             bar.update(count[0], final=True)
         else:
+            end = np.empty((2, len(x0)))
             xs, fs, code = _search.trust_region(kernel, x0, lower, TRUST_RADIUS, TRUST_FTOL,
-                                                optsum.maxfeval)
+                                                optsum.maxfeval, end)
         optsum.elapsed = time.perf_counter() - t0
         optsum.optimizer = "TRUST_REGION_BFGS"
         optsum.ftol_rel = TRUST_FTOL
@@ -395,7 +404,7 @@ class LinearMixedModel(MixedModelSpec):
         optsum.feval = len(optsum.fitlog)
         if optsum.returnvalue == "MAXEVAL_REACHED" and math.isfinite(optsum.fmin):
             warnings.warn(f"the optimizer stopped after {optsum.feval} evaluations without converging")
-        return optsum
+        return end
 
     def _rectify(self, optsum, bounded):
         """:func:`rectify` near the bounds; whether it moved a component there. BOBYQA
@@ -408,7 +417,8 @@ class LinearMixedModel(MixedModelSpec):
         rectify(self._objective_unchecked, optsum, bounded, near=BOUND_PROBE)
         return len(optsum.rectified) > before
 
-    def _check_optimum(self, optsum, warn=True, value_and_grad=None, kernel=None):
+    def _check_optimum(self, optsum, warn=True, value_and_grad=None, kernel=None,
+                       known_grad=None):
         ws = self.workspace
         if not has_exact_gradient(ws):
             return check_optimum(self._objective_unchecked, optsum, warn=warn)
@@ -417,7 +427,7 @@ class LinearMixedModel(MixedModelSpec):
         # against n² + n + 1 values), then Newton steps with it: as many as it takes
         # from where a shortened search stopped, each a tenth to a thousandth closer
         return check_with_exact_gradient(value_and_grad, optsum, warn=warn, max_steps=8,
-                                         kernel=kernel)
+                                         kernel=kernel, known_grad=known_grad)
 
     def _value_and_gradient_safe(self, theta, kernel=None):
         # the optimizer's entry, as _objective_unchecked

@@ -41,7 +41,8 @@ cdef int _newton(const double *chol, int nf, const Py_ssize_t *free_, const doub
     return 0 if isfinite(s) else 1
 
 
-def check_and_polish(LmmObjective objective, x0, lower, double fmin, int max_steps):
+def check_and_polish(LmmObjective objective, x0, lower, double fmin, int max_steps,
+                     known_grad=None):
     """The derivatives at x0 and Newton steps from there (``check_with_exact_gradient``).
 
     Parameters
@@ -49,6 +50,8 @@ def check_and_polish(LmmObjective objective, x0, lower, double fmin, int max_ste
     objective : an LmmObjective with ``has_gradient``
     x0 : where the search stopped (its value is ``fmin``)
     lower : the lower bounds; components on theirs stay there
+    known_grad : the gradient at x0 where the search has it (the same numbers an
+        evaluation there gives), else None: it is evaluated
 
     Returns
     -------
@@ -63,8 +66,9 @@ def check_and_polish(LmmObjective objective, x0, lower, double fmin, int max_ste
     cdef Py_ssize_t n = objective.ntheta, i, r, nf = 0
     cdef const double[::1] lo = np.ascontiguousarray(lower, dtype=np.float64)
     x_out = np.array(x0, dtype=np.float64)
-    if x_out.shape[0] != n or lo.shape[0] != n:
-        raise ValueError(f"x0 and lower must have {n} entries")
+    if x_out.shape[0] != n or lo.shape[0] != n or (known_grad is not None
+                                                    and len(known_grad) != n):
+        raise ValueError(f"x0, lower and known_grad must have {n} entries")
     hess = np.empty((n, n))
     grad = np.empty(n)
     boundary = np.zeros(n, dtype=bool)
@@ -101,7 +105,12 @@ def check_and_polish(LmmObjective objective, x0, lower, double fmin, int max_ste
         # the Hessian: forward differences of the gradient, upwards (within a lower bound)
         for i in range(n):
             hstep[i] = 1e-3 * (fabs(x[i]) if fabs(x[i]) > 0.05 else 0.05)
-        objective.value_gradient(&x[0], &val, &g[0])
+        if known_grad is None:
+            objective.value_gradient(&x[0], &val, &g[0])
+        else:
+            val = fmin
+            for i in range(n):
+                g[i] = known_grad[i]
         for i in range(n):
             for r in range(n):
                 shifted[r] = x[r]

@@ -6,4 +6,4 @@ ctypedef int (*value_gradient_t)(void *context, const double *x, double *f,
 
 cdef object trust_region_c(value_gradient_t value_gradient, void *context, Py_ssize_t n,
                            double *x, const double *lower_, double radius, double ftol,
-                           int maxeval)
+                           int maxeval, double *g_end=*)

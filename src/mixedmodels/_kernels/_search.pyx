@@ -385,9 +385,12 @@ cdef int _lmm_value_gradient(void *objective, const double *x, double *f,
     return (<LmmObjective> objective).value_gradient(x, f, g)
 
 
-def trust_region(LmmObjective objective, x0, lower, double radius, double ftol, int maxeval):
+def trust_region(LmmObjective objective, x0, lower, double radius, double ftol, int maxeval,
+                 end=None):
     """The trust-region search of ``_trust_region.trust_region_search`` (its twin) over a compiled
-    objective with the exact gradient.
+    objective with the exact gradient; ``end`` (optional, 2-by-n float64) receives the
+    point the search ended at (the best it kept) and the gradient there, which the
+    convergence check then need not compute again.
 
     Returns
     -------
@@ -400,21 +403,33 @@ def trust_region(LmmObjective objective, x0, lower, double radius, double ftol, 
     """
     if not objective.has_gradient:
         raise ValueError("the objective has no gradient")
-    cdef Py_ssize_t n = objective.ntheta
+    cdef Py_ssize_t n = objective.ntheta, i
     cdef double[::1] x = np.array(x0, dtype=np.float64)
     cdef const double[::1] lower_ = np.ascontiguousarray(lower, dtype=np.float64)
     if x.shape[0] != n or lower_.shape[0] != n or n == 0:
         raise ValueError(f"x0 and lower must have {n} > 0 entries")
-    return trust_region_c(_lmm_value_gradient, <void *> objective, n, &x[0], &lower_[0],
-                          radius, ftol, maxeval)
+    cdef double[:, ::1] end_
+    cdef double *g_end = NULL
+    if end is not None:
+        end_ = end
+        if end_.shape[0] != 2 or end_.shape[1] != n:
+            raise ValueError(f"end must be 2 by {n}")
+        g_end = &end_[1, 0]
+    out = trust_region_c(_lmm_value_gradient, <void *> objective, n, &x[0], &lower_[0],
+                         radius, ftol, maxeval, g_end)
+    if end is not None:
+        for i in range(n):
+            end_[0, i] = x[i]
+    return out
 
 
 cdef object trust_region_c(value_gradient_t value_gradient, void *context, Py_ssize_t n,
                            double *x, const double *lower_, double radius, double ftol,
-                           int maxeval):
+                           int maxeval, double *g_end=NULL):
     """``trust_region`` over any compiled value and gradient: ``value_gradient(context,
     x, &f, g)`` (an infinite f where the point has no value); x (n entries, the start)
-    is overwritten. Returns (xs, fs, code) as ``trust_region``."""
+    is overwritten by the point the search ended at, and g_end (unless NULL) by the
+    gradient there. Returns (xs, fs, code) as ``trust_region``."""
     cdef Py_ssize_t i, j
     cdef TrState st
     st.n, st.count, st.capacity = n, 0, 32
@@ -458,6 +473,8 @@ cdef object trust_region_c(value_gradient_t value_gradient, void *context, Py_ss
         value_gradient(context, x, &f, g)
         _tr_log(&st, x, f)
         if not isfinite(f):
+            if g_end != NULL:
+                memcpy(g_end, g, n * sizeof(double))
             return _tr_result(&st, TR_MAXEVAL)
         _scaled_identity(n, g, radius, B)
         delta = radius
@@ -568,6 +585,8 @@ cdef object trust_region_c(value_gradient_t value_gradient, void *context, Py_ss
                     code = TR_MAXEVAL
                     continue
             break
+        if g_end != NULL:
+            memcpy(g_end, g, n * sizeof(double))
         return _tr_result(&st, code)
     finally:
         free(st.xs)
