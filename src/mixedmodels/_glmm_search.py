@@ -77,8 +77,20 @@ def _twin_search(model, optsum):
                        np.array(model._u)]
         return value, grad
 
+    def start_block():
+        # PirlsKernel.trust_region's: twice the Schur complement at the start's modes
+        p = len(optsum.initial) - model.layout.ntheta
+        if p == 0 or not best:
+            return None
+        try:
+            schur, _ = row_kernel(model).beta_covariance(np.array(best[0][p:]))
+        except np.linalg.LinAlgError:
+            return None
+        return [[2.0 * v for v in row] for row in schur.tolist()]
+
     xs, fs, code = trust_region_search(evaluate, optsum.initial, optsum.lowerbd,
-                                       TRUST_RADIUS, GLMM_TRUST_FTOL, optsum.maxfeval)
+                                       TRUST_RADIUS, GLMM_TRUST_FTOL, optsum.maxfeval,
+                                       start_block)
     if not best:
         return np.array(xs), np.array(fs), code, None, np.array(model._u, dtype=float)
     return np.array(xs), np.array(fs), code, tuple(best[:4]), best[4]

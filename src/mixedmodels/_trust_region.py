@@ -13,7 +13,7 @@ TR_CONVERGED, TR_MAXEVAL = 0, 1        # the searches' return codes
 
 
 def trust_region_search(value_and_grad, x0, lower, radius=TRUST_RADIUS, ftol=TRUST_FTOL,
-                        maxeval=100_000):
+                        maxeval=100_000, start_block=None):
     """A projected trust-region quasi-Newton search with the exact gradient, within
     lower bounds; the NumPy twin of ``_kernels._search.trust_region`` (the same
     arithmetic in the same order, so the same iterates).
@@ -35,7 +35,9 @@ def trust_region_search(value_and_grad, x0, lower, radius=TRUST_RADIUS, ftol=TRU
     the objective is lower there or falls away from the bound, the search restarts
     there with a fresh B: a stop beside the bound can be a saddle); twice at most.
 
-    The start is moved onto any bound it is below.
+    The start is moved onto any bound it is below. ``start_block``, called (with no
+    arguments) after the first evaluation, may give the curvature known in the leading
+    coordinates (a square list of rows, or None), which B then starts with there.
 
     Returns
     -------
@@ -70,6 +72,11 @@ def trust_region_search(value_and_grad, x0, lower, radius=TRUST_RADIUS, ftol=TRU
     if not math.isfinite(f):
         return result(TR_MAXEVAL)
     B = scaled_identity(g)
+    block = start_block() if start_block is not None else None
+    if block:
+        for i, row in enumerate(block):
+            for j, v in enumerate(row):
+                B[i][j] = float(v)
     held = [False] * n
     delta = radius
     code, escapes = TR_MAXEVAL, 0

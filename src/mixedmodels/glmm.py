@@ -583,13 +583,16 @@ class GeneralizedLinearMixedModel(MixedModelSpec):
 
         One term with nAGQ = 1 (the Laplace kernel in one compiled call), unless
         ``trust_region`` is False, takes the trust-region search of the LMMs instead
-        (_glmm_search.py; stopping at a relative change of 1e-12): on 200 simulated responses each of cbpp, contra's
+        (_glmm_search.py; stopping at a relative change of 1e-12), its first quadratic
+        model holding the deviance's curvature in β̃ (twice the Schur complement at the
+        start's modes). On 200 simulated responses each of cbpp, contra's
         (1 | urban & dist) and (1 + urban | dist), and grouseticks' (1 | brood) and
         (1 | location), it ended every fit within 4e-10 of the best of all searches, in
-        16.4, 22.8, 17.3, 12.3 and 14.0 evaluations on average; L-BFGS-B took 17.4,
-        17.6, 20.9, 13.8 and 16.8 and ended 9 fits more than 1e-6 above (8 of cbpp's on
-        the bound θ = 0, 0.09 to 2.3 above, which the bound probe then left; one of the
-        vector term's at a saddle 17.3 above, which the fit returned with a warning:
+        11.3, 12.5, 14.4, 11.9 and 10.6 evaluations on average (16.4, 22.8, 17.3, 12.3
+        and 14.0 from the scaled identity alone); L-BFGS-B took 17.4, 17.6, 20.9, 13.8
+        and 16.8 and ended 9 fits more than 1e-6 above (8 of cbpp's on the bound θ = 0,
+        0.09 to 2.3 above, which the bound probe then left; one of the vector term's at
+        a saddle 17.3 above, which the fit returned with a warning:
         tests/test_glmm_search.py). A stop at 1e-10 ended one fit 1.3e-6 above."""
         layout, p = self.layout, self.p
         # the bounds, the start and the bound test in Python floats, made arrays once:

@@ -6,4 +6,5 @@ ctypedef int (*value_gradient_t)(void *context, const double *x, double *f,
 
 cdef object trust_region_c(value_gradient_t value_gradient, void *context, Py_ssize_t n,
                            double *x, const double *lower_, double radius, double ftol,
-                           int maxeval, double *g_end=*)
+                           int maxeval, double *g_end=*, const double *b_start=*,
+                           const Py_ssize_t *nb_start=*)

@@ -425,11 +425,15 @@ def trust_region(LmmObjective objective, x0, lower, double radius, double ftol, 
 
 cdef object trust_region_c(value_gradient_t value_gradient, void *context, Py_ssize_t n,
                            double *x, const double *lower_, double radius, double ftol,
-                           int maxeval, double *g_end=NULL):
+                           int maxeval, double *g_end=NULL, const double *b_start=NULL,
+                           const Py_ssize_t *nb_start=NULL):
     """``trust_region`` over any compiled value and gradient: ``value_gradient(context,
     x, &f, g)`` (an infinite f where the point has no value); x (n entries, the start)
     is overwritten by the point the search ended at, and g_end (unless NULL) by the
-    gradient there. Returns (xs, fs, code) as ``trust_region``."""
+    gradient there. Where b_start is given, the quadratic model starts with its
+    nb_start-square block (row-major; both read after the first evaluation, which may
+    set them) in its leading rows and columns, the curvature the caller knows there.
+    Returns (xs, fs, code) as ``trust_region``."""
     cdef Py_ssize_t i, j
     cdef TrState st
     st.n, st.count, st.capacity = n, 0, 32
@@ -477,6 +481,10 @@ cdef object trust_region_c(value_gradient_t value_gradient, void *context, Py_ss
                 memcpy(g_end, g, n * sizeof(double))
             return _tr_result(&st, TR_MAXEVAL)
         _scaled_identity(n, g, radius, B)
+        if b_start != NULL and nb_start != NULL and 0 < nb_start[0] <= n:
+            for i in range(nb_start[0]):
+                for j in range(nb_start[0]):
+                    B[i * n + j] = b_start[i * nb_start[0] + j]
         delta = radius
         while st.count < maxeval:
             for i in range(n):
