@@ -99,6 +99,48 @@ def test_the_best_evaluation_is_the_models_state():
     assert model._last_logdet == pytest.approx(fresh._last_logdet, rel=1e-10)
 
 
+def _ends_on_a_rejected_trial():
+    """Poisson, one intercept of standard deviation 0 (θ ends on its bound), whose search's
+    last evaluation is a trial it rejected (the probe off the bound)."""
+    import pandas as pd
+    rng = np.random.default_rng(7)
+    g = rng.integers(0, 30, 600)
+    x = rng.normal(size=600)
+    data = pd.DataFrame({"c": rng.poisson(np.exp(0.5 + 0.3 * x)), "x": x,
+                         "g": g.astype(str)})
+    return mm.GeneralizedLinearMixedModel("c ~ 1 + x + (1 | g)", data, mm.Poisson())
+
+
+def test_the_state_is_the_best_evaluations_after_a_rejected_last_trial():
+    """Where the search's last evaluation is not its best, PIRLS runs again at the best
+    point, so that what reads the state next (the check's β block) sees the best
+    point's working weights; the twin does the same, bit for bit."""
+    runs = []
+    for compiled in (True, False):
+        model = _ends_on_a_rejected_trial()
+        x0, lower = _start(model)
+        opt = OptSummary(initial=x0, lowerbd=lower)
+        _glmm_search.minimize_one_term(model, opt, compiled=compiled)
+        assert opt.fitlog[-1][0].tobytes() != opt.final.tobytes()
+        assert opt.fmin == min(v for _, v in opt.fitlog)
+        runs.append((model, opt))
+    (mc, oc), (mp, op) = runs
+    for (xc, vc), (xp, vp) in zip(oc.fitlog, op.fitlog):
+        assert xc.tobytes() == xp.tobytes() and vc == vp
+    np.testing.assert_array_equal(mc._u, mp._u)
+    for a, b in zip(mc._last_evaluation[:3], mp._last_evaluation[:3]):
+        np.testing.assert_array_equal(a, b)
+    # the β block the check takes at the modes is PIRLS's at the best point
+    model, opt = runs[0]
+    beta, theta = opt.final[:model.p], opt.final[model.p:]
+    at_modes, _ = model._beta_covariance(theta, beta, at_modes=True)
+    fresh = _ends_on_a_rejected_trial()
+    fresh._u = np.zeros(len(model._u))
+    fresh._joint_value_and_grad(np.array(opt.final))
+    want, _ = fresh._beta_covariance(theta, beta, at_modes=True)
+    np.testing.assert_allclose(at_modes, want, rtol=1e-9)
+
+
 def test_compiled_search_with_an_infeasible_block_stops_as_the_python_one():
     """Where the first evaluation fails (a block not positive definite) both routes stop
     with an infinite value and keep the modes of before."""

@@ -334,14 +334,14 @@ class FixedEffectsBasis:
             absdiag = np.abs(self.R.diagonal())
             self.Rinv = _upper_solve_inverse(self.R)
             far = _clearly_far_from_aliased(self.R, absdiag)
-        logs = np.log(absdiag).tolist()
+        logs = np.log(absdiag)
         if p <= 7:
             # np.add.reduce's order for fewer than 8 entries (a plain loop from 0), in
             # Python floats: the reduction machinery, cold, costs a small fit more than
             # the sum
-            self.logabsdet = sum(logs, 0.0)
+            self.logabsdet = sum(logs.tolist(), 0.0)
         else:
-            self.logabsdet = float(np.add.reduce(np.log(absdiag)))
+            self.logabsdet = float(np.add.reduce(logs))
         if warn and not far:
             # numpy.linalg.norm(X, axis=0), without its dispatch
             norms = np.sqrt(np.add.reduce(X * X, axis=0)) / scale

@@ -32,8 +32,9 @@ def minimize_one_term(model, optsum, compiled=True):
     """The trust-region search over (β̃, θ) from ``optsum.initial`` within
     ``optsum.lowerbd``, the evaluations in compiled code (see the module docstring);
     fills in ``optsum`` (the log, the best point, ``optimizer`` "TRUST_REGION_BFGS") and
-    leaves the model as its best evaluation left it (the modes, the log-determinant, the
-    record of that evaluation, which the check starts from).
+    leaves the model, and the kernel's state, at its best evaluation (the modes, the
+    log-determinant, the record of that evaluation, which the check starts from; PIRLS
+    runs there again where a later trial left the state).
 
     For a model whose ``_joint_value_and_grad`` is one call of the Laplace kernel (one
     term, nAGQ = 1, a canonical link of Bernoulli, Binomial or Poisson). ``compiled=False``
@@ -57,11 +58,13 @@ def minimize_one_term(model, optsum, compiled=True):
         model._u = u
         model._last_logdet = 2.0 * best[3]
         model._last_evaluation = (best[0], best[1], best[2], model._u)
-        optsum.fmin, optsum.final = best[1], best[0]
+        optsum.final = best[0]
+        # the search's own value there (best's may be PIRLS run again: see the kernel)
+        optsum.fmin = min(v for v in values if math.isfinite(v))
     else:
         optsum.fmin, optsum.final = math.inf, np.array(optsum.initial, dtype=float)
     optsum.optimizer = "TRUST_REGION_BFGS"
-    optsum.returnvalue = "SUCCESS" if code == TR_CONVERGED else "MAXFUN_REACHED"
+    optsum.returnvalue = "SUCCESS" if code == TR_CONVERGED else "MAXEVAL_REACHED"
     optsum.feval = len(values)
     return optsum
 
@@ -69,10 +72,12 @@ def minimize_one_term(model, optsum, compiled=True):
 def _twin_search(model, optsum):
     """``PirlsKernel.trust_region``'s twin: (xs, fs, code, best, modes of the best)."""
     best = []
+    last_is_best = [False]
 
     def evaluate(x):
         value, grad = model._joint_value_and_grad(x)
-        if math.isfinite(value) and (not best or value < best[1]):
+        last_is_best[0] = math.isfinite(value) and (not best or value < best[1])
+        if last_is_best[0]:
             best[:] = [np.array(x), value, np.array(grad), model._last_logdet / 2.0,
                        np.array(model._u)]
         return value, grad
@@ -93,4 +98,9 @@ def _twin_search(model, optsum):
                                        start_block)
     if not best:
         return np.array(xs), np.array(fs), code, None, np.array(model._u, dtype=float)
+    if not last_is_best[0]:
+        # as the kernel does: PIRLS again at the best point from its modes
+        model._u = best[4]
+        value, grad = model._joint_value_and_grad(best[0])
+        best[1:5] = [value, np.array(grad), model._last_logdet / 2.0, np.array(model._u)]
     return np.array(xs), np.array(fs), code, tuple(best[:4]), best[4]

@@ -79,9 +79,11 @@ class LinearMixedModel(MixedModelSpec):
     def _response_changed(self):
         d = self.design
         self.y_fit = d.y if d.offset is None else d.y - d.offset
-        values = self.y_fit.tolist()
-        # (in Python floats: the NumPy reductions would be the only ones of a small fit)
-        if max(values) - min(values) == 0:
+        y = self.y_fit
+        # a short response in Python floats: the NumPy reductions would be the only ones
+        # of a small fit
+        values = y.tolist() if len(y) <= 1000 else None
+        if (max(values) - min(values) if values is not None else y.max() - y.min()) == 0:
             what = "response" if d.offset is None else "response less its offset"
             raise ValueError(f"{what} '{d.response_name}' is constant ({self.y_fit[0]:g}): "
                              "there is no variance to partition")

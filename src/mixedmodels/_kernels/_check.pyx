@@ -75,6 +75,7 @@ def check_and_polish(LmmObjective objective, x0, lower, double fmin, int max_ste
     trials = np.empty((max(max_steps, 0), n))
     trial_values = np.empty(max(max_steps, 0))
     cdef double[::1] x = x_out, g = grad
+    cdef const double[::1] kv
     cdef double[:, ::1] h = hess, tx = trials
     cdef double[::1] tf = trial_values
     cdef double *buf = <double *> malloc((9 * n + 4 * n * n + 1) * sizeof(double))
@@ -109,8 +110,10 @@ def check_and_polish(LmmObjective objective, x0, lower, double fmin, int max_ste
             objective.value_gradient(&x[0], &val, &g[0])
         else:
             val = fmin
+            known = np.ascontiguousarray(known_grad, dtype=np.float64)
+            kv = known
             for i in range(n):
-                g[i] = known_grad[i]
+                g[i] = kv[i]
         for i in range(n):
             for r in range(n):
                 shifted[r] = x[r]

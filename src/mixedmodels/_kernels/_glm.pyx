@@ -2186,6 +2186,7 @@ cdef struct LaplaceSearch:
     double *ubak
     void *exhausted             # a list (borrowed): the θ at which PIRLS ran out
     bint first                  # no evaluation yet
+    bint last_is_best           # the kernel's state is that of the best evaluation
     double *block               # p by p: 2 X̃'WX̃'s Schur complement at the start
     Py_ssize_t nb               # p, or 0 where that block could not be made
     bint found
@@ -2202,6 +2203,7 @@ cdef int _laplace_search_step(void *context, const double *x, double *f,
     cdef LaplaceSearch *ls = <LaplaceSearch *> context
     cdef double out[6]
     cdef Py_ssize_t n = ls.p + ls.nth, i
+    ls.last_is_best = False
     memcpy(ls.ubak, ls.u, ls.q * sizeof(double))
     try:
         (<PirlsKernel> ls.kernel)._laplace_at(ls.family, ls.link, ls.param, ls.pw,
@@ -2232,6 +2234,7 @@ cdef int _laplace_search_step(void *context, const double *x, double *f,
         (<list> ls.exhausted).append(_copy_of(x + ls.p, ls.nth))
     if isfinite(out[0]) and (not ls.found or out[0] < ls.best_value):
         ls.found = True
+        ls.last_is_best = True
         ls.best_value, ls.best_logdet = out[0], out[1]
         memcpy(ls.best_x, x, n * sizeof(double))
         memcpy(ls.best_grad, g, n * sizeof(double))
@@ -2703,7 +2706,10 @@ cdef class PirlsKernel:
         Each evaluation is :meth:`laplace` at x from the modes ``u``; where a
         random-effects block is not positive definite u is left as it was and the value
         is infinite (the search then shrinks its step). At the end ``u`` holds the modes
-        of the best evaluation (the lowest value, the first of equal ones). The search's
+        of the best evaluation (the lowest value, the first of equal ones), and the
+        kernel's state is that evaluation's (PIRLS runs there again from those modes
+        where a later trial left the state; ``best`` then has that run's value,
+        gradient and log-determinant, the log the search's own). The search's
         first quadratic model has, in β's block, twice :meth:`beta_covariance`'s Schur
         complement at the start (where it can be made).
 
@@ -2719,6 +2725,7 @@ cdef class PirlsKernel:
         cdef const double *lowerp
         cdef LaplaceSearch ls
         cdef double *work
+        cdef double out[6]
         if not ((family == FAM_BERNOULLI or family == FAM_BINOMIAL) and link == LNK_LOGIT
                 or family == FAM_POISSON and link == LNK_LOG):
             raise ValueError("trust_region: Bernoulli or Binomial with the logit link, or "
@@ -2744,6 +2751,7 @@ cdef class PirlsKernel:
         ls.exhausted = <void *> exhausted
         ls.found = False
         ls.first = True
+        ls.last_is_best = False
         ls.nb = 0
         # x (the start, overwritten), then the best x and gradient, the modes' copy, the
         # best modes and the start's block
@@ -2760,6 +2768,15 @@ cdef class PirlsKernel:
             best = None
             if ls.found:
                 memcpy(ls.u, ls.best_u, ls.q * sizeof(double))
+                if not ls.last_is_best:
+                    # the working weights and the factor the state holds are those of
+                    # a later evaluation (a trial the search rejected): PIRLS again at
+                    # the best point from its modes, for what reads the state next (the
+                    # check's β block); the log keeps the search's own value
+                    self._laplace_at(family, link, param, ls.pw, ls.best_x + ls.p,
+                                     ls.nth, ls.best_x, ls.p, ls.u, ls.q, ls.best_grad,
+                                     tol, maxiter, max_halving, step_tol, out)
+                    ls.best_value, ls.best_logdet = out[0], out[1]
                 best = (_copy_of(ls.best_x, n), ls.best_value, _copy_of(ls.best_grad, n),
                         ls.best_logdet)
         finally:

@@ -20,7 +20,7 @@ The objective is ``_lmm_gradient.LmmObjective`` (its NumPy twin
 projected trust-region quasi-Newton search in plain C, no NLopt (its twin
 ``_trust_region.trust_region_search``, tests/test_gradient_search.py).
 """
-from libc.math cimport INFINITY
+from libc.math cimport INFINITY, NAN
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy
 
@@ -477,8 +477,9 @@ cdef object trust_region_c(value_gradient_t value_gradient, void *context, Py_ss
         value_gradient(context, x, &f, g)
         _tr_log(&st, x, f)
         if not isfinite(f):
-            if g_end != NULL:
-                memcpy(g_end, g, n * sizeof(double))
+            if g_end != NULL:           # no gradient to hand on
+                for i in range(n):
+                    g_end[i] = NAN
             return _tr_result(&st, TR_MAXEVAL)
         _scaled_identity(n, g, radius, B)
         if b_start != NULL and nb_start != NULL and 0 < nb_start[0] <= n:

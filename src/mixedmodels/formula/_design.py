@@ -1268,8 +1268,10 @@ class _Plan:
 
     Shared by every build with the same formula over the same column Index (see
     :func:`_plan`): nothing in it is changed after it is made, except that a
-    :class:`_Part` fills in its patsy text on demand and ``expressions`` the code of
-    the response's expressions, which depend on the same two things.
+    :class:`_Part` fills in its patsy text on demand, ``expressions`` the code of the
+    response's expressions, ``locs`` the places of the columns builds read (a weights
+    column's too) and ``simple`` whether _simple.simple_design can build it, all of
+    which depend on the same two things.
     """
 
     __slots__ = ("parsed", "resp_col", "fixed", "offsets", "random", "parts", "matrix_cols",

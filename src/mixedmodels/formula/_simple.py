@@ -14,7 +14,7 @@ allow it:
 - no ``offset()`` terms and no ``cbind()`` response; the fixed part and every random
   term in the fast path's grammar (``_fast``), each term grouped by one column;
 - the caller gives no offset or contrasts, and weights (if any) as a column name; the
-  data is a pandas DataFrame of fewer than 500 rows (where ``ColumnCache.factor`` reads
+  data is a pandas DataFrame of at most 500 rows (where ``ColumnCache.factor`` reads
   Arrow strings in compiled code too);
 - the response (a column, or an expression of numeric columns), the weights and the
   numeric columns of the model matrices are NumPy integers or floats with no NaN or
@@ -98,27 +98,34 @@ def simple_design(formula, data, plan, qr_out, weights=None, evaluated=None):
         if shared is not None:
             return shared.copy_for(what)
         part_specs = {c: specs[c] for c in part.cols}
-        mat = built[part.terms] = FastMatrix(
-            fast_plan(part.terms, part_specs, {}), part_specs, {},
-            {c: values[c] for c in part.cols}, n, what, _design._check_finite)
+        layout = fast_plan(part.terms, part_specs, {})
+        if layout is None:              # abs2 of a string column: patsy's, or its error
+            return None
+        mat = built[part.terms] = FastMatrix(layout, part_specs, {},
+                                             {c: values[c] for c in part.cols}, n, what,
+                                             _design._check_finite)
         return mat
 
     fixed = model_matrix(plan.fixed, "the fixed-effects model matrix")
+    if fixed is None:
+        return None
+    qr = None
     if fixed.subterms != ((),):
         qr = _design._qr_if_clearly_not_aliased(fixed.matrix)
         if qr is None:
             return None
-        qr_out.append(qr)
     parsed = plan.fresh_parsed()
     reterms = []
     for term, part in zip(parsed.random, plan.random):
         codes, levels = factors[term.grouping[0]]
         zmat = model_matrix(part, f"the columns of random-effects term {term.text}")
-        if not zmat.names:
+        if zmat is None or not zmat.names:
             return None
         reterms.append(_design._make_frozen(_design.ReTerm, _design._RETERM_FIELDS, (
             term.group_name, codes.astype(np.int32), levels, list(zmat.names), zmat.matrix,
             term.zerocorr, tuple(term.grouping), [levels], [], zmat)))
+    if qr is not None:
+        qr_out.append(qr)
     return _design._make_frozen(_design.Design, _design._DESIGN_FIELDS, (
         formula, parsed.response if resp_col is None else resp_col,
         np.array(y, dtype=np.float64), None, fixed.matrix, list(fixed.names), [], reterms,
