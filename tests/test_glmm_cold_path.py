@@ -88,7 +88,7 @@ def test_kernel_binds_what_a_memoryview_would_and_refuses_the_rest():
     _make({**args, "y": y})
 
 
-# -- the search's work arrays -------------------------------------------------------------
+# -- the search from a start below its bound; the Python L-BFGS-B's work arrays -----------
 
 @pytest.mark.parametrize("make", [_cbpp, _ticks])
 def test_search_from_a_start_below_its_bound_is_its_twin(make):
