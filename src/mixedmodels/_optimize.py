@@ -752,7 +752,8 @@ def polish_with_gradient(value_and_grad, optsum, warn=True, max_steps=3, start=N
     value's rounding divided by the step); an exact gradient vanishes at the optimum to
     its own rounding, so a Newton step with it lands where two workspaces whose sums
     differ in the last bits (rows in another order, out-of-core partial sums) agree to
-    ~1e-10. A step is kept when it shrinks the Newton decrement g'H⁻¹g and the objective
+    ~1e-9 (the polish stops where the next step is below 1e-8 relative and would lower
+    the objective by less than its rounding). A step is kept when it shrinks the Newton decrement g'H⁻¹g and the objective
     is no worse than its evaluation noise (1e-11 relative: penicillin's objective of 332
     wobbles by 2e-10 over changes of θ of 1e-6, while its exact gradient is smooth there);
     components on their bound stay there. The gradient in ``optsum.derivs`` is then the
@@ -778,9 +779,10 @@ def polish_with_gradient(value_and_grad, optsum, warn=True, max_steps=3, start=N
         # (a step of 1e-11 relative or more always moves x: no test that trial differs)
         if size < 1e-11:
             break           # there already, to the gradient's rounding
-        if decrement < 1e-14 * max(1.0, abs(float(val))) and size < 1e-10:
+        if decrement < 1e-14 * max(1.0, abs(float(val))) and size < 1e-8:
             # the step would lower the objective by less than its own rounding (insteval:
-            # steps of 1e-10 in θ at 35 ms each chased a value of 2.4e5 wobbling by 1e-8)
+            # steps of 1e-10 in θ at 35 ms each chased a value of 2.4e5 wobbling by 1e-8;
+            # and a fifth step of 1.3e-9 after one of 2.7e-8, at 50 ms, lowered nothing)
             break
         trial = x.copy()
         trial[free] -= step

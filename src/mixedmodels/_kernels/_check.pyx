@@ -156,7 +156,7 @@ def check_and_polish(LmmObjective objective, x0, lower, double fmin, int max_ste
                     size = ratio
             if size < 1e-11:
                 break           # there already, to the gradient's rounding
-            if decrement < 1e-14 * (fabs(val) if fabs(val) > 1.0 else 1.0) and size < 1e-10:
+            if decrement < 1e-14 * (fabs(val) if fabs(val) > 1.0 else 1.0) and size < 1e-8:
                 break           # a decrease below the objective's rounding
             for i in range(n):
                 trial[i] = x[i]
