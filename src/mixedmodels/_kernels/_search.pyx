@@ -116,35 +116,66 @@ def available():
     return _loaded
 
 
+cdef struct PointLog:
+    # every point a search evaluated, in order, and its value
+    Py_ssize_t n, count, capacity
+    double *xs                  # count rows of n
+    double *fs
+
+
+cdef int _points_open(PointLog *log, Py_ssize_t n, Py_ssize_t capacity) noexcept:
+    """Empty buffers for ``capacity`` points of n entries; 1 where memory runs out (the
+    caller frees either way)."""
+    log.n, log.count, log.capacity = n, 0, capacity
+    log.xs = <double *> malloc(capacity * n * sizeof(double))
+    log.fs = <double *> malloc(capacity * sizeof(double))
+    return log.xs == NULL or log.fs == NULL
+
+
+cdef int _points_add(PointLog *log, const double *x, double f) noexcept:
+    """Append (x, f), the buffers doubled when full; 1 where memory runs out."""
+    cdef Py_ssize_t cap
+    cdef double *grown
+    if log.count == log.capacity:
+        cap = 2 * log.capacity
+        grown = <double *> realloc(log.xs, cap * log.n * sizeof(double))
+        if grown == NULL:
+            return 1
+        log.xs = grown
+        grown = <double *> realloc(log.fs, cap * sizeof(double))
+        if grown == NULL:
+            return 1
+        log.fs = grown
+        log.capacity = cap
+    memcpy(&log.xs[log.count * log.n], x, log.n * sizeof(double))
+    log.fs[log.count] = f
+    log.count += 1
+    return 0
+
+
+cdef object _points_arrays(PointLog *log):
+    """(xs, fs): the log as NumPy arrays."""
+    cdef double[:, ::1] xv
+    cdef double[::1] fv
+    xs = np.empty((log.count, log.n))
+    fs = np.empty(log.count)
+    if log.count:
+        xv, fv = xs, fs
+        memcpy(&xv[0, 0], log.xs, log.count * log.n * sizeof(double))
+        memcpy(&fv[0], log.fs, log.count * sizeof(double))
+    return xs, fs
+
+
 cdef struct SearchLog:
     void *objective             # the LmmObjective (borrowed)
     nlopt_opt opt
-    Py_ssize_t n, count, capacity
-    double *xs                  # count rows of n: every point evaluated
-    double *fs
+    PointLog points
     bint failed                 # an exception other than a singular system: stop
 
 
 cdef double _evaluate(unsigned n, const double *x, double *gradient, void *data) noexcept:
     cdef SearchLog *log_ = <SearchLog *> data
     cdef double val
-    cdef Py_ssize_t cap
-    cdef double *grown
-    if log_.count == log_.capacity:
-        cap = 2 * log_.capacity
-        grown = <double *> realloc(log_.xs, cap * log_.n * sizeof(double))
-        if grown == NULL:
-            log_.failed = True
-            _api.force_stop(log_.opt)
-            return 1e300
-        log_.xs = grown
-        grown = <double *> realloc(log_.fs, cap * sizeof(double))
-        if grown == NULL:
-            log_.failed = True
-            _api.force_stop(log_.opt)
-            return 1e300
-        log_.fs = grown
-        log_.capacity = cap
     try:
         val = (<LmmObjective> log_.objective).value(x)
     except BaseException as err:
@@ -153,9 +184,10 @@ cdef double _evaluate(unsigned n, const double *x, double *gradient, void *data)
         log_.failed = True
         _api.force_stop(log_.opt)
         return 1e300
-    memcpy(&log_.xs[log_.count * log_.n], x, log_.n * sizeof(double))
-    log_.fs[log_.count] = val
-    log_.count += 1
+    if _points_add(&log_.points, x, val):
+        log_.failed = True
+        _api.force_stop(log_.opt)
+        return 1e300
     return val if val != INFINITY else 1e300
 
 
@@ -181,17 +213,14 @@ def bobyqa(LmmObjective objective, x0, lower, initial_step, double ftol_rel,
     if x.shape[0] != n or lo.shape[0] != n:
         raise ValueError(f"x0 and lower must have {n} entries")
     cdef SearchLog log_
-    cdef double[:, ::1] xv
-    cdef double[::1] fv
     cdef double fmin = INFINITY
     cdef int code
     log_.objective = <void *> objective
-    log_.n, log_.count, log_.capacity, log_.failed = n, 0, 64, False
-    log_.xs = <double *> malloc(64 * n * sizeof(double))
-    log_.fs = <double *> malloc(64 * sizeof(double))
+    log_.failed = False
+    cdef int no_memory = _points_open(&log_.points, n, 64)
     log_.opt = _api.create(_bobyqa, <unsigned> n)
     try:
-        if log_.xs == NULL or log_.fs == NULL or log_.opt == NULL:
+        if no_memory or log_.opt == NULL:
             raise MemoryError()
         _api.set_lower_bounds(log_.opt, &lo[0])
         _api.set_ftol_rel(log_.opt, ftol_rel)
@@ -207,18 +236,13 @@ def bobyqa(LmmObjective objective, x0, lower, initial_step, double ftol_rel,
         if log_.failed:
             pending, objective.pending = objective.pending, None
             raise pending if pending is not None else MemoryError("the search's log could not grow")
-        xs = np.empty((log_.count, n))
-        fs = np.empty(log_.count)
-        if log_.count:
-            xv, fv = xs, fs
-            memcpy(&xv[0, 0], log_.xs, log_.count * n * sizeof(double))
-            memcpy(&fv[0], log_.fs, log_.count * sizeof(double))
+        xs, fs = _points_arrays(&log_.points)
         return xs, fs, code
     finally:
         if log_.opt != NULL:
             _api.destroy(log_.opt)
-        free(log_.xs)
-        free(log_.fs)
+        free(log_.points.xs)
+        free(log_.points.fs)
 
 
 
@@ -238,29 +262,9 @@ cdef extern from "<math.h>" nogil:
 TR_CONVERGED, TR_MAXEVAL = 0, 1
 
 
-cdef struct TrState:
-    Py_ssize_t n, count, capacity
-    double *xs
-    double *fs
-
-
-cdef int _tr_log(TrState *st, const double *x, double f) except -1:
-    cdef Py_ssize_t cap
-    cdef double *grown
-    if st.count == st.capacity:
-        cap = 2 * st.capacity
-        grown = <double *> realloc(st.xs, cap * st.n * sizeof(double))
-        if grown == NULL:
-            raise MemoryError()
-        st.xs = grown
-        grown = <double *> realloc(st.fs, cap * sizeof(double))
-        if grown == NULL:
-            raise MemoryError()
-        st.fs = grown
-        st.capacity = cap
-    memcpy(&st.xs[st.count * st.n], x, st.n * sizeof(double))
-    st.fs[st.count] = f
-    st.count += 1
+cdef int _tr_log(PointLog *st, const double *x, double f) except -1:
+    if _points_add(st, x, f):
+        raise MemoryError()
     return 0
 
 
@@ -435,10 +439,8 @@ cdef object trust_region_c(value_gradient_t value_gradient, void *context, Py_ss
     set them) in its leading rows and columns, the curvature the caller knows there.
     Returns (xs, fs, code) as ``trust_region``."""
     cdef Py_ssize_t i, j
-    cdef TrState st
-    st.n, st.count, st.capacity = n, 0, 32
-    st.xs = <double *> malloc(32 * n * sizeof(double))
-    st.fs = <double *> malloc(32 * sizeof(double))
+    cdef PointLog st
+    cdef int no_memory = _points_open(&st, n, 32)
     # g, gn, B, lo, hi, s, q, d, sn, L, xn, sv, yv, bs
     cdef double *buf = <double *> malloc((11 * n + 3 * n * n) * sizeof(double))
     cdef Py_ssize_t *free_ = <Py_ssize_t *> malloc(n * sizeof(Py_ssize_t))
@@ -462,7 +464,7 @@ cdef object trust_region_c(value_gradient_t value_gradient, void *context, Py_ss
     cdef int code = TR_MAXEVAL, escapes = 0, escaped
     cdef bint any_strict, any_near, down
     try:
-        if st.xs == NULL or st.fs == NULL or buf == NULL or free_ == NULL or held == NULL \
+        if no_memory or buf == NULL or free_ == NULL or held == NULL \
                 or near == NULL:
             raise MemoryError()
         g, gn, lo, hi, s, q, d, sn, xn, sv, yv = (buf, buf + n, buf + 2 * n, buf + 3 * n,
@@ -606,13 +608,6 @@ cdef object trust_region_c(value_gradient_t value_gradient, void *context, Py_ss
         free(near)
 
 
-cdef object _tr_result(TrState *st, int code):
-    cdef double[:, ::1] xv
-    cdef double[::1] fv
-    xs = np.empty((st.count, st.n))
-    fs = np.empty(st.count)
-    if st.count:
-        xv, fv = xs, fs
-        memcpy(&xv[0, 0], st.xs, st.count * st.n * sizeof(double))
-        memcpy(&fv[0], st.fs, st.count * sizeof(double))
+cdef object _tr_result(PointLog *st, int code):
+    xs, fs = _points_arrays(st)
     return xs, fs, code
